@@ -1,0 +1,369 @@
+"""The `Distiller`: a `keras.Model` that trains a student from a frozen
+teacher.
+
+Data flows one way: batch -> teacher forward (outside the gradient tape,
+`training=False`) and one student forward (inside it) -> the student's loss
+and each `Term` -> the total loss -> the optimizer.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_kd import losses as kd_losses
+from keras_kd.taps import Tap
+from keras_kd.term import Term
+
+
+def _replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _scale_for_replicas(value):
+    """Divide a per-replica loss by the replica count, as Keras losses do."""
+    n = _replicas()
+    return value / n if n > 1 else value
+
+
+def _unscale_for_replicas(value):
+    n = _replicas()
+    return value * n if n > 1 else value
+
+
+def _unique_names(terms):
+    seen = {}
+    for term in terms:
+        base = term.name
+        if base in seen:
+            seen[base] += 1
+            term.name = f"{base}_{seen[base]}"
+        else:
+            seen[base] = 0
+    return terms
+
+
+class _Untracked:
+    """Holds helpers that Keras must not track (their variables are the
+    student's or teacher's own and are tracked there)."""
+
+    def __init__(self, **items):
+        self.__dict__.update(items)
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class Distiller(keras.Model):
+    """Trains a student model from a frozen teacher.
+
+    The training loss is
+    `student_loss_weight * student_loss + sum(term.weight * term_loss)
+    + the student's regularization losses`, each a mean over the batch. The
+    student loss is the loss given to `compile()`, computed on the labels;
+    with unlabelled data (`fit(x)`) it is skipped and training is pure
+    distillation.
+
+    The teacher is called with `training=False` outside the gradient tape and
+    is never updated: its weights and the object itself are left exactly as
+    they were handed over. The student runs forward once per step; its
+    outputs and every tapped feature come from that one call. When a feature
+    term compares maps with different channel counts, the distiller owns a
+    trainable adapter (a `Dense` layer on the channel axis, i.e. a 1x1
+    convolution for images) on the student side; it trains with the student
+    and is never exported.
+
+    `fit` history holds `loss`, `student_loss` (with labels), one
+    `<term name>_loss` per term (unweighted), the compiled metrics computed on
+    the student outputs, and their `val_` forms.
+
+    Args:
+        teacher: a trained `keras.Model`.
+        student: the `keras.Model` to train.
+        terms: list of `keras_kd.Term`. Defaults to one Hinton KD term on the
+            final outputs (`Term(keras_kd.losses.KD())`).
+        student_loss_weight: weight of the compiled student loss.
+        name: name of the distiller.
+
+    Example:
+
+    ```python
+    distiller = keras_kd.Distiller(
+        teacher=teacher,
+        student=student,
+        terms=[
+            keras_kd.Term(keras_kd.losses.KD(temperature=4.0), weight=0.9),
+            keras_kd.Term(keras_kd.losses.AttentionTransfer(), weight=1000.0,
+                          teacher_layer="t_stage2", student_layer="s_stage2"),
+        ],
+        student_loss_weight=0.1,
+    )
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    distiller.fit(train_ds, validation_data=val_ds, epochs=10)
+    distiller.export_student("student_savedmodel")
+    ```
+    """
+
+    def __init__(
+        self, teacher, student, terms=None, student_loss_weight=1.0,
+        name="distiller", **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, keras.Model):
+                raise TypeError(
+                    f"`{role}` must be a `keras.Model`, got {model!r}."
+                )
+        if terms is None:
+            terms = [Term(kd_losses.KD())]
+        terms = list(terms)
+        for term in terms:
+            if not isinstance(term, Term):
+                raise TypeError(
+                    "Each item of `terms` must be a `keras_kd.Term`, got "
+                    f"{term!r}. Wrap a loss as `keras_kd.Term(loss, weight)`."
+                )
+        self.teacher = teacher
+        self.student = student
+        self.student_loss_weight = float(student_loss_weight)
+        self._terms = _unique_names(terms)
+
+        feature_terms = [t for t in self._terms if t.reads_features]
+        teacher_tap = Tap(
+            teacher, [t.teacher_layer for t in feature_terms], "teacher"
+        )
+        student_tap = Tap(
+            student, [t.student_layer for t in feature_terms], "student"
+        )
+        self._taps = _Untracked(teacher=teacher_tap, student=student_tap)
+        self._check_logit_shapes()
+        self.adapters = self._build_adapters(feature_terms)
+
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.term_loss_trackers = [
+            keras.metrics.Mean(name=f"{t.name}_loss") for t in self._terms
+        ]
+        if teacher.built and student.built:
+            self.built = True
+
+    @property
+    def terms(self):
+        """The distillation terms, in order."""
+        return list(self._terms)
+
+    # Construction-time validation and adapters.
+
+    def _check_logit_shapes(self):
+        if not any(not t.reads_features for t in self._terms):
+            return
+        try:
+            t_shape = tuple(self.teacher.output.shape)
+            s_shape = tuple(self.student.output.shape)
+        except (AttributeError, ValueError):
+            return  # Subclassed models: shapes are only known at run time.
+        if t_shape[1:] != s_shape[1:]:
+            raise ValueError(
+                f"The teacher '{self.teacher.name}' outputs shape {t_shape} "
+                f"but the student '{self.student.name}' outputs shape "
+                f"{s_shape}; terms on the final outputs need equal shapes."
+            )
+
+    def _build_adapters(self, feature_terms):
+        adapters = {}
+        tshapes = self._taps.teacher.feature_shapes
+        sshapes = self._taps.student.feature_shapes
+        for term, t_shape, s_shape in zip(feature_terms, tshapes, sshapes):
+            where = (
+                f"term '{term.name}' (teacher layer '{term.teacher_layer}' "
+                f"{t_shape}, student layer '{term.student_layer}' {s_shape})"
+            )
+            if len(t_shape) != len(s_shape):
+                raise ValueError(f"Feature ranks differ for {where}.")
+            for t, s in zip(t_shape[1:-1], s_shape[1:-1]):
+                if t and s and max(t, s) % min(t, s):
+                    raise ValueError(
+                        f"Spatial sizes cannot be pooled to a common size for "
+                        f"{where}: each size must divide the other."
+                    )
+            if term.loss.matches_channels and t_shape[-1] != s_shape[-1]:
+                adapter = keras.layers.Dense(
+                    t_shape[-1], name=f"{term.name}_adapter"
+                )
+                adapter.build(s_shape)
+                adapters[term.name] = adapter
+        return adapters
+
+    # Keras model API.
+
+    def call(self, inputs, training=None):
+        """Runs the student."""
+        return self.student(inputs, training=training)
+
+    @property
+    def trainable_weights(self):
+        """The student's and the adapters' trainable weights (never the
+        teacher's)."""
+        if not self.trainable:
+            return []
+        weights = list(self.student.trainable_weights)
+        for adapter in self.adapters.values():
+            weights.extend(adapter.trainable_weights)
+        return weights
+
+    @property
+    def trainable_variables(self):
+        return self.trainable_weights
+
+    @property
+    def non_trainable_weights(self):
+        trainable = {id(v) for v in self.trainable_weights}
+        return [v for v in self.weights if id(v) not in trainable]
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """The student's own loss: the compiled loss on the labels.
+
+        Returns zero when there are no labels or no compiled loss (pure
+        distillation). Distillation terms and regularization are added by
+        the training and test steps.
+        """
+        del x, training
+        if y is None or self._compile_loss is None:
+            return ops.zeros((), dtype="float32")
+        return self._compile_loss(y, y_pred, sample_weight)
+
+    def _teacher_forward(self, x):
+        """The teacher's outputs and tapped features, in inference mode.
+
+        Called outside any gradient tape: nothing of the teacher is recorded.
+        """
+        outputs = self._taps.teacher(x, training=False)
+        return keras.tree.map_structure(ops.stop_gradient, outputs)
+
+    def _student_losses(self, x, y, sample_weight, teacher, training):
+        """One student forward and every loss; returns (total, y_pred,
+        student_loss, term_losses)."""
+        teacher_out, teacher_feats = teacher
+        y_pred, student_feats = self._taps.student(x, training=training)
+
+        student_loss = self.compute_loss(
+            y=y, y_pred=y_pred, sample_weight=sample_weight
+        )
+        total = self.student_loss_weight * student_loss
+        term_losses = []
+        feature_index = 0
+        for term in self._terms:
+            if term.reads_features:
+                t_val = teacher_feats[feature_index]
+                s_val = student_feats[feature_index]
+                feature_index += 1
+                adapter = self.adapters.get(term.name)
+                if adapter is not None:
+                    s_val = adapter(s_val)
+            else:
+                t_val, s_val = teacher_out, y_pred
+            value = term.loss(t_val, s_val, sample_weight=sample_weight)
+            term_losses.append(value)
+            total = total + term.weight * ops.cast(value, total.dtype)
+        regularization = self.student.losses
+        if regularization:
+            total = total + _scale_for_replicas(
+                ops.cast(ops.sum(regularization), total.dtype)
+            )
+        return total, y_pred, student_loss, term_losses
+
+    def _update_trackers(self, x, y, y_pred, sample_weight, total,
+                         student_loss, term_losses):
+        batch = ops.shape(keras.tree.flatten(x)[0])[0]
+        self._loss_tracker.update_state(
+            _unscale_for_replicas(total), sample_weight=batch
+        )
+        if y is not None:
+            self.student_loss_tracker.update_state(
+                _unscale_for_replicas(student_loss), sample_weight=batch
+            )
+        for tracker, value in zip(self.term_loss_trackers, term_losses):
+            tracker.update_state(
+                _unscale_for_replicas(value), sample_weight=batch
+            )
+        if y is not None:
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        # Without labels there is no student loss and no compiled metric.
+        trackers = [self._loss_tracker] + self.term_loss_trackers
+        return {m.name: m.result() for m in trackers}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        teacher = self._teacher_forward(x)
+        with tf.GradientTape() as tape:
+            total, y_pred, student_loss, term_losses = self._student_losses(
+                x, y, sample_weight, teacher, training=True
+            )
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._update_trackers(
+            x, y, y_pred, sample_weight, total, student_loss, term_losses
+        )
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        teacher = self._teacher_forward(x)
+        total, y_pred, student_loss, term_losses = self._student_losses(
+            x, y, sample_weight, teacher, training=False
+        )
+        return self._update_trackers(
+            x, y, y_pred, sample_weight, total, student_loss, term_losses
+        )
+
+    # Export and serialization.
+
+    def export_student(self, filepath, verbose=True, **kwargs):
+        """Writes the student alone (no teacher, no adapters) as a
+        TensorFlow SavedModel with a `serve` endpoint.
+
+        Args:
+            filepath: directory to write.
+            verbose: print a summary of the exported endpoints.
+            **kwargs: passed on to `keras.Model.export`.
+
+        Example:
+
+        >>> distiller.export_student("student_savedmodel")
+        >>> reloaded = tf.saved_model.load("student_savedmodel")
+        >>> reloaded.serve(x)
+        """
+        self.student.export(
+            filepath, format="tf_saved_model", verbose=verbose, **kwargs
+        )
+        return filepath
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "student": keras.saving.serialize_keras_object(self.student),
+            "terms": [
+                keras.saving.serialize_keras_object(t) for t in self._terms
+            ],
+            "student_loss_weight": self.student_loss_weight,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("teacher", "student"):
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
+        config["terms"] = [
+            keras.saving.deserialize_keras_object(
+                t, custom_objects=custom_objects
+            )
+            for t in config["terms"]
+        ]
+        return cls(**config)

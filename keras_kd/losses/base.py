@@ -1,0 +1,38 @@
+"""The base class every distillation loss derives from."""
+
+import keras
+
+
+class DistillationLoss(keras.losses.Loss):
+    """A Keras `Loss` that compares a teacher output with a student output.
+
+    Subclasses implement `call(teacher_output, student_output)` and return one
+    loss value per sample (shape `(batch,)`). `keras.losses.Loss.__call__`
+    then applies `sample_weight` and the reduction, so every distillation loss
+    honours sample weights the same way as the student's own loss: with the
+    default `"sum_over_batch_size"` reduction the result is
+    `sum_i(w_i * l_i) / batch_size`, and a sample of weight 0 contributes
+    nothing.
+
+    The argument order follows Keras (`y_true` first): the teacher output
+    plays the role of the target and is never differentiated.
+
+    Class attributes:
+        matches_channels: `True` when the loss needs teacher and student
+            features with the same number of channels (last axis). The
+            `Distiller` then inserts a trainable adapter on the student side
+            when they differ. Losses that only compare channel-free summaries
+            (attention maps, logits) set it to `False`.
+    """
+
+    matches_channels = True
+
+    def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, teacher_output, student_output):  # pragma: no cover
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement "
+            "`call(teacher_output, student_output)` returning per-sample "
+            "losses."
+        )

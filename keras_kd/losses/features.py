@@ -1,0 +1,162 @@
+"""Losses on intermediate features: attention transfer and FitNet hints."""
+
+import keras
+from keras import ops
+
+from keras_kd.losses.base import DistillationLoss
+
+
+def match_spatial(teacher_feature, student_feature):
+    """Average-pool the larger of two feature maps to the smaller size.
+
+    Works on channels-last maps of rank 3 (`(batch, steps, channels)`) or
+    rank 4 (`(batch, height, width, channels)`); other ranks are returned
+    unchanged. Each spatial size must divide the other.
+
+    Returns:
+        `(teacher_feature, student_feature)` with equal spatial sizes.
+    """
+    rank = len(teacher_feature.shape)
+    if rank not in (3, 4) or len(student_feature.shape) != rank:
+        return teacher_feature, student_feature
+    t_size = tuple(teacher_feature.shape[1:-1])
+    s_size = tuple(student_feature.shape[1:-1])
+    if t_size == s_size:
+        return teacher_feature, student_feature
+    target = tuple(min(t, s) for t, s in zip(t_size, s_size))
+
+    def pool(x, size):
+        factors = []
+        for big, small in zip(size, target):
+            if big % small:
+                raise ValueError(
+                    "Cannot pool feature maps of spatial size "
+                    f"{t_size} (teacher) and {s_size} (student) to a common "
+                    "size: each size must divide the other."
+                )
+            factors.append(big // small)
+        if all(f == 1 for f in factors):
+            return x
+        return ops.average_pool(x, tuple(factors), strides=tuple(factors))
+
+    return pool(teacher_feature, t_size), pool(student_feature, s_size)
+
+
+def attention_map(feature, p=2):
+    """Spatial attention of a channels-last feature map.
+
+    `normalize(flatten(mean_c |F|^p))`, L2-normalised per sample.
+
+    Args:
+        feature: tensor of shape `(batch, ..., channels)`.
+        p: power applied to the absolute activations.
+
+    Returns:
+        A tensor of shape `(batch, positions)`.
+    """
+    att = ops.mean(ops.power(ops.abs(feature), p), axis=-1)
+    att = ops.reshape(att, (ops.shape(att)[0], -1))
+    return att / (ops.norm(att, axis=-1, keepdims=True) + 1e-12)
+
+
+def attention_transfer_loss(teacher_feature, student_feature, p=2):
+    """Per-sample attention transfer loss (Zagoruyko & Komodakis 2017).
+
+    `mean((at(F_s) - at(F_t))^2)` over spatial positions, with the larger
+    map average-pooled to the smaller first.
+
+    Returns:
+        A tensor of shape `(batch,)`.
+    """
+    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature, student_feature = match_spatial(
+        teacher_feature, student_feature
+    )
+    diff = attention_map(student_feature, p) - attention_map(teacher_feature, p)
+    return ops.mean(ops.square(diff), axis=-1)
+
+
+def feature_mse_loss(teacher_feature, student_feature):
+    """Per-sample mean squared error between two feature maps.
+
+    Returns:
+        A tensor of shape `(batch,)`.
+    """
+    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature, student_feature = match_spatial(
+        teacher_feature, student_feature
+    )
+    sq = ops.square(student_feature - teacher_feature)
+    return ops.mean(ops.reshape(sq, (ops.shape(sq)[0], -1)), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class AttentionTransfer(DistillationLoss):
+    """Attention transfer: match the spatial attention of two feature maps.
+
+    The attention of a channels-last feature map `F` is the L2-normalised
+    map of `mean_c |F|^p`; the loss is the mean squared difference of the
+    teacher and student attentions. Channel counts may differ (no adapter
+    is needed); when spatial sizes differ the larger map is average-pooled
+    to the smaller. The usual weight in a `Term` is 1000.
+
+    Args:
+        p: power applied to the activations. Defaults to 2.
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> term = keras_kd.Term(
+    ...     keras_kd.losses.AttentionTransfer(), weight=1000.0,
+    ...     teacher_layer="t_stage2", student_layer="s_stage2")
+    """
+
+    matches_channels = False
+
+    def __init__(
+        self, p=2, name="attention_transfer",
+        reduction="sum_over_batch_size", dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.p = p
+
+    def call(self, teacher_output, student_output):
+        return attention_transfer_loss(teacher_output, student_output, self.p)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(p=self.p)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class FeatureMSE(DistillationLoss):
+    """FitNet hint: mean squared error between teacher and student features.
+
+    When the channel counts differ, the `Distiller` maps the student
+    feature to the teacher's channels with a trainable adapter (a 1x1
+    convolution or a `Dense` layer) that trains with the student and is
+    never exported. When spatial sizes differ the larger map is
+    average-pooled to the smaller.
+
+    Args:
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> term = keras_kd.Term(
+    ...     keras_kd.losses.FeatureMSE(), weight=1.0,
+    ...     teacher_layer="t_stage2", student_layer="s_stage2")
+    """
+
+    def __init__(
+        self, name="feature_mse", reduction="sum_over_batch_size", dtype=None
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, teacher_output, student_output):
+        return feature_mse_loss(teacher_output, student_output)

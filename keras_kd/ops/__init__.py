@@ -1,0 +1,1 @@
+"""Backend-agnostic tensor operations used by keras-kd losses."""

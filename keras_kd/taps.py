@@ -1,0 +1,75 @@
+"""Reading intermediate features: one multi-output forward per model."""
+
+import difflib
+
+import keras
+
+
+def _graph_endpoints(model, role):
+    """The symbolic input and output of a Functional or Sequential model."""
+    try:
+        inputs, outputs = model.input, model.output
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if inputs is None or outputs is None:
+        raise ValueError(
+            f"Cannot read intermediate layers of the {role} model "
+            f"'{model.name}' ({type(model).__name__}): only Functional and "
+            "built Sequential models have named layer outputs to tap. Build "
+            "the model with the Functional API, or make the subclassed "
+            "model's `call` return the feature as an extra output and wrap "
+            "it in a Functional model, e.g. `keras.Model(inputs, "
+            "[logits, feature])`, then tap that model's layer."
+        )
+    return inputs, outputs
+
+
+def find_layer(model, layer_name, role):
+    """Return `model.get_layer(layer_name)` or raise a helpful `ValueError`."""
+    names = [layer.name for layer in model.layers]
+    if layer_name in names:
+        return model.get_layer(layer_name)
+    close = difflib.get_close_matches(layer_name, names, n=3, cutoff=0.0)
+    raise ValueError(
+        f"Layer '{layer_name}' not found in the {role} model "
+        f"'{model.name}'. Closest layer names: {close}."
+    )
+
+
+class Tap:
+    """Runs a model once and returns its outputs and the tapped features.
+
+    With no layer to tap it calls the model itself; otherwise it builds,
+    once, a Functional model over the same layers whose outputs are the
+    model's outputs followed by the tapped layer outputs, so that a single
+    forward pass produces both (batch-norm statistics move once).
+
+    Args:
+        model: the teacher or student `keras.Model`.
+        layer_names: names of the layers to read, in order (may repeat).
+        role: `"teacher"` or `"student"`, for error messages.
+    """
+
+    def __init__(self, model, layer_names, role):
+        self.model = model
+        self.layer_names = list(layer_names)
+        self.feature_shapes = []
+        self._extractor = None
+        if not self.layer_names:
+            return
+        inputs, outputs = _graph_endpoints(model, role)
+        features = []
+        for name in self.layer_names:
+            layer = find_layer(model, name, role)
+            feature = layer.output
+            features.append(feature)
+            self.feature_shapes.append(tuple(feature.shape))
+        self._extractor = keras.Model(
+            inputs, (outputs, features), name=f"{model.name}_taps"
+        )
+
+    def __call__(self, x, training):
+        if self._extractor is None:
+            return self.model(x, training=training), []
+        outputs, features = self._extractor(x, training=training)
+        return outputs, list(features)
