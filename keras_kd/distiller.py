@@ -274,6 +274,20 @@ class Distiller(keras.Model):
             )
         return total, y_pred, student_loss, term_losses
 
+    def get_metrics_result(self):
+        """The model's metric values, skipping compiled metrics that have
+        not seen a labelled batch yet (pure distillation with `fit(x)`)."""
+        logs = {}
+        for metric in self.metrics:
+            if not getattr(metric, "built", True):
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                logs.update(result)
+            else:
+                logs[metric.name] = result
+        return logs
+
     def _update_trackers(self, x, y, y_pred, sample_weight, total,
                          student_loss, term_losses):
         batch = ops.shape(keras.tree.flatten(x)[0])[0]

@@ -8,9 +8,13 @@ import keras
 def _graph_endpoints(model, role):
     """The symbolic input and output of a Functional or Sequential model."""
     try:
-        inputs, outputs = model.input, model.output
+        inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):
         inputs = outputs = None
+    if inputs and len(inputs) == 1:
+        inputs = inputs[0]
+    if outputs and len(outputs) == 1:
+        outputs = outputs[0]
     if inputs is None or outputs is None:
         raise ValueError(
             f"Cannot read intermediate layers of the {role} model "

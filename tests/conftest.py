@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+NUM_CLASSES = 5
+
+
+def make_cnn(prefix, width, classes=NUM_CLASSES, batchnorm=True,
+             regularizer=None, size=8):
+    """A two-stage CNN whose stages are named `<prefix>_stage1/2`."""
+    inputs = keras.Input((size, size, 1), name=f"{prefix}_input")
+    x = keras.layers.Conv2D(width, 3, padding="same", activation="relu",
+                            name=f"{prefix}_stage1")(inputs)
+    if batchnorm:
+        x = keras.layers.BatchNormalization(momentum=0.5,
+                                            name=f"{prefix}_bn")(x)
+    x = keras.layers.MaxPooling2D(name=f"{prefix}_pool")(x)
+    x = keras.layers.Conv2D(width * 2, 3, padding="same", activation="relu",
+                            kernel_regularizer=regularizer,
+                            name=f"{prefix}_stage2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=f"{prefix}_gap")(x)
+    outputs = keras.layers.Dense(classes, name=f"{prefix}_logits")(x)
+    return keras.Model(inputs, outputs, name=prefix)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=32)
+    return x, y
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1)
+    yield
+    keras.backend.clear_session()
