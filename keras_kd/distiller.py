@@ -318,10 +318,14 @@ class Distiller(keras.Model):
             scaled = self.optimizer.scale_loss(total)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        self._apply_gradients(gradients, variables)
         return self._update_trackers(
             x, y, y_pred, sample_weight, total, student_loss, term_losses
         )
+
+    def _apply_gradients(self, gradients, variables):
+        """Applies the gradients of the trained variables (one optimizer)."""
+        self.optimizer.apply_gradients(zip(gradients, variables))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
