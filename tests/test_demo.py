@@ -1,0 +1,111 @@
+"""Tests of the `keras-kd demo` command and `keras_kd.demo.run_demo`.
+
+They run the demo in quick mode (1 epoch, 100 labels), which checks the
+plumbing (training, table, SavedModel export, CLI) but says nothing about
+the distillation gain; that is measured by `benchmarks/accuracy.py`.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import tensorflow as tf  # noqa: E402
+
+from keras_kd import cli, demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo") / "student"
+    return demo.run_demo(quick=True, seed=0, output=str(output), verbose=0)
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    data = demo.load_digits_data(seed=0, num_labels=demo.QUICK_LABELS)
+    return data["x_test"][:16]
+
+
+def test_accuracies_are_in_unit_interval(quick_run):
+    for key in ("teacher", "student_alone", "distilled"):
+        assert isinstance(quick_run[key], float)
+        assert 0.0 <= quick_run[key] <= 1.0, key
+
+
+def test_exported_student_matches_distilled_student(quick_run, test_images):
+    reloaded = tf.saved_model.load(quick_run["export_path"])
+    served = reloaded.serve(tf.constant(test_images)).numpy()
+    student = quick_run["models"]["distilled"]
+    expected = student.predict(test_images, verbose=0)
+    assert served.shape == (len(test_images), demo.NUM_CLASSES)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+
+
+def test_export_holds_the_student_only(quick_run):
+    reloaded = tf.saved_model.load(quick_run["export_path"])
+    exported = sum(int(np.prod(v.shape)) for v in reloaded.variables)
+    student = quick_run["models"]["distilled"]
+    assert exported == student.count_params()
+    assert exported < quick_run["models"]["teacher"].count_params()
+
+
+def test_student_alone_and_distilled_start_from_the_same_weights():
+    first = demo.fresh_student(seed=3)
+    second = demo.fresh_student(seed=3)
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_labelled_subset_is_part_of_the_training_set():
+    data = demo.load_digits_data(seed=1, num_labels=120)
+    assert data["x_labeled"].shape == (120, 8, 8, 1)
+    assert len(data["x_train"]) + len(data["x_test"]) == 1797
+    assert np.unique(data["y_labeled"]).size == demo.NUM_CLASSES
+    train_rows = {row.tobytes() for row in data["x_train"]}
+    assert all(row.tobytes() in train_rows for row in data["x_labeled"])
+    assert 0.0 <= data["x_train"].min() and data["x_train"].max() <= 1.0
+
+
+def test_matched_epochs_gives_the_same_number_of_steps():
+    assert demo.matched_epochs(30, 1257, 300) == 126
+    assert demo.matched_epochs(30, 1257, 1257) == 30
+
+
+def test_format_table_lists_every_row():
+    table = demo.format_table({"teacher": 0.98765, "student": 0.5})
+    assert "teacher" in table and "0.9877" in table
+    assert "student" in table and "0.5000" in table
+
+
+def test_cli_demo_quick_prints_table_and_exports(tmp_path, capsys):
+    output = tmp_path / "cli_student"
+    assert cli.main(["demo", "--quick", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed
+    assert "teacher" in printed
+    assert "student alone" in printed
+    assert "distilled student" in printed
+    assert str(output) in printed
+    assert (output / "saved_model.pb").is_file()
+
+
+def test_cli_rejects_out_of_range_labels(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--labels", "5"])
+    assert exit_info.value.code == 2
+    assert "num_labels" in capsys.readouterr().err
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(ImportError, match=r'pip install "keras-kd\[demo\]"'):
+        demo.load_digits_data()
