@@ -1,6 +1,6 @@
 """keras-kd: knowledge distillation for Keras 3."""
 
-from keras_kd import losses
+from keras_kd import losses, ops
 from keras_kd.distiller import Distiller
 from keras_kd.term import Term
 

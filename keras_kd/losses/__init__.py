@@ -4,3 +4,9 @@
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.features import AttentionTransfer, FeatureMSE
 from keras_kd.losses.logits import KD
+from keras_kd.losses.correlation import (
+    CMKD,
+    DIST,
+    PearsonCorrelation,
+    SpearmanCorrelation,
+)

@@ -1,1 +1,5 @@
 """Backend-agnostic tensor operations used by keras-kd losses."""
+
+from keras_kd.ops.rank import exact_rank
+from keras_kd.ops.rank import pairwise_soft_rank
+from keras_kd.ops.rank import soft_rank

@@ -1,0 +1,418 @@
+"""Cost of the correlation losses compared with Hinton KD.
+
+Measures forward + backward (gradient with respect to the student logits)
+of each loss inside one compiled step:
+
+1. Time at B=256, C=1000: KD, SpearmanCorrelation, CMKD, DIST, a naive
+   all-pairs soft-rank Spearman loss, and a Spearman loss on the soft ranks
+   of tensorflow-probability's relaxed sorting matrix
+   (`tfp.math.soft_sorting_matrix`), each as a ratio to KD. On the
+   TensorFlow backend the step is `tf.function(jit_compile=True)` (XLA); a
+   second table repeats the main losses without XLA.
+2. Peak extra memory at B=8, C=32000: each loss runs (compiled) in a fresh
+   subprocess that reports its peak resident memory (`VmHWM`, or
+   `ru_maxrss` where /proc is missing); the peak of a subprocess that
+   imports everything and builds the inputs but runs no loss is subtracted.
+3. Closeness to exact ranks: max and mean |soft rank - rankdata| of
+   `keras_kd.ops.rank.soft_rank` and of the tfp soft ranks.
+
+The tfp baseline is `tfp.math.soft_sorting_matrix`, which is NeuralSort
+(Grover et al. 2019, a softmax over an n x n score matrix), not a Sinkhorn
+iteration; both are O(C^2) per row.
+
+Usage:
+
+    python benchmarks/losses.py            # full run (a few minutes on CPU)
+    python benchmarks/losses.py --quick    # fewer repetitions
+    KERAS_BACKEND=jax python benchmarks/losses.py   # jax.jit instead of XLA
+                                                    # via TF (no tfp row)
+
+Timings on a shared machine are noisy: every loss is timed in interleaved
+rounds and the median is reported, together with the median process CPU
+time per step (less sensitive to other processes on the machine).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from keras_kd.losses.correlation import CMKD  # noqa: E402
+from keras_kd.losses.correlation import DIST  # noqa: E402
+from keras_kd.losses.correlation import SpearmanCorrelation  # noqa: E402
+from keras_kd.losses.correlation import pearson_correlation  # noqa: E402
+from keras_kd.ops.rank import exact_rank  # noqa: E402
+from keras_kd.ops.rank import pairwise_soft_rank  # noqa: E402
+from keras_kd.ops.rank import soft_rank  # noqa: E402
+
+BACKEND = keras.backend.backend()
+STRENGTH = 0.1  # regularization_strength of every soft rank below
+TFP_TEMPERATURE = 0.1  # temperature of the tfp relaxed sorting matrix
+
+
+# ------------------------------------------------------------------ losses
+
+
+def _kd_loss():
+    """keras_kd's KD if it imports, else a local Hinton KD."""
+    try:
+        from keras_kd.losses.logits import KD
+
+        return KD(temperature=4.0), "keras_kd.losses.logits.KD"
+    except ImportError:
+
+        def kd(teacher, student):
+            log_p_t = ops.log_softmax(teacher / 4.0, axis=-1)
+            log_p_s = ops.log_softmax(student / 4.0, axis=-1)
+            kl = ops.sum(ops.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+            return 16.0 * ops.mean(kl)
+
+        return kd, "local Hinton KD"
+
+
+def argsort_alone(teacher, student):
+    """Not a loss: one argsort of the student logits, the cost floor of any
+    sort-based rank."""
+    order = ops.cast(ops.argsort(ops.stop_gradient(student)), student.dtype)
+    return ops.mean(order) + 0.0 * ops.mean(student)
+
+
+def naive_spearman(teacher, student):
+    """Spearman loss with the O(B C^2) all-pairs soft rank."""
+    ranks = pairwise_soft_rank(student, STRENGTH)
+    teacher_ranks = exact_rank(ops.stop_gradient(teacher))
+    return ops.mean(1.0 - pearson_correlation(ranks, teacher_ranks))
+
+
+def _tfp_module():
+    """tensorflow_probability, or the reason it cannot be used."""
+    if BACKEND != "tensorflow":
+        return None, f"needs the TensorFlow backend (this is {BACKEND})"
+    try:
+        import tensorflow_probability as tfp
+
+        tfp.math.soft_sorting_matrix  # noqa: B018
+        return tfp, None
+    except Exception as error:  # ImportError or an incompatible TF version
+        return None, f"cannot import tensorflow_probability: {error!r}"
+
+
+def tfp_soft_rank(x, temperature=TFP_TEMPERATURE):
+    """Ascending 1-based soft ranks from tfp's relaxed sorting matrix.
+
+    `soft_sorting_matrix` (NeuralSort, Grover et al. 2019) returns `P` with
+    `P[k, j]` ~ [x_j is the (k+1)-th largest]; the descending rank of `x_j`
+    is `sum_k (k + 1) P[k, j]`.
+    """
+    import tensorflow as tf
+
+    tfp, _ = _tfp_module()
+    n = x.shape[-1]
+    matrix = tfp.math.soft_sorting_matrix(x, temperature)
+    places = tf.range(1, n + 1, dtype=x.dtype)
+    descending = tf.einsum("...kj,k->...j", matrix, places)
+    return (n + 1.0) - descending
+
+
+def tfp_spearman(teacher, student):
+    ranks = tfp_soft_rank(student)
+    teacher_ranks = exact_rank(ops.stop_gradient(teacher))
+    return ops.mean(1.0 - pearson_correlation(ranks, teacher_ranks))
+
+
+def candidates(include_quadratic=True):
+    kd, kd_name = _kd_loss()
+    losses = {
+        "KD": kd,
+        "SpearmanCorrelation": SpearmanCorrelation(
+            temperature=1.0, regularization_strength=STRENGTH
+        ),
+        "SpearmanCorrelation window=4": SpearmanCorrelation(
+            temperature=1.0, regularization_strength=STRENGTH, window=4
+        ),
+        "CMKD": CMKD(temperature=4.0, regularization_strength=STRENGTH),
+        "DIST": DIST(temperature=4.0),
+    }
+    losses["argsort alone (sort floor)"] = argsort_alone
+    if include_quadratic:
+        losses["naive pairwise Spearman"] = naive_spearman
+        if _tfp_module()[0] is not None:
+            losses["tfp soft_sorting_matrix Spearman"] = tfp_spearman
+    return losses, kd_name
+
+
+# ----------------------------------------------------------------- stepping
+
+
+def make_step(loss, teacher, jit=True):
+    """Returns `step()` running forward + backward and blocking on it."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        teacher = tf.constant(teacher)
+
+        def forward_backward(student):
+            with tf.GradientTape() as tape:
+                tape.watch(student)
+                value = loss(teacher, student)
+            return value, tape.gradient(value, student)
+
+        compiled = tf.function(forward_backward, jit_compile=jit)
+
+        def step(student):
+            value, grad = compiled(student)
+            return float(value), grad.numpy()
+
+        return step, tf.constant
+    if BACKEND == "jax":
+        import jax
+
+        teacher = jax.numpy.asarray(teacher)
+        value_and_grad = jax.value_and_grad(lambda s: loss(teacher, s))
+        compiled = jax.jit(value_and_grad) if jit else value_and_grad
+
+        def step(student):
+            value, grad = compiled(student)
+            return float(value), np.asarray(grad)
+
+        return step, jax.numpy.asarray
+    raise SystemExit(f"benchmarks/losses.py supports tensorflow and jax, "
+                     f"not {BACKEND}.")
+
+
+def make_inputs(batch, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    teacher = (3.0 * rng.normal(size=(batch, classes))).astype("float32")
+    student = (3.0 * rng.normal(size=(batch, classes))).astype("float32")
+    return teacher, student
+
+
+def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
+    """Median wall and CPU milliseconds per step, interleaved rounds."""
+    teacher, student = make_inputs(batch, classes)
+    steps = {}
+    for name, loss in losses.items():
+        step, to_tensor = make_step(loss, teacher, jit=jit)
+        s = to_tensor(student)
+        start = time.perf_counter()
+        step(s)  # compile
+        compile_s = time.perf_counter() - start
+        step(s)
+        start = time.perf_counter()
+        step(s)
+        first = time.perf_counter() - start
+        steps[name] = (step, s, compile_s, first)
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, (step, s, _, first) in steps.items():
+            if first > 0.5 and r >= slow_rounds:
+                continue  # quadratic baselines: a few rounds are enough
+            c0, w0 = time.process_time(), time.perf_counter()
+            step(s)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {
+        name: {
+            "wall_ms": 1e3 * float(np.median(wall[name])),
+            "cpu_ms": 1e3 * float(np.median(cpu[name])),
+            "compile_s": steps[name][2],
+            "runs": len(wall[name]),
+        }
+        for name in steps
+    }
+
+
+def print_timings(title, results):
+    print(f"\n{title}")
+    kd = results["KD"]
+    print(f"{'loss':36s} {'wall ms':>9s} {'x KD':>7s} {'CPU ms':>9s} "
+          f"{'x KD':>7s} {'runs':>5s}")
+    for name, r in results.items():
+        print(f"{name:36s} {r['wall_ms']:9.2f} "
+              f"{r['wall_ms'] / kd['wall_ms']:7.1f} {r['cpu_ms']:9.2f} "
+              f"{r['cpu_ms'] / kd['cpu_ms']:7.1f} {r['runs']:5d}")
+
+
+# ------------------------------------------------------------------- memory
+
+
+def _peak_rss_mib():
+    """Peak resident memory of this process, in MiB.
+
+    Reads `VmHWM` from /proc/self/status: unlike `ru_maxrss`, which Linux
+    carries over from the parent across `exec`, it covers only this
+    process's own address space. Falls back to `ru_maxrss` elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def memory_child(name, batch, classes):
+    """Runs in a fresh process: one loss (or none), prints JSON."""
+    teacher, student = make_inputs(batch, classes)
+    result = {"name": name}
+    if name != "idle":
+        losses, _ = candidates(include_quadratic=False)
+        step, to_tensor = make_step(losses[name], teacher)
+        s = to_tensor(student)
+        step(s)
+        wall, cpu = [], []
+        for _ in range(7):
+            c0, w0 = time.process_time(), time.perf_counter()
+            step(s)
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        result["wall_ms"] = 1e3 * float(np.median(wall))
+        result["cpu_ms"] = 1e3 * float(np.median(cpu))
+    result["maxrss_mib"] = _peak_rss_mib()
+    print("RESULT " + json.dumps(result))
+
+
+def measure_memory(names, batch, classes):
+    rows = {}
+    for name in ["idle"] + names:
+        command = [sys.executable, os.path.abspath(__file__),
+                   "--memory-child", name, "--batch", str(batch),
+                   "--classes", str(classes)]
+        out = subprocess.run(command, capture_output=True, text=True,
+                             check=False)
+        lines = [line for line in out.stdout.splitlines()
+                 if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            rows[name] = {"error": out.stderr.strip().splitlines()[-1:]}
+            continue
+        rows[name] = json.loads(lines[-1][len("RESULT "):])
+    return rows
+
+
+def print_memory(rows, batch, classes):
+    print(f"\nPeak memory at B={batch}, C={classes}, compiled forward + "
+          "backward (fresh subprocess per loss, its peak RSS minus the idle "
+          "subprocess's)")
+    idle = rows["idle"]["maxrss_mib"]
+    print(f"idle subprocess (imports + inputs): {idle:.0f} MiB")
+    kd = rows.get("KD", {})
+    print(f"{'loss':36s} {'extra MiB':>10s} {'wall ms':>9s} {'x KD':>7s} "
+          f"{'CPU ms':>9s} {'x KD':>7s}")
+    for name, r in rows.items():
+        if name == "idle":
+            continue
+        if "error" in r:
+            print(f"{name:36s} failed: {r['error']}")
+            continue
+        wall_ratio = r["wall_ms"] / kd["wall_ms"] if kd else float("nan")
+        cpu_ratio = r["cpu_ms"] / kd["cpu_ms"] if kd else float("nan")
+        print(f"{name:36s} {r['maxrss_mib'] - idle:10.0f} "
+              f"{r['wall_ms']:9.2f} {wall_ratio:7.1f} {r['cpu_ms']:9.2f} "
+              f"{cpu_ratio:7.1f}")
+    pairwise_gib = batch * classes**2 * 4 / 2**30
+    print(f"{'naive pairwise / tfp soft sort':36s} not run: one B x C x C "
+          f"float32 intermediate alone is {pairwise_gib:.1f} GiB")
+
+
+# ---------------------------------------------------------------- closeness
+
+
+def rank_closeness(batch=16, classes=1000):
+    import scipy.stats
+
+    teacher, _ = make_inputs(batch, classes, seed=1)
+    exact = scipy.stats.rankdata(teacher, axis=-1)
+    print(f"\nCloseness to exact ranks (|soft - rankdata| max / mean, "
+          f"B={batch}, C={classes}, x ~ N(0, 3^2), float32)")
+    gaps = np.diff(np.sort(teacher, axis=-1), axis=-1)
+    print(f"smallest gap between two values of a row: {gaps.min():.2e}, "
+          f"median gap: {np.median(gaps):.2e}")
+    for strength in (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-6):
+        error = np.abs(np.asarray(soft_rank(teacher, strength)) - exact)
+        print(f"keras_kd soft_rank eps={strength:<8g} (window 16): "
+              f"{error.max():10.4f} {error.mean():10.4f}")
+    tfp, reason = _tfp_module()
+    if tfp is None:
+        print(f"tfp soft_sorting_matrix: skipped ({reason})")
+        return
+    for temperature in (1.0, 0.1, 0.01, 1e-3):
+        ranks = np.asarray(tfp_soft_rank(teacher, temperature))
+        error = np.abs(ranks - exact)
+        finite = np.isfinite(ranks).all()
+        print(f"tfp soft_sorting_matrix temperature={temperature:<8g}: "
+              f"{np.nanmax(error):10.4f} {np.nanmean(error):10.4f}"
+              f"{'' if finite else ' (non-finite values)'}")
+
+
+# --------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-child")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=32000)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch, args.classes)
+        return
+
+    import platform
+
+    print(f"backend={BACKEND} keras={keras.__version__} "
+          f"python={platform.python_version()} cpus={os.cpu_count()}")
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # one tf.function per loss
+        print(f"tensorflow={tf.__version__} "
+              f"gpus={len(tf.config.list_physical_devices('GPU'))}")
+    losses, kd_name = candidates()
+    print(f"KD baseline: {kd_name}; soft rank strength {STRENGTH}, "
+          f"tfp temperature {TFP_TEMPERATURE}")
+    tfp, reason = _tfp_module()
+    if tfp is None:
+        print(f"tfp soft_sorting_matrix Spearman: skipped ({reason})")
+    else:
+        print(f"tensorflow_probability={tfp.__version__}")
+
+    # Memory first, while this process is still small.
+    rows = measure_memory(
+        ["KD", "SpearmanCorrelation", "CMKD", "DIST"], 8, 32000)
+
+    rounds = 4 if args.quick else 8
+    compiled = "XLA (tf.function(jit_compile=True))" if BACKEND == \
+        "tensorflow" else "jax.jit"
+    results = time_losses(losses, 256, 1000, rounds)
+    print_timings(f"Forward + backward at B=256, C=1000, {compiled}",
+                  results)
+    print("compile seconds: " + ", ".join(
+        f"{name} {r['compile_s']:.1f}" for name, r in results.items()))
+    if BACKEND == "tensorflow":
+        main_losses, _ = candidates(include_quadratic=False)
+        main_losses.pop("SpearmanCorrelation window=4")
+        results = time_losses(main_losses, 256, 1000, rounds, jit=False)
+        print_timings("Forward + backward at B=256, C=1000, tf.function "
+                      "without XLA", results)
+
+    print_memory(rows, 8, 32000)
+    rank_closeness()
+
+
+if __name__ == "__main__":
+    main()

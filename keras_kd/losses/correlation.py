@@ -1,0 +1,716 @@
+"""Correlation losses on logits: Pearson, Spearman, DIST and CMKD.
+
+Each loss is a pure function of tensors (`pearson_loss`, `spearman_loss`,
+`dist_loss`, `cmkd_loss`) plus a thin `DistillationLoss` class around it.
+Notation: `z` are logits of shape `(batch, classes)`, `tau` the temperature,
+`p = softmax(z / tau)` and `rho(a, b)` the Pearson correlation of two
+vectors, i.e. the cosine similarity of the mean-centred vectors, with the
+product of their norms floored at `1e-8`.
+
+Spearman terms rank the student's logits with `keras_kd.ops.rank.soft_rank`
+(sort once, smooth comparisons with a fixed window of sorted neighbours) and
+the teacher's with `keras_kd.ops.rank.exact_rank`; both are pure
+`keras.ops`, so every loss here runs on any backend and inside compiled
+(XLA) training steps.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_kd.losses.base import DistillationLoss
+from keras_kd.losses.logits import standardize_logits
+from keras_kd.ops.rank import DEFAULT_STRENGTH
+from keras_kd.ops.rank import DEFAULT_WINDOW
+from keras_kd.ops.rank import exact_rank
+from keras_kd.ops.rank import soft_rank
+
+EPSILON = 1e-8
+HARD_SAMPLE_TERMS = ("spearman", "pearson")
+
+
+# --------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------
+
+
+def pearson_correlation(a, b, axis=-1, epsilon=EPSILON):
+    """Pearson correlation of `a` and `b` along `axis`.
+
+    The cosine similarity of the mean-centred vectors,
+    `sum(a_c * b_c) / max(|a_c| |b_c|, epsilon)`. A constant vector has
+    correlation 0 with anything (and a finite gradient).
+
+    Args:
+        a: tensor.
+        b: tensor of the same shape.
+        axis: the axis along which the vectors lie.
+        epsilon: floor of the product of the norms.
+
+    Returns:
+        The correlations, with `axis` removed.
+    """
+    a = a - ops.mean(a, axis=axis, keepdims=True)
+    b = b - ops.mean(b, axis=axis, keepdims=True)
+    return _centred_cosine(a, b, ops.sum, axis, epsilon)
+
+
+def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
+    """Pearson correlation along `axis` with one weight per position.
+
+    Means, covariance and variances are weighted by `weights` (non-negative,
+    one per entry along `axis`). A position of weight 0 has no influence at
+    all: the result equals the unweighted correlation of the other
+    positions. With all weights equal it is `pearson_correlation`. If all
+    weights are 0 the result is 0.
+
+    Args:
+        a: tensor.
+        b: tensor of the same shape.
+        weights: tensor of shape `(a.shape[axis],)`.
+        axis: the axis along which the vectors lie.
+        epsilon: floor of the product of the weighted norms.
+
+    Returns:
+        The correlations, with `axis` removed.
+    """
+    shape = [1] * len(a.shape)
+    shape[axis] = -1
+    weights = ops.reshape(ops.cast(weights, a.dtype), shape)
+    total = ops.sum(weights, axis=axis, keepdims=True)
+
+    def centre(x):
+        mean = ops.divide_no_nan(
+            ops.sum(weights * x, axis=axis, keepdims=True), total
+        )
+        return x - mean
+
+    def weighted_sum(x, axis):
+        return ops.sum(weights * x, axis=axis)
+
+    return _centred_cosine(centre(a), centre(b), weighted_sum, axis, epsilon)
+
+
+def _centred_cosine(a, b, total, axis, epsilon):
+    covariance = total(a * b, axis=axis)
+    norms = ops.sqrt(
+        ops.maximum(
+            total(a * a, axis=axis) * total(b * b, axis=axis), epsilon**2
+        )
+    )
+    return covariance / norms
+
+
+def _softened(logits, temperature):
+    return ops.softmax(logits / temperature, axis=-1)
+
+
+def pearson_loss(teacher_logits, student_logits, temperature=1.0):
+    """Per-sample Pearson loss across classes (inter-class relations).
+
+    `1 - rho(p_s[i, :], p_t[i, :])` with `p = softmax(z / tau)`.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`; not
+            differentiated.
+        student_logits: tensor of shape `(batch, classes)`.
+        temperature: softening temperature `tau`.
+
+    Returns:
+        A tensor of shape `(batch,)` with values in `[0, 2]`.
+    """
+    teacher_logits = ops.stop_gradient(teacher_logits)
+    return 1.0 - pearson_correlation(
+        _softened(student_logits, temperature),
+        _softened(teacher_logits, temperature),
+    )
+
+
+def intra_class_loss(
+    teacher_logits, student_logits, temperature=1.0, sample_weight=None
+):
+    """DIST's intra-class loss: Pearson across the batch, per class.
+
+    `1 - mean_c rho(p_s[:, c], p_t[:, c])`, a single value for the batch.
+    With `sample_weight` each per-class correlation is a weighted
+    correlation (see `weighted_pearson_correlation`), so a sample of
+    weight 0 does not influence it.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`; not
+            differentiated.
+        student_logits: tensor of shape `(batch, classes)`.
+        temperature: softening temperature `tau`.
+        sample_weight: optional tensor of shape `(batch,)` or `(batch, 1)`,
+            or a scalar.
+
+    Returns:
+        A scalar tensor.
+    """
+    teacher_logits = ops.stop_gradient(teacher_logits)
+    p_t = _softened(teacher_logits, temperature)
+    p_s = _softened(student_logits, temperature)
+    if sample_weight is None:
+        correlation = pearson_correlation(p_s, p_t, axis=0)
+    else:
+        weights = _per_sample_weights(sample_weight, p_s)
+        correlation = weighted_pearson_correlation(p_s, p_t, weights, axis=0)
+    return 1.0 - ops.mean(correlation)
+
+
+def _per_sample_weights(sample_weight, reference):
+    """`sample_weight` as a vector of shape `(batch,)`."""
+    weights = ops.cast(ops.convert_to_tensor(sample_weight), reference.dtype)
+    batch_ones = ops.ones_like(reference[:, 0])
+    if len(weights.shape) == 0:
+        return weights * batch_ones
+    return ops.reshape(weights, (-1,)) * batch_ones
+
+
+def spearman_loss(
+    teacher_logits,
+    student_logits,
+    temperature=1.0,
+    regularization_strength=DEFAULT_STRENGTH,
+    window=DEFAULT_WINDOW,
+):
+    """Per-sample Spearman loss across classes (rank relations).
+
+    `1 - rho(soft_rank(z_s[i, :] / tau), rank(z_t[i, :]))`: the Pearson
+    correlation of the student's soft ranks with the teacher's exact ranks
+    (ties averaged). The teacher is never differentiated, so its ranks are
+    exact; the student's are `keras_kd.ops.rank.soft_rank` with strength
+    `regularization_strength` applied to `z_s / tau` (so the sigmoid width
+    is `regularization_strength * tau` in logit units). As the strength goes
+    to 0 this is `1 - scipy.stats.spearmanr`.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`.
+        student_logits: tensor of shape `(batch, classes)`.
+        temperature: `tau`, divides the student logits before soft ranking.
+        regularization_strength: `eps > 0` of `soft_rank`.
+        window: neighbours on each side compared softly by `soft_rank`.
+
+    Returns:
+        A tensor of shape `(batch,)` with values in `[0, 2]`.
+    """
+    teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
+    student_ranks = soft_rank(
+        student_logits / temperature,
+        regularization_strength=regularization_strength,
+        axis=-1,
+        window=window,
+    )
+    return 1.0 - pearson_correlation(student_ranks, teacher_ranks)
+
+
+def dist_loss(
+    teacher_logits,
+    student_logits,
+    temperature=4.0,
+    beta=1.0,
+    gamma=1.0,
+    sample_weight=None,
+):
+    """Per-sample DIST loss (Huang et al., 2022).
+
+    `tau^2 * (beta * inter_i + gamma * intra)` with
+    `inter_i = 1 - rho(p_s[i, :], p_t[i, :])` (`pearson_loss`) and
+    `intra = 1 - mean_c rho(p_s[:, c], p_t[:, c])` (`intra_class_loss`, one
+    value for the whole batch, added to every sample). The batch mean of the
+    result is DIST's `tau^2 * (beta * mean_i inter_i + gamma * intra)`.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`.
+        student_logits: tensor of shape `(batch, classes)`.
+        temperature: `tau`.
+        beta: weight of the inter-class term.
+        gamma: weight of the intra-class term.
+        sample_weight: optional per-sample weights used for the intra-class
+            correlations (a weight-0 sample does not influence them).
+
+    Returns:
+        A tensor of shape `(batch,)`.
+    """
+    inter = pearson_loss(teacher_logits, student_logits, temperature)
+    loss = beta * inter
+    if gamma:
+        intra = intra_class_loss(
+            teacher_logits, student_logits, temperature, sample_weight
+        )
+        loss = loss + gamma * intra
+    return (temperature**2) * loss
+
+
+def entropy_weights(teacher_logits, temperature=1.0):
+    """Normalized entropy of the teacher's softened output, per sample.
+
+    `w_i = H(softmax(z_t[i] / tau)) / log(C)`, in `[0, 1]`: 0 for a one-hot
+    (easy, confident) sample, 1 for a uniform (hard) one. Not differentiated.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`.
+        temperature: `tau`.
+
+    Returns:
+        A tensor of shape `(batch,)`.
+    """
+    teacher_logits = ops.stop_gradient(teacher_logits)
+    num_classes = teacher_logits.shape[-1]
+    log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
+    entropy = -ops.sum(ops.exp(log_p) * log_p, axis=-1)
+    if num_classes is None or num_classes < 2:
+        return ops.zeros_like(entropy)
+    return ops.clip(entropy / math.log(num_classes), 0.0, 1.0)
+
+
+def cmkd_loss(
+    teacher_logits,
+    student_logits,
+    temperature=4.0,
+    regularization_strength=DEFAULT_STRENGTH,
+    window=DEFAULT_WINDOW,
+    hard_samples="spearman",
+    standardize=False,
+    intra_weight=0.0,
+    sample_weight=None,
+):
+    """Per-sample CMKD loss (library reading, see `CMKD`).
+
+    `L_i = tau^2 * [(1 - w_i) * L_P,i + w_i * L_S,i]` for
+    `hard_samples="spearman"`, or with `w_i` and `1 - w_i` swapped for
+    `hard_samples="pearson"`, where `w_i = entropy_weights(z_t, tau)`,
+    `L_P,i = pearson_loss(z_t, z_s, tau) + intra_weight * intra_class_loss`
+    and `L_S,i = spearman_loss(z_t, z_s, tau, ...)`. With
+    `standardize=True` both logits are first z-scored per sample
+    (`keras_kd.losses.logits.standardize_logits`), and every term, the
+    weights included, uses the standardized logits.
+
+    Args:
+        teacher_logits: tensor of shape `(batch, classes)`.
+        student_logits: tensor of shape `(batch, classes)`.
+        temperature: `tau`.
+        regularization_strength: `eps` of the student's soft ranks (applied
+            to `z_s / tau`).
+        window: neighbours on each side compared softly by `soft_rank`.
+        hard_samples: `"spearman"` or `"pearson"`, the term that high-entropy
+            (hard) samples lean to.
+        standardize: z-score the logits first.
+        intra_weight: weight of DIST's intra-class term inside `L_P` (0
+            leaves it out).
+        sample_weight: optional per-sample weights used for the intra-class
+            correlations.
+
+    Returns:
+        A tensor of shape `(batch,)`.
+    """
+    if hard_samples not in HARD_SAMPLE_TERMS:
+        raise ValueError(
+            f"`hard_samples` must be one of {HARD_SAMPLE_TERMS}, got "
+            f"{hard_samples!r}."
+        )
+    teacher_logits = ops.stop_gradient(teacher_logits)
+    if standardize:
+        teacher_logits = standardize_logits(teacher_logits)
+        student_logits = standardize_logits(student_logits)
+    weights = entropy_weights(teacher_logits, temperature)
+    pearson = pearson_loss(teacher_logits, student_logits, temperature)
+    if intra_weight:
+        pearson = pearson + intra_weight * intra_class_loss(
+            teacher_logits, student_logits, temperature, sample_weight
+        )
+    spearman = spearman_loss(
+        teacher_logits,
+        student_logits,
+        temperature,
+        regularization_strength=regularization_strength,
+        window=window,
+    )
+    if hard_samples == "pearson":
+        weights = 1.0 - weights
+    return (temperature**2) * ((1.0 - weights) * pearson + weights * spearman)
+
+
+# --------------------------------------------------------------------------
+# Loss classes
+# --------------------------------------------------------------------------
+
+
+def _check_positive(name, value):
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"`{name}` must be positive, got {value}.")
+    return value
+
+
+def _check_non_negative(name, value):
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value}.")
+    return value
+
+
+class _CorrelationLoss(DistillationLoss):
+    """Shared `get_config` plumbing: the dtype is part of the config."""
+
+    def get_config(self):
+        config = super().get_config()
+        config["dtype"] = self.dtype
+        return config
+
+
+class _BatchCoupledLoss(_CorrelationLoss):
+    """A loss whose per-sample values contain a batch statistic.
+
+    `keras.losses.Loss.__call__` hands `call` only the two tensors; these
+    losses also need the sample weights to weight the batch statistic (the
+    intra-class correlations), so `__call__` makes them available to `call`
+    for the duration of the call and then defers to the standard Keras
+    machinery (dtype conversion, masks, weighting, reduction). One instance
+    should therefore not be called from several Python threads at once.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._batch_weights = None
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        self._batch_weights = sample_weight
+        try:
+            return super().__call__(
+                y_true, y_pred, sample_weight=sample_weight
+            )
+        finally:
+            self._batch_weights = None
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class PearsonCorrelation(_CorrelationLoss):
+    """Pearson (inter-class) correlation loss on softened outputs.
+
+    Per sample: `1 - rho(softmax(z_s / tau), softmax(z_t / tau))`, the
+    Pearson correlation across classes; then the Keras reduction (batch mean
+    by default). 0 when the student's probabilities are an increasing affine
+    function of the teacher's; insensitive to their scale and shift, unlike
+    KL divergence. No `tau^2` factor.
+
+    Args:
+        temperature: softening temperature `tau`. Defaults to 1.
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> loss = keras_kd.losses.PearsonCorrelation(temperature=4.0)
+    >>> teacher_logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    >>> float(loss(teacher_logits, teacher_logits))  # identical: 0
+    0.0
+    """
+
+    def __init__(
+        self,
+        temperature=1.0,
+        name="pearson_correlation",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = _check_positive("temperature", temperature)
+
+    def call(self, teacher_output, student_output):
+        return pearson_loss(teacher_output, student_output, self.temperature)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(temperature=self.temperature)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class SpearmanCorrelation(_CorrelationLoss):
+    """Spearman (rank) correlation loss between student and teacher logits.
+
+    Per sample: `1 - rho(soft_rank(z_s / tau), rank(z_t))`, the Pearson
+    correlation of the student's differentiable ranks with the teacher's
+    exact ranks (ties averaged; the teacher is not differentiated). At small
+    `regularization_strength` it equals `1 - scipy.stats.spearmanr`.
+
+    Soft ranks only equal exact ranks when the student's logits are several
+    `regularization_strength * tau` apart; logits closer than that blur
+    into each other, so the loss of a student identical to its teacher is
+    then slightly above 0 and its gradient pushes such logits apart. This is
+    the usual behaviour of soft ranks against hard target ranks; lower the
+    strength to make it negligible.
+
+    Ranks come from `keras_kd.ops.rank`: each row is sorted once and the
+    student's soft ranks are the exact ranks plus sigmoid corrections from
+    the `window` nearest neighbours on each side in sorted order (pairs
+    further apart count as hard 0/1 comparisons). Cost per row is
+    O(C (log C + window)) time and O(C) memory instead of the O(C^2) of an
+    all-pairs soft rank, so large vocabularies (C = 32000) fit easily. The
+    sort itself dominates the cost; see `docs/losses/correlation.md` for
+    measured timings.
+
+    Args:
+        temperature: `tau`; the student logits are divided by it before soft
+            ranking, so `regularization_strength` is in units of `z / tau`.
+            Defaults to 1.
+        regularization_strength: `eps > 0`, the sigmoid width of the soft
+            ranks. Smaller is closer to exact ranks but gives more local
+            gradients. Defaults to 0.1.
+        window: neighbours on each side compared softly. Defaults to 16.
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> loss = keras_kd.losses.SpearmanCorrelation(
+    ...     regularization_strength=0.01)
+    >>> teacher_logits = np.array([[2.0, 0.5, -1.0, 0.1]])
+    >>> float(loss(teacher_logits, 3.0 * teacher_logits + 1.0))  # same order
+    0.0
+    >>> float(loss(teacher_logits, -teacher_logits))  # reversed order
+    2.0
+    """
+
+    def __init__(
+        self,
+        temperature=1.0,
+        regularization_strength=DEFAULT_STRENGTH,
+        window=DEFAULT_WINDOW,
+        name="spearman_correlation",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = _check_positive("temperature", temperature)
+        self.regularization_strength = _check_positive(
+            "regularization_strength", regularization_strength
+        )
+        self.window = _check_window(window)
+
+    def call(self, teacher_output, student_output):
+        return spearman_loss(
+            teacher_output,
+            student_output,
+            self.temperature,
+            regularization_strength=self.regularization_strength,
+            window=self.window,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            temperature=self.temperature,
+            regularization_strength=self.regularization_strength,
+            window=self.window,
+        )
+        return config
+
+
+def _check_window(window):
+    if int(window) != window or window < 1:
+        raise ValueError(f"`window` must be an integer >= 1, got {window}.")
+    return int(window)
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class DIST(_BatchCoupledLoss):
+    """DIST: inter- and intra-class Pearson correlation (Huang et al. 2022).
+
+    `tau^2 * (beta * inter + gamma * intra)` with
+    `inter = 1 - mean_i rho(p_s[i, :], p_t[i, :])` (per sample, across
+    classes) and `intra = 1 - mean_c rho(p_s[:, c], p_t[:, c])` (per class,
+    across the batch), `p = softmax(z / tau)`.
+
+    The intra-class term is a property of the whole batch. To keep Keras
+    semantics, the loss is returned per sample as
+    `tau^2 * (beta * inter_i + gamma * intra)` and then reduced by Keras, so
+    with all weights 1 and the default reduction the result is exactly the
+    formula above. Sample weights: `__call__` computes the intra-class
+    correlations as *weighted* correlations with the sample weights, and
+    the Keras reduction weights each per-sample value. A sample of weight 0
+    therefore contributes nothing: the loss equals the loss of the batch
+    without it, times `(batch - 1) / batch` for `"sum_over_batch_size"`
+    (Keras divides by the full batch size). Keras masks on the inputs are
+    applied by the reduction only, not to the intra-class correlations.
+
+    Args:
+        temperature: `tau`. Defaults to 4 (the published CIFAR setting).
+        beta: weight of the inter-class term. Defaults to 1.
+        gamma: weight of the intra-class term. Defaults to 1.
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> loss = keras_kd.losses.DIST(temperature=4.0)
+    >>> teacher_logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    >>> float(loss(teacher_logits, teacher_logits))
+    0.0
+    >>> student_logits = np.array([[1.0, 1.5, -0.5], [0.5, 0.2, 2.0]])
+    >>> # Weight 0 removes the second sample, from the intra-class term too:
+    >>> weighted = loss(teacher_logits, student_logits, sample_weight=[1, 0])
+    """
+
+    def __init__(
+        self,
+        temperature=4.0,
+        beta=1.0,
+        gamma=1.0,
+        name="dist",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = _check_positive("temperature", temperature)
+        self.beta = _check_non_negative("beta", beta)
+        self.gamma = _check_non_negative("gamma", gamma)
+
+    def call(self, teacher_output, student_output):
+        return dist_loss(
+            teacher_output,
+            student_output,
+            temperature=self.temperature,
+            beta=self.beta,
+            gamma=self.gamma,
+            sample_weight=self._batch_weights,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            temperature=self.temperature, beta=self.beta, gamma=self.gamma
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class CMKD(_BatchCoupledLoss):
+    """Correlation matching KD: entropy-weighted Pearson + Spearman losses.
+
+    CMKD (Niu et al., 2024, arXiv:2410.06561) combines a Pearson-based and a
+    Spearman-based loss whose weights change per sample with the difficulty
+    of the sample, measured by the entropy of the teacher's output. The
+    paper's full text was not available, so this class implements the
+    library's own reading of the abstract (`docs/losses/correlation.md`):
+
+        w_i   = H(p_t,i) / log C                 (in [0, 1], no gradient)
+        L_P,i = 1 - rho(p_s,i, p_t,i)  [+ intra_weight * DIST intra term]
+        L_S,i = 1 - rho(soft_rank(z_s,i / tau), rank(z_t,i))
+        L_i   = tau^2 * [(1 - w_i) * L_P,i + w_i * L_S,i]
+
+    with `p = softmax(z / tau)`. By default hard (high-entropy) samples lean
+    to the Spearman term and easy (confident) samples to the Pearson term;
+    `hard_samples="pearson"` swaps `w_i` and `1 - w_i`. The teacher's ranks
+    are exact (it needs no gradient); the student's are
+    `keras_kd.ops.rank.soft_rank` (sort once, sigmoid comparisons with
+    `window` sorted neighbours on each side, O(C (log C + window))).
+    `standardize=True` adds the z-score normalisation step the paper
+    mentions: both logits become `(z - mean) / (std * sqrt(C / (C - 1)) +
+    1e-7)` per sample before everything else (weights included); a base
+    temperature around 2 is then usual.
+
+    As for `SpearmanCorrelation`, the loss of a student identical to its
+    teacher is exactly 0 only when the logits are several
+    `regularization_strength * tau` apart (the soft ranks are then exact);
+    otherwise it is slightly positive.
+
+    Sample weights: as in `DIST`, a sample of weight 0 contributes nothing,
+    including to the optional intra-class term (weighted correlations).
+
+    Args:
+        temperature: `tau`. Defaults to 4.
+        regularization_strength: `eps > 0` of the student's soft ranks, in
+            units of `z / tau`. Defaults to 0.1.
+        window: neighbours on each side compared softly. Defaults to 16.
+        hard_samples: `"spearman"` (default) or `"pearson"`: which term
+            high-entropy samples lean to.
+        standardize: z-score the logits first. Defaults to False.
+        intra_weight: weight of DIST's intra-class term added to `L_P,i`.
+            Defaults to 0 (left out).
+        name: name of the loss; also the default `Term` name.
+        reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
+        dtype: dtype of the loss computation.
+
+    Example:
+
+    >>> loss = keras_kd.losses.CMKD(temperature=4.0, hard_samples="spearman")
+    >>> teacher_logits = np.array([[8.0, 2.0, -4.0, 14.0],
+    ...                            [4.0, -6.0, 12.0, -14.0]])
+    >>> float(loss(teacher_logits, teacher_logits))  # well separated: 0
+    0.0
+    >>> term = keras_kd.Term(loss, weight=1.0)  # in a Distiller
+    """
+
+    def __init__(
+        self,
+        temperature=4.0,
+        regularization_strength=DEFAULT_STRENGTH,
+        window=DEFAULT_WINDOW,
+        hard_samples="spearman",
+        standardize=False,
+        intra_weight=0.0,
+        name="cmkd",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = _check_positive("temperature", temperature)
+        self.regularization_strength = _check_positive(
+            "regularization_strength", regularization_strength
+        )
+        self.window = _check_window(window)
+        if hard_samples not in HARD_SAMPLE_TERMS:
+            raise ValueError(
+                f"`hard_samples` must be one of {HARD_SAMPLE_TERMS}, got "
+                f"{hard_samples!r}."
+            )
+        self.hard_samples = hard_samples
+        self.standardize = bool(standardize)
+        self.intra_weight = _check_non_negative("intra_weight", intra_weight)
+
+    def call(self, teacher_output, student_output):
+        return cmkd_loss(
+            teacher_output,
+            student_output,
+            temperature=self.temperature,
+            regularization_strength=self.regularization_strength,
+            window=self.window,
+            hard_samples=self.hard_samples,
+            standardize=self.standardize,
+            intra_weight=self.intra_weight,
+            sample_weight=self._batch_weights,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            temperature=self.temperature,
+            regularization_strength=self.regularization_strength,
+            window=self.window,
+            hard_samples=self.hard_samples,
+            standardize=self.standardize,
+            intra_weight=self.intra_weight,
+        )
+        return config
+
+
+__all__ = [
+    "CMKD",
+    "DIST",
+    "PearsonCorrelation",
+    "SpearmanCorrelation",
+    "cmkd_loss",
+    "dist_loss",
+    "entropy_weights",
+    "intra_class_loss",
+    "pearson_correlation",
+    "pearson_loss",
+    "spearman_loss",
+    "weighted_pearson_correlation",
+]

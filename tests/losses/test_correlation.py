@@ -1,0 +1,344 @@
+import keras
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import tensorflow as tf
+
+from keras_kd.losses.correlation import CMKD
+from keras_kd.losses.correlation import DIST
+from keras_kd.losses.correlation import PearsonCorrelation
+from keras_kd.losses.correlation import SpearmanCorrelation
+from keras_kd.losses.correlation import pearson_loss
+from keras_kd.losses.correlation import spearman_loss
+
+B, C = 6, 12
+
+
+# ---------------------------------------------------------------- references
+
+
+def np_softmax(z, tau):
+    return scipy.special.softmax(z.astype("float64") / tau, axis=-1)
+
+
+def np_pearson_rows(a, b):
+    return np.array([scipy.stats.pearsonr(x, y)[0] for x, y in zip(a, b)])
+
+
+def np_spearman_rows(t, s):
+    return np.array([scipy.stats.spearmanr(x, y)[0] for x, y in zip(t, s)])
+
+
+def np_weighted_corr_columns(a, b, w):
+    w = w[:, None]
+    a = a - (w * a).sum(0) / w.sum()
+    b = b - (w * b).sum(0) / w.sum()
+    return (w * a * b).sum(0) / np.sqrt(
+        (w * a * a).sum(0) * (w * b * b).sum(0))
+
+
+def np_dist(t, s, tau, beta=1.0, gamma=1.0, w=None):
+    """DIST transcribed from its formula (methods.md), per-sample form."""
+    pt, ps = np_softmax(t, tau), np_softmax(s, tau)
+    inter = 1.0 - np_pearson_rows(ps, pt)
+    if w is None:
+        intra = 1.0 - np.mean([scipy.stats.pearsonr(ps[:, c], pt[:, c])[0]
+                               for c in range(t.shape[1])])
+    else:
+        intra = 1.0 - np_weighted_corr_columns(ps, pt, w).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def np_entropy_weights(t, tau):
+    p = np_softmax(t, tau)
+    return -(p * np.log(np.maximum(p, 1e-300))).sum(-1) / np.log(t.shape[1])
+
+
+def np_zscore(z):
+    return (z - z.mean(-1, keepdims=True)) / (
+        z.std(-1, ddof=1, keepdims=True) + 1e-7)
+
+
+def separated(rng, batch=B, classes=C, spacing=2.0):
+    """Logits that are distinct permutations of an evenly spaced grid."""
+    rows = [rng.permutation(classes) for _ in range(batch)]
+    return (spacing * np.stack(rows) - classes).astype("float32")
+
+
+@pytest.fixture
+def logits():
+    rng = np.random.default_rng(0)
+    return ((rng.normal(size=(B, C)) * 3).astype("float32"),
+            (rng.normal(size=(B, C)) * 3).astype("float32"))
+
+
+def per_sample(loss_cls, **kwargs):
+    return loss_cls(reduction=None, **kwargs)
+
+
+# -------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_pearson_matches_scipy_per_sample(logits, tau):
+    t, s = logits
+    values = per_sample(PearsonCorrelation, temperature=tau)(t, s)
+    assert values.shape == (B,)
+    expected = 1.0 - np_pearson_rows(np_softmax(s, tau), np_softmax(t, tau))
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        float(PearsonCorrelation(tau)(t, s)), expected.mean(), atol=1e-5)
+
+
+def test_spearman_matches_scipy_at_small_strength(logits):
+    t, s = logits
+    t = np.round(t)  # teacher ties: scipy averages them, so must we
+    loss = per_sample(SpearmanCorrelation, regularization_strength=1e-5)
+    expected = 1.0 - np_spearman_rows(t, s)
+    np.testing.assert_allclose(loss(t, s), expected, atol=1e-3)
+    # The temperature only rescales the soft ranks' inputs.
+    loss = per_sample(SpearmanCorrelation, temperature=4.0,
+                      regularization_strength=1e-6)
+    np.testing.assert_allclose(loss(t, s), expected, atol=1e-3)
+
+
+def test_spearman_soft_ranks_differ_at_large_strength(logits):
+    t, s = logits
+    exact = 1.0 - np_spearman_rows(t, s)
+    soft = per_sample(SpearmanCorrelation, regularization_strength=3.0)(t, s)
+    assert np.abs(np.asarray(soft) - exact).max() > 1e-2
+
+
+@pytest.mark.parametrize("tau,beta,gamma", [(4.0, 1.0, 1.0), (2.0, 0.5, 2.0),
+                                            (1.0, 1.0, 0.0)])
+def test_dist_matches_numpy_formula(logits, tau, beta, gamma):
+    t, s = logits
+    loss = DIST(temperature=tau, beta=beta, gamma=gamma)
+    np.testing.assert_allclose(float(loss(t, s)),
+                               np_dist(t, s, tau, beta, gamma).mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(
+        per_sample(DIST, temperature=tau, beta=beta, gamma=gamma)(t, s),
+        np_dist(t, s, tau, beta, gamma), rtol=1e-5)
+
+
+def test_dist_weighted_intra_matches_numpy(logits):
+    t, s = logits
+    w = np.array([1.0, 0.5, 2.0, 0.0, 1.0, 0.25], "float32")
+    expected = (np_dist(t, s, 4.0, w=w) * w).mean()
+    np.testing.assert_allclose(float(DIST()(t, s, sample_weight=w)),
+                               expected, rtol=1e-5)
+
+
+def test_cmkd_matches_numpy_reading(logits):
+    t, s = logits
+    tau = 4.0
+    w = np_entropy_weights(t, tau)
+    lp = 1.0 - np_pearson_rows(np_softmax(s, tau), np_softmax(t, tau))
+    ls = 1.0 - np_spearman_rows(t, s)
+    expected = tau**2 * ((1 - w) * lp + w * ls)
+    loss = per_sample(CMKD, temperature=tau, regularization_strength=1e-6)
+    np.testing.assert_allclose(loss(t, s), expected, atol=2e-3)
+    flipped = per_sample(CMKD, temperature=tau, regularization_strength=1e-6,
+                         hard_samples="pearson")
+    np.testing.assert_allclose(flipped(t, s),
+                               tau**2 * (w * lp + (1 - w) * ls), atol=2e-3)
+
+
+def test_cmkd_reduces_to_pearson_and_spearman_at_the_extremes(logits):
+    rng = np.random.default_rng(1)
+    _, s = logits
+    tau = 4.0
+    # One-hot-like teacher: entropy ~ 0, so w ~ 0 -> the Pearson loss.
+    confident = 200.0 * np.eye(C)[rng.integers(0, C, B)] + rng.normal(
+        size=(B, C))
+    confident = confident.astype("float32")
+    lp = 1.0 - np_pearson_rows(np_softmax(s, tau), np_softmax(confident, tau))
+    cmkd = per_sample(CMKD, temperature=tau)
+    np.testing.assert_allclose(cmkd(confident, s), tau**2 * lp, rtol=1e-4)
+    np.testing.assert_allclose(cmkd(confident, s),
+                               tau**2 * pearson_loss(confident, s, tau),
+                               rtol=1e-5)
+    # Near-uniform teacher: entropy ~ log C, so w ~ 1 -> the Spearman loss.
+    unsure = (1e-3 * rng.normal(size=(B, C))).astype("float32")
+    ls = 1.0 - np_spearman_rows(unsure, s)
+    cmkd = per_sample(CMKD, temperature=tau, regularization_strength=1e-6)
+    np.testing.assert_allclose(cmkd(unsure, s), tau**2 * ls, atol=1e-3)
+    np.testing.assert_allclose(
+        cmkd(unsure, s),
+        tau**2 * spearman_loss(unsure, s, tau, regularization_strength=1e-6),
+        atol=1e-4)
+    # `hard_samples="pearson"` sends the uncertain samples to Pearson.
+    flipped = per_sample(CMKD, temperature=tau, hard_samples="pearson")
+    lp = 1.0 - np_pearson_rows(np_softmax(s, tau), np_softmax(unsure, tau))
+    np.testing.assert_allclose(flipped(unsure, s), tau**2 * lp, rtol=1e-3)
+
+
+def test_cmkd_standardize_and_intra_term(logits):
+    t, s = logits
+    tau = 2.0
+    standardized = CMKD(temperature=tau, standardize=True)
+    np.testing.assert_allclose(
+        float(standardized(t, s)),
+        float(CMKD(temperature=tau)(np_zscore(t), np_zscore(s))),
+        rtol=1e-4)
+    # z-scoring makes the loss blind to a per-row scale and shift.
+    np.testing.assert_allclose(float(standardized(t, 3.0 * s + 1.0)),
+                               float(standardized(t, s)), rtol=1e-4)
+    # The optional intra-class term adds tau^2 (1 - w_i) * gamma * intra.
+    w = np_entropy_weights(t, 4.0)
+    pt, ps = np_softmax(t, 4.0), np_softmax(s, 4.0)
+    intra = 1.0 - np.mean([scipy.stats.pearsonr(ps[:, c], pt[:, c])[0]
+                           for c in range(C)])
+    with_intra = float(CMKD(intra_weight=0.5)(t, s))
+    np.testing.assert_allclose(
+        with_intra - float(CMKD()(t, s)),
+        16.0 * np.mean((1 - w) * 0.5 * intra), rtol=1e-4)
+
+
+def test_every_loss_is_zero_for_identical_inputs():
+    rng = np.random.default_rng(2)
+    # Logits 2 apart: soft ranks at the default strength are exact.
+    z = separated(rng)
+    for loss in (PearsonCorrelation(), PearsonCorrelation(4.0),
+                 SpearmanCorrelation(), SpearmanCorrelation(4.0), DIST(),
+                 DIST(beta=2.0, gamma=0.5), CMKD(), CMKD(intra_weight=1.0),
+                 CMKD(hard_samples="pearson"),
+                 CMKD(temperature=2.0, standardize=True,
+                      regularization_strength=0.01)):
+        assert abs(float(loss(z, z))) < 1e-5, loss.name
+    # Pearson and DIST need no separation at all.
+    z = rng.normal(size=(B, C)).astype("float32")
+    assert abs(float(DIST()(z, z))) < 1e-5
+    assert abs(float(PearsonCorrelation()(z, z))) < 1e-6
+
+
+# ------------------------------------------------------------ sample weights
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PearsonCorrelation(2.0),
+    lambda: SpearmanCorrelation(),
+    lambda: DIST(),
+    lambda: CMKD(),
+    lambda: CMKD(intra_weight=1.0, standardize=True),
+])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+def test_sample_weight_zero_removes_the_sample(logits, make, reduction):
+    t, s = logits
+    loss = make()
+    loss = loss.__class__.from_config({**loss.get_config(),
+                                       "reduction": reduction})
+    keep = np.array([0, 1, 3, 4, 5])
+    w = np.ones(B, "float32")
+    w[2] = 0.0
+    weighted = float(loss(t, s, sample_weight=w))
+    alone = float(loss(t[keep], s[keep]))
+    scale = len(keep) / B if reduction == "sum_over_batch_size" else 1.0
+    np.testing.assert_allclose(weighted, alone * scale, rtol=1e-5)
+    # Column-shaped weights are accepted too.
+    np.testing.assert_allclose(
+        float(loss(t, s, sample_weight=w[:, None])), weighted, rtol=1e-6)
+    # Without weights the dropped sample does matter for batch terms.
+    if isinstance(loss, DIST):
+        assert abs(float(loss(t, s)) - alone) > 1e-4
+
+
+def test_dist_batch_weights_are_cleared_after_the_call(logits):
+    t, s = logits
+    loss = DIST()
+    loss(t, s, sample_weight=np.ones(B))
+    assert loss._batch_weights is None
+    np.testing.assert_allclose(np.asarray(loss.call(t, s)),
+                               np_dist(t, s, 4.0), rtol=1e-5)
+
+
+# --------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("loss", [
+    PearsonCorrelation(4.0), SpearmanCorrelation(), DIST(),
+    CMKD(intra_weight=1.0), CMKD(standardize=True),
+])
+def test_gradients_finite_and_teacher_not_differentiated(logits, loss):
+    t, s = logits
+    t = tf.constant(t * 30)
+    # Large logits and a constant row (zero variance) must stay finite.
+    s = tf.Variable(np.concatenate([s[:-1] * 30, np.zeros((1, C))]).astype(
+        "float32"))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(t)
+        value = loss(t, s)
+    grad = tape.gradient(value, s).numpy()
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
+    assert tape.gradient(value, t) is None
+
+
+def test_spearman_gradient_nonzero_for_every_student_logit(logits):
+    t, s = logits
+    s = tf.constant(s)
+    with tf.GradientTape() as tape:
+        tape.watch(s)
+        value = SpearmanCorrelation(regularization_strength=0.5)(t, s)
+    grad = tape.gradient(value, s).numpy()
+    assert np.all(np.isfinite(grad)) and np.all(np.abs(grad) > 0)
+
+
+def test_losses_compile_with_xla(logits):
+    t, s = logits
+    loss = CMKD(intra_weight=1.0, window=2)  # a short window compiles fast
+    w = np.array([1, 1, 0, 1, 2, 1], "float32")
+    fn = tf.function(lambda a, b, c: loss(a, b, sample_weight=c),
+                     jit_compile=True)
+    np.testing.assert_allclose(float(fn(t, s, w)),
+                               float(loss(t, s, sample_weight=w)), rtol=1e-5)
+
+
+# ------------------------------------------------------------ Keras contract
+
+
+@pytest.mark.parametrize("loss", [
+    PearsonCorrelation(temperature=2.5, name="pc"),
+    SpearmanCorrelation(temperature=2.0, regularization_strength=0.05,
+                        window=8, reduction="sum"),
+    DIST(temperature=3.0, beta=0.5, gamma=2.0, dtype="float64"),
+    CMKD(temperature=2.0, regularization_strength=0.2, window=4,
+         hard_samples="pearson", standardize=True, intra_weight=0.5,
+         name="cm", reduction="mean"),
+])
+def test_config_round_trip(logits, loss):
+    t, s = logits
+    config = loss.get_config()
+    for clone in (loss.__class__.from_config(config),
+                  keras.saving.deserialize_keras_object(
+                      keras.saving.serialize_keras_object(loss))):
+        assert type(clone) is type(loss)
+        assert clone.get_config() == config
+        assert clone.dtype == loss.dtype
+        np.testing.assert_allclose(np.asarray(clone(t, s)),
+                                   np.asarray(loss(t, s)), rtol=1e-6)
+
+
+def test_reduction_and_dtype(logits):
+    t, s = logits
+    per = per_sample(DIST)(t, s)
+    assert per.shape == (B,)
+    np.testing.assert_allclose(float(DIST(reduction="sum")(t, s)),
+                               float(np.sum(per)), rtol=1e-5)
+    assert DIST(dtype="float64")(t, s).dtype == "float64"
+    assert CMKD(dtype="float64")(t, s).dtype == "float64"
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        PearsonCorrelation(temperature=0.0)
+    with pytest.raises(ValueError, match="regularization_strength"):
+        SpearmanCorrelation(regularization_strength=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        SpearmanCorrelation(window=0)
+    with pytest.raises(ValueError, match="gamma"):
+        DIST(gamma=-1.0)
+    with pytest.raises(ValueError, match="hard_samples"):
+        CMKD(hard_samples="easy")

@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import tensorflow as tf
+
+from keras_kd.ops.rank import exact_rank
+from keras_kd.ops.rank import pairwise_soft_rank
+from keras_kd.ops.rank import soft_rank
+
+
+def np_pairwise_soft_rank(x, eps):
+    """All-pairs soft rank along the last axis, written out in NumPy."""
+    d = (x[..., :, None] - x[..., None, :]) / eps
+    return 0.5 + scipy.special.expit(d).sum(-1)
+
+
+@pytest.fixture
+def tied():
+    # Small integers: many ties, including runs longer than the window.
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 4, size=(3, 4, 40)).astype("float32")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_exact_rank_matches_rankdata_with_ties(tied, axis):
+    np.testing.assert_array_equal(
+        np.asarray(exact_rank(tied, axis=axis)),
+        scipy.stats.rankdata(tied, axis=axis),
+    )
+
+
+def test_exact_rank_vector_distinct_and_all_equal():
+    x = np.random.default_rng(2).normal(size=50).astype("float32")
+    np.testing.assert_array_equal(exact_rank(x), scipy.stats.rankdata(x))
+    np.testing.assert_array_equal(exact_rank(np.full((2, 9), 3.0)),
+                                  np.full((2, 9), 5.0))
+    np.testing.assert_array_equal(exact_rank(np.array([[7.0]])), [[1.0]])
+
+
+@pytest.mark.parametrize("axis", [0, 2, -1])
+def test_soft_rank_reaches_rankdata_with_ties(tied, axis):
+    # Gaps are >= 1 and ties are exact, so eps = 1e-3 is exact up to fp.
+    ranks = soft_rank(tied, regularization_strength=1e-3, axis=axis,
+                      window=4)
+    np.testing.assert_allclose(ranks, scipy.stats.rankdata(tied, axis=axis),
+                               atol=1e-4)
+
+
+def test_soft_rank_converges_as_strength_shrinks():
+    # Distinct values 0.1 apart, shuffled.
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.permutation(64) for _ in range(4)]).astype("float32")
+    x = 0.1 * x
+    exact = scipy.stats.rankdata(x, axis=-1)
+    errors = [
+        np.abs(np.asarray(soft_rank(x, eps)) - exact).max()
+        for eps in (1.0, 0.1, 0.01, 1e-3)
+    ]
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[0] > 1.0
+    assert errors[3] < 1e-3
+
+
+def test_full_window_is_the_all_pairs_soft_rank():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 30)).astype("float32")
+    x[0, :5] = 0.25  # ties too
+    expected = np_pairwise_soft_rank(x.astype("float64"), 0.3)
+    np.testing.assert_allclose(soft_rank(x, 0.3, window=29), expected,
+                               atol=1e-4)
+    np.testing.assert_allclose(pairwise_soft_rank(x, 0.3), expected,
+                               atol=1e-4)
+    # A short window only drops the brackets of pairs more than `window`
+    # places apart in sorted order; with distinct values 0.1 apart and
+    # eps = 0.02 each dropped bracket is below sigmoid(-4 * 0.1 / 0.02).
+    x = 0.1 * np.stack([rng.permutation(30) for _ in range(3)])
+    x = x.astype("float32")
+    short = np.asarray(soft_rank(x, 0.02, window=3))
+    np.testing.assert_allclose(short, np_pairwise_soft_rank(x, 0.02),
+                               atol=1e-6 * 30)
+    # The ranks of a row always sum to n (n + 1) / 2.
+    np.testing.assert_allclose(short.sum(-1), 30 * 31 / 2, rtol=1e-6)
+
+
+def test_soft_rank_gradient_finite_and_nonzero():
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(2, 20)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        ranks = soft_rank(x, regularization_strength=0.5)
+    jacobian = tape.batch_jacobian(ranks, x).numpy()
+    assert np.all(np.isfinite(jacobian))
+    # Each soft rank increases with its own input and decreases with the
+    # others': the diagonal is positive and rows sum to 0 (shift invariance).
+    assert np.all(np.diagonal(jacobian, axis1=1, axis2=2) > 1e-3)
+    np.testing.assert_allclose(jacobian.sum(-1), 0.0, atol=1e-5)
+    # The exact ranks carry no gradient.
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = tf.reduce_sum(exact_rank(x) * x)
+    np.testing.assert_allclose(tape.gradient(value, x),
+                               exact_rank(x), atol=0)
+
+
+def test_soft_rank_gradient_matches_finite_differences():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(1, 12)).astype("float64")
+    w = rng.normal(size=(1, 12))
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        value = tf.reduce_sum(soft_rank(xt, 0.4, window=3) * w)
+    grad = tape.gradient(value, xt).numpy()
+    h = 1e-6
+    numeric = np.zeros_like(x)
+    for j in range(12):
+        step = np.zeros_like(x)
+        step[0, j] = h
+        up = np.sum(np.asarray(soft_rank(x + step, 0.4, window=3)) * w)
+        down = np.sum(np.asarray(soft_rank(x - step, 0.4, window=3)) * w)
+        numeric[0, j] = (up - down) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_rank_compiles_with_xla_and_dynamic_batch():
+    x = np.random.default_rng(7).normal(size=(5, 33)).astype("float32")
+    fn = tf.function(
+        lambda a: soft_rank(a, 0.1, window=2),
+        input_signature=[tf.TensorSpec([None, 33])],
+        jit_compile=True,
+    )
+    np.testing.assert_allclose(fn(x), soft_rank(x, 0.1, window=2),
+                               atol=1e-4)
+
+
+def test_soft_rank_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="regularization_strength"):
+        soft_rank(np.ones((2, 3)), 0.0)
+    with pytest.raises(ValueError, match="window"):
+        soft_rank(np.ones((2, 3)), 0.1, window=0)
