@@ -358,7 +358,9 @@ class Distiller(keras.Model):
     def compile_from_config(self, config):
         # Keras skips a custom `compile()` when loading; call it here.
         self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.optimizer is not None and not self.optimizer.built:
+        if self.optimizer is not None and self.built and (
+            not self.optimizer.built
+        ):
             self.optimizer.build(self.trainable_variables)
 
     def test_step(self, data):

@@ -135,6 +135,13 @@ def test_jacobian_map_matches_closed_form(data):
         got = keras.ops.convert_to_numpy(maps[1])[..., 0]
         np.testing.assert_allclose(got, np.broadcast_to(
             expected[:, None, None], got.shape), rtol=1e-4)
+    # A frozen teacher (no trainable variable to watch) gives the same maps.
+    teacher.trainable = False
+    frozen, _ = d.layerwise_state.signal_maps(x)
+    for a, b in zip(frozen, teacher_maps):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a),
+                                   keras.ops.convert_to_numpy(b), rtol=1e-6)
+    assert np.abs(keras.ops.convert_to_numpy(teacher_maps[0])).max() > 0
 
 
 # Behaviour inside fit.
