@@ -265,8 +265,8 @@ def hessian_vector_products(tap, x, classes, probes, role="student"):
         x: a batch of inputs.
         classes: integer class per sample.
         probes: a list with one list per probe, each holding one tensor per
-            tapped layer, shaped like that layer's output. `None` draws the
-            probes inside (see `hutchinson_diagonals`).
+            tapped layer, shaped like that layer's output (see
+            `rademacher_probes`).
         role: `"teacher"` or `"student"`, for error messages.
 
     Returns:
@@ -533,6 +533,12 @@ class LayerwiseState(keras.layers.Layer):
     after `compile`, one optimizer per pair.
 
     Created by `LayerwiseLearningRate.bind`; not meant to be built by hand.
+
+    Args:
+        config: the `LayerwiseLearningRate` it implements.
+        teacher: the teacher `keras.Model`.
+        student: the student `keras.Model`.
+        name: name of the layer.
 
     Attributes:
         config: the `LayerwiseLearningRate` (a private copy).
