@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_kd import layerwise as kd_layerwise
 from keras_kd import losses as kd_losses
 from keras_kd.taps import Tap
 from keras_kd.term import Term
@@ -80,6 +81,10 @@ class Distiller(keras.Model):
         terms: list of `keras_kd.Term`. Defaults to one Hinton KD term on the
             final outputs (`Term(keras_kd.losses.KD())`).
         student_loss_weight: weight of the compiled student loss.
+        layerwise_lr: optional `keras_kd.LayerwiseLearningRate`: paired
+            student layers then train with their own optimizers at learning
+            rates that follow the student-teacher divergence, logged as
+            `lr_scale/<student layer>`. Its state is `layerwise_state`.
         name: name of the distiller.
 
     Example:
@@ -107,7 +112,7 @@ class Distiller(keras.Model):
 
     def __init__(
         self, teacher, student, terms=None, student_loss_weight=1.0,
-        name="distiller", **kwargs,
+        layerwise_lr=None, name="distiller", **kwargs,
     ):
         super().__init__(name=name, **kwargs)
         for role, model in (("teacher", teacher), ("student", student)):
@@ -139,6 +144,10 @@ class Distiller(keras.Model):
         self._taps = _Untracked(teacher=teacher_tap, student=student_tap)
         self._check_logit_shapes()
         self.adapters = self._build_adapters(feature_terms)
+        self.layerwise_lr = layerwise_lr
+        self.layerwise_state = kd_layerwise.attach(
+            layerwise_lr, teacher, student
+        )
 
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.term_loss_trackers = [
@@ -311,6 +320,8 @@ class Distiller(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
+        if self.layerwise_state is not None:
+            self.layerwise_state.update_scales(x, self.optimizer.iterations)
         with tf.GradientTape() as tape:
             total, y_pred, student_loss, term_losses = self._student_losses(
                 x, y, sample_weight, teacher, training=True
@@ -319,13 +330,38 @@ class Distiller(keras.Model):
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self._apply_gradients(gradients, variables)
-        return self._update_trackers(
+        logs = self._update_trackers(
             x, y, y_pred, sample_weight, total, student_loss, term_losses
         )
+        if self.layerwise_state is not None:
+            logs = {**logs, **self.layerwise_state.logs()}
+        return logs
 
     def _apply_gradients(self, gradients, variables):
-        """Applies the gradients of the trained variables (one optimizer)."""
+        """Applies the gradients of the trained variables (one optimizer,
+        or one per paired layer with `layerwise_lr`)."""
+        if self.layerwise_state is not None:
+            return self.layerwise_state.apply_gradients(
+                self.optimizer, gradients, variables
+            )
         self.optimizer.apply_gradients(zip(gradients, variables))
+
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`; with `layerwise_lr` it also builds one
+        optimizer per paired layer from the compiled optimizer's config."""
+        super().compile(*args, **kwargs)
+        if self.layerwise_state is not None:
+            self.layerwise_state.build_optimizers(
+                self.optimizer, self.trainable_variables
+            )
+
+    def compile_from_config(self, config):
+        # Keras skips a custom `compile()` when loading; call it here.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.optimizer is not None and self.built and (
+            not self.optimizer.built
+        ):
+            self.optimizer.build(self.trainable_variables)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -369,6 +405,9 @@ class Distiller(keras.Model):
                 keras.saving.serialize_keras_object(t) for t in self._terms
             ],
             "student_loss_weight": self.student_loss_weight,
+            "layerwise_lr": keras.saving.serialize_keras_object(
+                self.layerwise_lr
+            ),
         }
 
     @classmethod
@@ -384,4 +423,7 @@ class Distiller(keras.Model):
             )
             for t in config["terms"]
         ]
+        config["layerwise_lr"] = keras.saving.deserialize_keras_object(
+            config.get("layerwise_lr"), custom_objects=custom_objects
+        )
         return cls(**config)
