@@ -81,6 +81,9 @@ class Distiller(keras.Model):
             final outputs (`Term(keras_kd.losses.KD())`).
         student_loss_weight: weight of the compiled student loss.
         name: name of the distiller.
+        local_modules: optional `keras_kd.LocalModules`: train the student
+            as a chain of local modules, each by its own loss under its own
+            gradient tape (LAKD). `None` trains it end to end.
 
     Example:
 
@@ -107,7 +110,7 @@ class Distiller(keras.Model):
 
     def __init__(
         self, teacher, student, terms=None, student_loss_weight=1.0,
-        name="distiller", **kwargs,
+        name="distiller", local_modules=None, **kwargs,
     ):
         super().__init__(name=name, **kwargs)
         for role, model in (("teacher", teacher), ("student", student)):
@@ -139,6 +142,18 @@ class Distiller(keras.Model):
         self._taps = _Untracked(teacher=teacher_tap, student=student_tap)
         self._check_logit_shapes()
         self.adapters = self._build_adapters(feature_terms)
+        self.local_modules = local_modules
+        self._local = None
+        if local_modules is not None:
+            from keras_kd.local import LocalModules  # local imports this file
+
+            if not isinstance(local_modules, LocalModules):
+                raise TypeError(
+                    "`local_modules` must be a `keras_kd.LocalModules`, got "
+                    f"{local_modules!r}."
+                )
+            self._local = local_modules.bind(self)
+            self.local_loss_trackers = self._local.trackers
 
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.term_loss_trackers = [
@@ -309,6 +324,8 @@ class Distiller(keras.Model):
         return {m.name: m.result() for m in trackers}
 
     def train_step(self, data):
+        if self._local is not None:
+            return self._local.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
         with tf.GradientTape() as tape:
@@ -328,6 +345,8 @@ class Distiller(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, variables))
 
     def test_step(self, data):
+        if self._local is not None:
+            return self._local.test_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
         total, y_pred, student_loss, term_losses = self._student_losses(
@@ -369,6 +388,9 @@ class Distiller(keras.Model):
                 keras.saving.serialize_keras_object(t) for t in self._terms
             ],
             "student_loss_weight": self.student_loss_weight,
+            "local_modules": keras.saving.serialize_keras_object(
+                self.local_modules
+            ),
         }
 
     @classmethod
@@ -384,4 +406,8 @@ class Distiller(keras.Model):
             )
             for t in config["terms"]
         ]
+        if config.get("local_modules") is not None:
+            config["local_modules"] = keras.saving.deserialize_keras_object(
+                config["local_modules"], custom_objects=custom_objects
+            )
         return cls(**config)
