@@ -529,7 +529,10 @@ class _ModuleRunner:
             if k + 1 < len(self.models):
                 h = self.handoff(out, module_grads)
         if training:
-            d._apply_gradients(gradients, variables)
+            # In the distiller's variable order, as the optimizer was built.
+            by_id = {id(v): g for v, g in zip(variables, gradients)}
+            variables = d.trainable_variables
+            d._apply_gradients([by_id[id(v)] for v in variables], variables)
         batch = ops.shape(keras.tree.flatten(x)[0])[0]
         for tracker, value in zip(self.trackers, locals_):
             tracker.update_state(_unscale_for_replicas(value),
