@@ -224,6 +224,104 @@ def _walk_back(outputs, stops, earlier):
     return layers, None
 
 
+def _cut_tensor(model, name, role, argument):
+    """The output of the layer `name`, where `model` is cut."""
+    layer = find_layer(model, name, role)
+    if len(layer._inbound_nodes) != 1:
+        raise ValueError(
+            f"Layer '{name}' in `{argument}` is called "
+            f"{len(layer._inbound_nodes)} times in the {role} "
+            f"'{model.name}'; split at a layer that is called once."
+        )
+    output = layer.output
+    if len(keras.tree.flatten(output)) != 1:
+        raise ValueError(
+            f"Layer '{name}' in `{argument}` of the {role} '{model.name}' "
+            "has several outputs; split at a layer with a single output."
+        )
+    return output
+
+
+def _split_chain(model, names, role, argument):
+    """Cuts a Functional model at the outputs of the named layers.
+
+    Returns:
+        `(starts, ends, parts)`: for each of the `len(names) + 1` parts,
+        its input(s), its output(s) and its layers.
+
+    Raises:
+        ValueError: when the cut is not a chain of parts in that order.
+    """
+    inputs, outputs = _graph_endpoints(model, role)
+    cuts = [_cut_tensor(model, name, role, argument) for name in names]
+    starts, ends = [inputs] + cuts, cuts + [outputs]
+    parts, earlier = [], set()
+    for k in range(len(names) + 1):
+        if 0 < k < len(names):
+            if id(model.get_layer(names[k])) in earlier:
+                raise ValueError(
+                    f"`{argument}` must list layers from input to output: "
+                    f"'{names[k]}' comes before '{names[k - 1]}' in the "
+                    f"{role} '{model.name}'."
+                )
+        layers, leak = _walk_back(ends[k], keras.tree.flatten(starts[k]),
+                                  earlier)
+        if leak is not None:
+            consumer, producer = leak
+            where = (f"after '{names[k - 1]}'" if k > 0
+                     else f"before '{names[0]}'")
+            reader = consumer.name if consumer is not None else "the output"
+            raise ValueError(
+                f"`{argument}`={list(names)} does not cut the {role} "
+                f"'{model.name}' into a chain of modules: layer '{reader}' "
+                f"(in module {k + 1}, {where}) reads the output of "
+                f"'{producer.name}', which lies in an earlier module or is "
+                "a model input. A connection (e.g. a residual or a "
+                "parallel branch) jumps over the split point; split at a "
+                "layer that every path from the input passes through, such "
+                "as the layer after the merge."
+            )
+        if not layers:
+            raise ValueError(
+                f"Module {k + 1} of the {role} '{model.name}' would hold no "
+                f"layer: '{names[k - 1]}' in `{argument}` gives the "
+                f"{role}'s output or repeats a split. Split at an earlier "
+                "layer."
+            )
+        parts.append(layers)
+        earlier.update(id(layer) for layer in layers)
+    return starts, ends, parts
+
+
+class _Part:
+    """A sub-model from `start` to `(end, features)` over a model's own
+    layers. Keras cannot list one tensor twice among the outputs of a
+    model cut at an inner tensor, so repeated tensors are output once."""
+
+    def __init__(self, start, end, features, name):
+        single_end = not isinstance(end, (list, tuple, dict))
+        extras, self.index = [], []
+        for feature in features:
+            if single_end and feature is end:
+                self.index.append(0)
+                continue
+            if not any(feature is e for e in extras):
+                extras.append(feature)
+            self.index.append(
+                1 + next(i for i, e in enumerate(extras) if e is feature)
+            )
+        self.model = keras.Model(start, (end, extras), name=name)
+
+    def __call__(self, x, training):
+        end, extras = self.model(x, training=training)
+        outputs = [end] + list(extras)
+        return end, [outputs[i] for i in self.index]
+
+
+def _owner(parts):
+    return {id(layer): k for k, layers in enumerate(parts) for layer in layers}
+
+
 class _ModuleRunner:
     """The student cut into module sub-models, their adapters and the
     per-module training and test steps of one `Distiller`."""
@@ -233,43 +331,14 @@ class _ModuleRunner:
         self.distiller = distiller
         student, teacher = distiller.student, distiller.teacher
         n_splits = len(spec.split_at)
-        inputs, outputs = _graph_endpoints(student, "student")
-        cuts = [self._cut_tensor(student, name) for name in spec.split_at]
+        self.n_splits = n_splits
+        starts, ends, module_layers = _split_chain(
+            student, spec.split_at, "student", "split_at"
+        )
 
-        # Layers of each module, checking that the split is a chain.
-        starts = [inputs] + cuts
-        ends = cuts + [outputs]
-        module_layers, earlier = [], set()
-        for k in range(n_splits + 1):
-            if 0 < k < n_splits:
-                end_layer = student.get_layer(spec.split_at[k])
-                if id(end_layer) in earlier:
-                    raise ValueError(
-                        "`split_at` must list layers from input to output: "
-                        f"'{spec.split_at[k]}' comes before "
-                        f"'{spec.split_at[k - 1]}' in the student "
-                        f"'{student.name}'."
-                    )
-            layers, leak = _walk_back(ends[k], keras.tree.flatten(starts[k]),
-                                      earlier)
-            if leak is not None:
-                self._raise_not_a_chain(student, k, leak)
-            if not layers:
-                raise ValueError(
-                    f"Module {k + 1} of the student '{student.name}' would "
-                    "hold no layer: split layer "
-                    f"'{spec.split_at[k - 1]}' gives the student's output. "
-                    "Split at an earlier layer."
-                )
-            module_layers.append(layers)
-            earlier.update(id(layer) for layer in layers)
-
-        # Which module each feature term of the distiller belongs to.
+        # Which module each term of the distiller belongs to.
         terms = distiller._terms
-        owner = {}
-        for k, layers in enumerate(module_layers):
-            for layer in layers:
-                owner[id(layer)] = k
+        owner = _owner(module_layers)
         self.feature_terms = [[] for _ in range(n_splits + 1)]
         self.logit_terms = []
         teacher_names = list(spec.teacher_layers)
@@ -289,24 +358,27 @@ class _ModuleRunner:
             self.feature_terms[owner[id(layer)]].append(i)
             self.teacher_index[i] = len(teacher_names)
             teacher_names.append(term.teacher_layer)
+        # Validates the teacher layer names; runs the teacher in one piece
+        # when it cannot be cut into a chain at `teacher_layers`.
         self.teacher_tap = Tap(teacher, teacher_names, "teacher")
+        self._build_teacher_segments(teacher)
 
         # Module sub-models over the student's own layers (shared weights).
-        self.models = []
-        for k in range(n_splits + 1):
-            features = [
-                student.get_layer(terms[i].student_layer).output
-                for i in self.feature_terms[k]
-            ]
-            self.models.append(keras.Model(
-                starts[k], (ends[k], features),
+        self.parts = [
+            _Part(
+                starts[k], ends[k],
+                [student.get_layer(terms[i].student_layer).output
+                 for i in self.feature_terms[k]],
                 name=f"{student.name}_module{k + 1}",
-            ))
+            )
+            for k in range(n_splits + 1)
+        ]
+        self.models = [part.model for part in self.parts]
 
         # Adapters from each module's output to the teacher's channels.
         self.adapters = []
         for k in range(n_splits):
-            adapter = self._adapter(k, cuts[k], student, teacher)
+            adapter = self._adapter(k, ends[k])
             if adapter is not None:
                 key = f"{spec.name}_{k + 1}"
                 if key in distiller.adapters:
@@ -326,43 +398,45 @@ class _ModuleRunner:
 
     # Construction helpers.
 
-    @staticmethod
-    def _cut_tensor(student, name):
-        layer = find_layer(student, name, "student")
-        if len(layer._inbound_nodes) != 1:
-            raise ValueError(
-                f"Split layer '{name}' is called "
-                f"{len(layer._inbound_nodes)} times in the student "
-                f"'{student.name}'; split at a layer that is called once."
+    def _build_teacher_segments(self, teacher):
+        """Cuts the teacher at `teacher_layers` too, when that gives a
+        chain, so that each teacher segment runs just before the student
+        module that needs it; `self.teacher_segments` stays `None` (one
+        teacher forward) otherwise."""
+        terms = self.distiller._terms
+        n = self.n_splits
+        self.teacher_segments = None
+        self.segment_terms = [[] for _ in range(n + 1)]
+        # Highest teacher segment each student module needs.
+        self.teacher_need = [k for k in range(n)]
+        self.teacher_need.append(n if self.logit_terms else -1)
+        try:
+            starts, ends, parts = _split_chain(
+                teacher, self.spec.teacher_layers, "teacher",
+                "teacher_layers",
             )
-        output = layer.output
-        if len(keras.tree.flatten(output)) != 1:
-            raise ValueError(
-                f"Split layer '{name}' of the student '{student.name}' has "
-                "several outputs; split at a layer with a single output."
+        except ValueError:
+            return
+        owner = _owner(parts)
+        for k, indices in enumerate(self.feature_terms):
+            for i in indices:
+                layer = teacher.get_layer(terms[i].teacher_layer)
+                if id(layer) not in owner:
+                    return
+                self.segment_terms[owner[id(layer)]].append(i)
+                self.teacher_need[k] = max(self.teacher_need[k],
+                                           owner[id(layer)])
+        self.teacher_segments = [
+            _Part(
+                starts[j], ends[j],
+                [teacher.get_layer(terms[i].teacher_layer).output
+                 for i in self.segment_terms[j]],
+                name=f"{teacher.name}_segment{j + 1}",
             )
-        return output
+            for j in range(n + 1)
+        ]
 
-    def _raise_not_a_chain(self, student, k, leak):
-        consumer, producer = leak
-        split_at = self.spec.split_at
-        where = (
-            f"after split '{split_at[k - 1]}'" if k > 0 else "before the "
-            "first split"
-        )
-        reader = consumer.name if consumer is not None else "the output"
-        raise ValueError(
-            f"`split_at`={split_at} does not cut the student "
-            f"'{student.name}' into a chain of modules: layer '{reader}' "
-            f"(in module {k + 1}, {where}) reads the output of "
-            f"'{producer.name}', which lies in an earlier module or is a "
-            "model input. A connection (e.g. a residual or a parallel "
-            "branch) jumps over the split point; split at a layer that "
-            "every path from the input passes through, such as the layer "
-            "after the merge."
-        )
-
-    def _adapter(self, k, cut, student, teacher):
+    def _adapter(self, k, cut):
         t_shape = self.teacher_tap.feature_shapes[k]
         s_shape = tuple(cut.shape)
         where = (
@@ -423,13 +497,15 @@ class _ModuleRunner:
 
     # Steps.
 
-    def teacher_forward(self, x):
-        """Teacher outputs and features, in inference mode, no gradient."""
-        outputs = self.teacher_tap(x, training=False)
-        return keras.tree.map_structure(ops.stop_gradient, outputs)
+    def teacher_stream(self, x):
+        """The teacher's outputs for the batch `x`, computed as the modules
+        need them (see `_TeacherStream`)."""
+        return _TeacherStream(self, x)
 
     def module_loss(self, k, h, y, sample_weight, teacher, training):
         """Runs module `k` (0-based) on `h` and computes its local loss.
+
+        `teacher` is a `_TeacherStream` advanced to module `k`.
 
         Returns:
             `(output, total, local_value, student_loss, term_values)`: the
@@ -438,17 +514,16 @@ class _ModuleRunner:
             for the last module) and `{term index: unweighted value}`.
         """
         d = self.distiller
-        teacher_out, teacher_feats = teacher
-        out, feats = self.models[k](h, training=training)
+        out, feats = self.parts[k](h, training=training)
         total = ops.zeros((), dtype="float32")
         local_value = student_loss = None
         term_values = {}
-        if k < len(self.adapters):
+        if k < self.n_splits:
             s_val = out
             if self.adapters[k] is not None:
                 s_val = self.adapters[k](s_val)
             local_value = self.spec.loss(
-                teacher_feats[k], s_val, sample_weight=sample_weight
+                teacher.local[k], s_val, sample_weight=sample_weight
             )
             total = total + ops.cast(local_value, total.dtype)
         else:
@@ -460,7 +535,7 @@ class _ModuleRunner:
             )
             for i in self.logit_terms:
                 term = d._terms[i]
-                value = term.loss(teacher_out, out,
+                value = term.loss(teacher.out, out,
                                   sample_weight=sample_weight)
                 term_values[i] = value
                 total = total + term.weight * ops.cast(value, total.dtype)
@@ -470,7 +545,7 @@ class _ModuleRunner:
             adapter = d.adapters.get(term.name)
             if adapter is not None:
                 s_val = adapter(s_val)
-            value = term.loss(teacher_feats[self.teacher_index[i]], s_val,
+            value = term.loss(teacher.terms[i], s_val,
                               sample_weight=sample_weight)
             term_values[i] = value
             total = total + term.weight * ops.cast(value, total.dtype)
@@ -482,28 +557,40 @@ class _ModuleRunner:
         return out, total, local_value, student_loss, term_values
 
     @staticmethod
-    def handoff(output, after=()):
-        """The next module's input: `output` with its gradient stopped,
-        computed only once the tensors in `after` (the previous module's
-        gradients) exist, so that graph execution cannot start the next
-        module before the previous module's backward pass has released
-        its activations."""
-        output = ops.stop_gradient(output)
+    def handoff(value, after=()):
+        """`value` (a tensor or a structure of tensors) with its gradient
+        stopped, computed only once the tensors in `after` exist.
+
+        Passing the previous module's gradients as `after` stops graph
+        execution from starting the next module before the previous
+        module's backward pass has run and released its activations (the
+        dataflow alone would allow it).
+        """
         deps = [getattr(g, "values", g) for g in after if g is not None]
-        if deps and not tf.executing_eagerly():
-            with tf.control_dependencies(deps):
-                output = tf.identity(output)
-        return output
+
+        def one(tensor):
+            tensor = ops.stop_gradient(tensor)
+            if deps and not tf.executing_eagerly():
+                with tf.control_dependencies(deps):
+                    tensor = tf.identity(tensor)
+            return tensor
+
+        return keras.tree.map_structure(one, value)
 
     def _run(self, data, training):
         d = self.distiller
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher = self.teacher_forward(x)
+        teacher = self.teacher_stream(x)
         h = x
         total = ops.zeros((), dtype="float32")
         locals_, term_values = [], {}
         gradients, variables = [], []
+        after = ()
         for k in range(len(self.models)):
+            # The teacher's part for this module runs after the previous
+            # module's backward pass, and this module after both.
+            ready = teacher.advance(k, after)
+            h = self.handoff(h, list(after) + ready)
             if training:
                 with tf.GradientTape() as tape:
                     out, loss, local_value, student_loss, values = (
@@ -512,22 +599,20 @@ class _ModuleRunner:
                     )
                     scaled = d.optimizer.scale_loss(loss)
                 module_vars = self.module_variables(k)
-                module_grads = tape.gradient(scaled, module_vars)
+                after = tape.gradient(scaled, module_vars)
                 del tape  # releases this module's activations
-                gradients.extend(module_grads)
+                gradients.extend(after)
                 variables.extend(module_vars)
             else:
                 out, loss, local_value, student_loss, values = (
                     self.module_loss(k, h, y, sample_weight, teacher,
                                      training=False)
                 )
-                module_grads = ()
             total = total + loss
             term_values.update(values)
             if local_value is not None:
                 locals_.append(local_value)
-            if k + 1 < len(self.models):
-                h = self.handoff(out, module_grads)
+            h = out
         if training:
             # In the distiller's variable order, as the optimizer was built.
             by_id = {id(v): g for v, g in zip(variables, gradients)}
@@ -552,3 +637,57 @@ class _ModuleRunner:
     def test_step(self, data):
         """The same losses without tapes, `training=False`."""
         return self._run(data, training=False)
+
+
+class _TeacherStream:
+    """The teacher's outputs for one batch, in inference mode and without
+    gradient, computed as the student's modules need them.
+
+    When `teacher_layers` cut the teacher into a chain, teacher segment `j`
+    (input to `teacher_layers[0]`, ..., last split to the output) runs
+    only when a module first needs it, so that the teacher's activations
+    and later features are not held while earlier modules train; the last
+    segment is skipped when no term reads the teacher's output. Otherwise
+    the whole teacher runs once, when the first module needs it.
+
+    Attributes:
+        local: `{k: teacher feature aligned to module k}`.
+        out: the teacher's final output (when computed).
+        terms: `{term index: teacher feature read by that term}`.
+    """
+
+    def __init__(self, runner, x):
+        self.runner = runner
+        self.local, self.terms, self.out = {}, {}, None
+        self._next, self._h = 0, x
+
+    def advance(self, k, after=()):
+        """Computes what module `k` needs, each new piece only once the
+        tensors in `after` exist. Returns the tensors computed."""
+        r = self.runner
+        need = r.teacher_need[k]
+        computed = []
+        if r.teacher_segments is None:
+            if self._next == 0 and need >= 0:
+                out, feats = r.teacher_tap(r.handoff(self._h, after),
+                                           training=False)
+                out, feats = r.handoff((out, list(feats)))
+                self.out = out
+                self.local = dict(enumerate(feats[:r.n_splits]))
+                self.terms = {i: feats[j] for i, j in r.teacher_index.items()}
+                self._next = r.n_splits + 1
+                computed = keras.tree.flatten((out, feats))
+            return computed
+        while self._next <= need:
+            j = self._next
+            end, feats = r.teacher_segments[j](r.handoff(self._h, after),
+                                               training=False)
+            end, feats = r.handoff((end, list(feats)))
+            if j < r.n_splits:
+                self.local[j] = self._h = end
+            else:
+                self.out = end
+            self.terms.update(zip(r.segment_terms[j], feats))
+            computed.extend(keras.tree.flatten((end, feats)))
+            self._next += 1
+        return computed

@@ -66,15 +66,16 @@ def all_module_losses(d, x, y):
     """Every module's loss in one forward, by the runner's own code path,
     recorded on one persistent tape."""
     runner = d._local
-    teacher = runner.teacher_forward(x)
+    teacher = runner.teacher_stream(x)
     losses = []
     with tf.GradientTape(persistent=True) as tape:
         h = x
         for k in range(len(runner.models)):
-            out, loss, *_ = runner.module_loss(k, h, y, None, teacher,
-                                               training=True)
+            teacher.advance(k)
+            out, loss, *_ = runner.module_loss(k, runner.handoff(h), y, None,
+                                               teacher, training=True)
             losses.append(loss)
-            h = runner.handoff(out)
+            h = out
     return tape, losses
 
 
@@ -325,6 +326,27 @@ def test_config_round_trip():
     assert again.get_config() == spec.get_config()
 
 
+def test_teacher_runs_in_segments_when_it_is_a_chain(data):
+    x, y = data
+    logs = []
+    for segments in (True, False):
+        keras.utils.set_random_seed(4)
+        d = compile_(make_lakd(batchnorm=False))
+        assert d._local.teacher_segments is not None
+        if not segments:
+            d._local.teacher_segments = None  # one teacher forward instead
+        logs.append(d.evaluate(x, y, return_dict=True, verbose=0))
+    for key in logs[0]:
+        np.testing.assert_allclose(logs[0][key], logs[1][key], rtol=1e-5,
+                                   err_msg=key)
+    # A teacher that `teacher_layers` do not cut into a chain runs whole.
+    teacher = residual_student()
+    d = compile_(make_lakd(teacher=teacher, split_at=["s_stage1"],
+                           teacher_layers=["r_conv2"]))
+    assert d._local.teacher_segments is None
+    assert np.isfinite(d.train_on_batch(x, y, return_dict=True)["loss"])
+
+
 # Errors raised at construction, before any training.
 
 def residual_student():
@@ -385,7 +407,7 @@ def test_bad_split_points():
         shared(inputs)))
     out = keras.layers.Dense(NUM_CLASSES)(
         keras.layers.GlobalAveragePooling2D()(h))
-    with pytest.raises(ValueError, match="'shared' is called 2 times"):
+    with pytest.raises(ValueError, match="'shared' in `split_at` is called 2 times"):
         make_lakd(student=keras.Model(inputs, out), split_at=["shared"],
                   teacher_layers=["t_stage1"])
 
