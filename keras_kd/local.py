@@ -59,8 +59,10 @@ class LocalModules:
     The split must cut the student's graph into a chain: every path from
     the input to the output passes through each split layer, in the order
     given (a residual connection that jumps over a split point is an
-    error; split after the merge instead). The teacher runs once per step
-    in inference mode, outside every tape, as in plain distillation.
+    error; split after the merge instead). The teacher runs in inference
+    mode, outside every tape, each layer once per step; when
+    `teacher_layers` cut it into a chain too, it runs segment by segment,
+    each just before the module that needs it.
 
     This follows LAKD (Zhang et al., 2024, arXiv:2408.11478: "local
     modules with independent gradients"); where the paper's full text was
