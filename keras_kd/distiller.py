@@ -85,6 +85,10 @@ class Distiller(keras.Model):
             student layers then train with their own optimizers at learning
             rates that follow the student-teacher divergence, logged as
             `lr_scale/<student layer>`. Its state is `layerwise_state`.
+        local_modules: optional `keras_kd.LocalModules`: train the student
+            as a chain of local modules, each by its own loss under its own
+            gradient tape (LAKD). `None` trains it end to end. Cannot be
+            combined with `layerwise_lr`.
         name: name of the distiller.
 
     Example:
@@ -112,7 +116,8 @@ class Distiller(keras.Model):
 
     def __init__(
         self, teacher, student, terms=None, student_loss_weight=1.0,
-        layerwise_lr=None, name="distiller", **kwargs,
+        layerwise_lr=None, local_modules=None, name="distiller",
+        **kwargs,
     ):
         super().__init__(name=name, **kwargs)
         for role, model in (("teacher", teacher), ("student", student)):
@@ -148,6 +153,24 @@ class Distiller(keras.Model):
         self.layerwise_state = kd_layerwise.attach(
             layerwise_lr, teacher, student
         )
+        self.local_modules = local_modules
+        self._local = None
+        if local_modules is not None:
+            from keras_kd.local import LocalModules  # local imports this file
+
+            if not isinstance(local_modules, LocalModules):
+                raise TypeError(
+                    "`local_modules` must be a `keras_kd.LocalModules`, got "
+                    f"{local_modules!r}."
+                )
+            if layerwise_lr is not None:
+                raise ValueError(
+                    "`local_modules` and `layerwise_lr` cannot be combined: "
+                    "local modules train each module under its own tape "
+                    "and do not update layer-wise learning-rate scales."
+                )
+            self._local = local_modules.bind(self)
+            self.local_loss_trackers = self._local.trackers
 
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.term_loss_trackers = [
@@ -318,6 +341,8 @@ class Distiller(keras.Model):
         return {m.name: m.result() for m in trackers}
 
     def train_step(self, data):
+        if self._local is not None:
+            return self._local.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
         if self.layerwise_state is not None:
@@ -364,6 +389,8 @@ class Distiller(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def test_step(self, data):
+        if self._local is not None:
+            return self._local.test_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
         total, y_pred, student_loss, term_losses = self._student_losses(
@@ -408,6 +435,9 @@ class Distiller(keras.Model):
             "layerwise_lr": keras.saving.serialize_keras_object(
                 self.layerwise_lr
             ),
+            "local_modules": keras.saving.serialize_keras_object(
+                self.local_modules
+            ),
         }
 
     @classmethod
@@ -426,4 +456,8 @@ class Distiller(keras.Model):
         config["layerwise_lr"] = keras.saving.deserialize_keras_object(
             config.get("layerwise_lr"), custom_objects=custom_objects
         )
+        if config.get("local_modules") is not None:
+            config["local_modules"] = keras.saving.deserialize_keras_object(
+                config["local_modules"], custom_objects=custom_objects
+            )
         return cls(**config)

@@ -1,6 +1,7 @@
 """Distillation losses: Keras `Loss` objects called as
 `loss(teacher_output, student_output, sample_weight=None)`."""
 
+from keras_kd.losses.activation_mapping import ActivationMapping
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.features import AttentionTransfer, FeatureMSE
 from keras_kd.losses.logits import KD

@@ -1,0 +1,251 @@
+"""Peak memory and step time: LAKD local modules versus end-to-end KD.
+
+Both configurations train the same 4-stage CNN student from the same wider
+teacher with the same losses: 0.1 * cross-entropy + 0.9 * KD on the logits
+and one `ActivationMapping` (NDAM) feature term at the output of each of
+the first three student stages, matched to the teacher's stages.
+
+- `end_to_end`: those feature terms as `Term`s; one gradient tape over the
+  whole student.
+- `lakd`: `LocalModules` split at the same three stage outputs (four
+  modules); one gradient tape per module, applied in turn.
+
+Each configuration runs in its own subprocess (TensorFlow on CPU, batch 256,
+synthetic 32x32x3 images, the Keras default `jit_compile="auto"`, which is
+no XLA on a CPU-only machine: the train step is a `tf.function` graph). The
+child measures its resident set size (VmRSS) once the models are built and
+compiled, right before the first step (the baseline), then runs
+`--steps` training steps (`train_on_batch`, the first one traces the graph)
+and reports
+
+- `peak_mb`: peak RSS of the process (`ru_maxrss`) minus the baseline, over
+  all steps including the first;
+- `steady_peak_mb`: the peak over the steps after the first (the kernel's
+  high-water mark is reset after step 1 via /proc/self/clear_refs), minus
+  the same baseline; this excludes the one-off cost of tracing and
+  optimizing the graph;
+- `step_s`: median wall time of the steps after the first.
+
+Resident memory also counts what the C library's allocator keeps around
+after tensors are freed, which depends on how allocations interleave. A
+second kind of child (`--live`) therefore runs the same steps with
+TensorFlow's own BFC allocator on the CPU (`TF_CPU_ALLOCATOR_USE_BFC=true`)
+and reports its peak of bytes held by live tensors over the steps after
+the first (`live_peak_mb`), which is what a GPU's memory must hold.
+
+The configurations are run alternately `--repeats` times in each mode; the
+parent prints the median of each quantity and the ratios LAKD / end-to-end,
+computed from the medians of this one invocation.
+
+Usage: python benchmarks/memory.py [--repeats 3] [--steps 8]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = ("end_to_end", "lakd")
+BATCH = 256
+SIZE = 32
+CLASSES = 10
+STUDENT_WIDTHS = (16, 32, 64, 128)
+TEACHER_WIDTHS = (32, 64, 128, 256)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak():
+    """Reset the kernel's peak-RSS mark (VmHWM); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cnn(keras, prefix, widths):
+    inputs = keras.Input((SIZE, SIZE, 3), name=f"{prefix}_input")
+    x = inputs
+    for stage, width in enumerate(widths, start=1):
+        for conv in (1, 2):
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
+                                    name=f"{prefix}_s{stage}_conv{conv}")(x)
+            x = keras.layers.BatchNormalization(
+                name=f"{prefix}_s{stage}_bn{conv}")(x)
+            x = keras.layers.Activation(
+                "relu",
+                name=(f"{prefix}_stage{stage}" if conv == 2
+                      else f"{prefix}_s{stage}_relu{conv}"))(x)
+        if stage < len(widths):
+            x = keras.layers.MaxPooling2D(name=f"{prefix}_pool{stage}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=f"{prefix}_gap")(x)
+    outputs = keras.layers.Dense(CLASSES, name=f"{prefix}_logits")(x)
+    return keras.Model(inputs, outputs, name=prefix)
+
+
+def child(config, steps, live):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if live:
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import resource
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_kd
+
+    keras.utils.set_random_seed(0)
+    teacher = _cnn(keras, "t", TEACHER_WIDTHS)
+    student = _cnn(keras, "s", STUDENT_WIDTHS)
+    splits = ["s_stage1", "s_stage2", "s_stage3"]
+    teacher_layers = ["t_stage1", "t_stage2", "t_stage3"]
+    kd = keras_kd.Term(keras_kd.losses.KD(temperature=4.0), weight=0.9)
+    if config == "end_to_end":
+        terms = [kd] + [
+            keras_kd.Term(keras_kd.losses.ActivationMapping(alpha=1.0,
+                                                            beta=0.1),
+                          teacher_layer=t, student_layer=s, name=f"ndam{i}")
+            for i, (s, t) in enumerate(zip(splits, teacher_layers), start=1)
+        ]
+        distiller = keras_kd.Distiller(teacher, student, terms=terms,
+                                       student_loss_weight=0.1)
+    else:
+        distiller = keras_kd.Distiller(
+            teacher, student, terms=[kd], student_loss_weight=0.1,
+            local_modules=keras_kd.LocalModules(
+                splits, teacher_layers, alpha=1.0, beta=0.1))
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype("float32")
+    y = rng.integers(0, CLASSES, size=BATCH)
+
+    if live:
+        distiller.train_on_batch(x, y)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        for _ in range(steps - 1):
+            distiller.train_on_batch(x, y)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        print("RESULT " + json.dumps(
+            {"config": config, "live_peak_mb": peak / 2**20}), flush=True)
+        return
+
+    baseline_kb = _status_kb("VmRSS")
+    times = []
+    first_peak_kb = steady_peak_kb = None
+    for step in range(steps):
+        start = time.perf_counter()
+        distiller.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+        if step == 0:
+            # Resetting the high-water mark also resets ru_maxrss: keep it.
+            first_peak_kb = resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss
+            reset = _reset_peak()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset:
+        steady_peak_kb = _status_kb("VmHWM")
+    peak_kb = max(peak_kb, first_peak_kb)
+    result = {
+        "config": config,
+        "jit_compile": bool(distiller.jit_compile),
+        "baseline_mb": baseline_kb / 1024,
+        "peak_mb": (peak_kb - baseline_kb) / 1024,
+        "steady_peak_mb": (None if steady_peak_kb is None
+                           else (steady_peak_kb - baseline_kb) / 1024),
+        "first_step_s": times[0],
+        "step_s": statistics.median(times[1:]),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(config, steps, live=False):
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--config", config, "--steps", str(steps)]
+        + (["--live"] if live else []),
+        capture_output=True, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=CONFIGS)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--live", action="store_true",
+                        help="child only: report TensorFlow's allocator peak")
+    args = parser.parse_args()
+    if args.config:
+        child(args.config, args.steps, args.live)
+        return
+
+    print(f"batch {BATCH}, {SIZE}x{SIZE}x3 inputs, student widths "
+          f"{STUDENT_WIDTHS}, teacher widths {TEACHER_WIDTHS}, "
+          f"{args.steps} steps per process, {args.repeats} processes per "
+          "configuration (alternating)")
+    runs = {c: [] for c in CONFIGS}
+    for repeat in range(args.repeats):
+        for config in CONFIGS:
+            result = run_child(config, args.steps)
+            runs[config].append(result)
+            print(f"  run {repeat + 1} {config:>10}: "
+                  f"peak {result['peak_mb']:7.1f} MB, steady peak "
+                  f"{result['steady_peak_mb']:7.1f} MB, step "
+                  f"{result['step_s']:.3f} s (baseline "
+                  f"{result['baseline_mb']:.0f} MB, jit_compile="
+                  f"{result['jit_compile']})", flush=True)
+    for repeat in range(args.repeats):
+        for config in CONFIGS:
+            result = run_child(config, args.steps, live=True)
+            runs[config][repeat].update(result)
+            print(f"  run {repeat + 1} {config:>10}: live tensors peak "
+                  f"{result['live_peak_mb']:7.1f} MB", flush=True)
+
+    medians = {
+        c: {k: statistics.median(r[k] for r in runs[c])
+            for k in ("peak_mb", "steady_peak_mb", "live_peak_mb", "step_s")}
+        for c in CONFIGS
+    }
+    print(f"\n{'configuration':>14} {'peak MB':>9} {'steady MB':>10} "
+          f"{'live MB':>9} {'step s':>8}")
+    for c in CONFIGS:
+        m = medians[c]
+        print(f"{c:>14} {m['peak_mb']:9.1f} {m['steady_peak_mb']:10.1f} "
+              f"{m['live_peak_mb']:9.1f} {m['step_s']:8.3f}")
+    e2e, lakd = medians["end_to_end"], medians["lakd"]
+    peak_ratio = lakd["peak_mb"] / e2e["peak_mb"]
+    steady_ratio = lakd["steady_peak_mb"] / e2e["steady_peak_mb"]
+    live_ratio = lakd["live_peak_mb"] / e2e["live_peak_mb"]
+    time_ratio = lakd["step_s"] / e2e["step_s"]
+    print(f"\nLAKD / end-to-end peak memory:        {peak_ratio:.3f} "
+          f"(target <= 0.85: {'met' if peak_ratio <= 0.85 else 'NOT met'})")
+    print(f"LAKD / end-to-end steady peak memory: {steady_ratio:.3f}")
+    print(f"LAKD / end-to-end live-tensor peak:   {live_ratio:.3f}")
+    print(f"LAKD / end-to-end step time:          {time_ratio:.3f} "
+          f"(target <= 1.2: {'met' if time_ratio <= 1.2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
