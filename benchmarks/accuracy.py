@@ -11,7 +11,8 @@ sample standard deviation, minimum and maximum of the test accuracy are
 printed as a Markdown table.
 
 Adding a method is one entry in `DISTILLATION_METHODS`: a name and a
-function returning the list of `keras_kd.Term` to distil with (the
+function returning the `keras_kd.Distiller` arguments to distil with
+(`terms` and, for instance, `local_modules` or `layerwise_lr`; the
 distillation recipe itself, `keras_kd.demo.distill_student`, is shared).
 
 Usage:
@@ -30,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import keras_kd  # noqa: E402
 from keras_kd import demo  # noqa: E402
 
 
@@ -57,13 +59,31 @@ LABELLED_BASELINES = {
     "student, all labels (reference)": _student_all_labels,
 }
 
-# Distillation rows: name -> function returning the list of `keras_kd.Term`.
-# The student is distilled on all training images without labels.
+STAGE_PAIRS = [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]
+
+
+def _layerwise(signal):
+    # About 40 steps per epoch at batch 32: re-estimate twice per epoch.
+    return lambda: {
+        "terms": demo.kd_terms(temperature=4.0),
+        "layerwise_lr": keras_kd.LayerwiseLearningRate(
+            STAGE_PAIRS, signal=signal, update_every=20),
+    }
+
+
+# Distillation rows: name -> function returning the `keras_kd.Distiller`
+# arguments. The student is distilled on all training images without labels.
 DISTILLATION_METHODS = {
-    "KD, T=4 (no labels)": lambda: demo.kd_terms(temperature=4.0),
-    "KD + FeatureMSE on stage 2 (no labels)": (
-        lambda: demo.kd_feature_terms(temperature=4.0, feature_weight=1.0)
-    ),
+    "KD, T=4 (no labels)": lambda: {"terms": demo.kd_terms(temperature=4.0)},
+    "KD + FeatureMSE on stage 2 (no labels)": lambda: {
+        "terms": demo.kd_feature_terms(temperature=4.0, feature_weight=1.0)},
+    "LAKD: modules split at stage 1, KD (no labels)": lambda: {
+        "terms": demo.kd_terms(temperature=4.0),
+        "local_modules": keras_kd.LocalModules(
+            split_at=["s_stage1"], teacher_layers=["t_stage1"])},
+    "KD + layer-wise LR, attention (no labels)": _layerwise("attention"),
+    "KD + layer-wise LR, jacobian (no labels)": _layerwise("jacobian"),
+    "KD + layer-wise LR, hessian (no labels)": _layerwise("hessian"),
 }
 
 TEACHER_ROW = "teacher (all labels)"
@@ -77,7 +97,8 @@ def run_seed(seed, epochs, labels, baselines, methods):
         epochs: epochs over the full training set.
         labels: labelled images of the student alone.
         baselines: mapping name -> function `(data, epochs, seed) -> model`.
-        methods: mapping name -> function `() -> list of keras_kd.Term`.
+        methods: mapping name -> function `() -> dict` of `Distiller`
+            arguments (`terms`, optional `local_modules`, `layerwise_lr`).
 
     Returns:
         A tuple `(accuracies, seconds)`: two dicts keyed by row name with
@@ -98,10 +119,12 @@ def run_seed(seed, epochs, labels, baselines, methods):
         seconds[name] = time.perf_counter() - start
         accuracies[name] = demo.accuracy(model, x_test, y_test)
 
-    for name, make_terms in methods.items():
+    for name, make_arguments in methods.items():
         start = time.perf_counter()
+        arguments = make_arguments()
         distiller = demo.distill_student(
-            teacher, data, make_terms(), epochs, seed, verbose=0
+            teacher, data, arguments.pop("terms"), epochs, seed, verbose=0,
+            **arguments,
         )
         seconds[name] = time.perf_counter() - start
         accuracies[name] = demo.accuracy(distiller.student, x_test, y_test)

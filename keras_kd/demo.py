@@ -252,7 +252,8 @@ def kd_feature_terms(temperature=DEFAULT_TEMPERATURE, feature_weight=1.0):
 
 def distill(teacher, student, terms, x, epochs,
             batch_size=DEFAULT_BATCH_SIZE,
-            learning_rate=STUDENT_LEARNING_RATE, verbose=1):
+            learning_rate=STUDENT_LEARNING_RATE, verbose=1,
+            **distiller_kwargs):
     """Distils `teacher` into `student` on unlabelled images.
 
     `Distiller.fit(x)` is called without labels, so the student's own loss
@@ -267,6 +268,8 @@ def distill(teacher, student, terms, x, epochs,
         batch_size: batch size.
         learning_rate: Adam learning rate.
         verbose: Keras `fit` verbosity.
+        **distiller_kwargs: further `keras_kd.Distiller` arguments, such as
+            `local_modules` or `layerwise_lr`.
 
     Returns:
         The trained `keras_kd.Distiller`.
@@ -275,7 +278,7 @@ def distill(teacher, student, terms, x, epochs,
     # weight is 0 to make plain that the labels play no part.
     distiller = keras_kd.Distiller(
         teacher=teacher, student=student, terms=terms,
-        student_loss_weight=0.0,
+        student_loss_weight=0.0, **distiller_kwargs,
     )
     distiller.compile(optimizer=_optimizer(learning_rate), loss=_sparse_ce())
     distiller.fit(x, epochs=epochs, batch_size=batch_size, verbose=verbose)
@@ -359,7 +362,8 @@ def train_student_alone(data, epochs, seed, verbose=1):
     )
 
 
-def distill_student(teacher, data, terms, epochs, seed, verbose=1):
+def distill_student(teacher, data, terms, epochs, seed, verbose=1,
+                    **distiller_kwargs):
     """Distils the teacher into a fresh student on all training images,
     without their labels.
 
@@ -371,6 +375,7 @@ def distill_student(teacher, data, terms, epochs, seed, verbose=1):
         seed: random seed of the initialisation and the shuffling (the same
             seed as `train_student_alone` gives the same initial weights).
         verbose: Keras `fit` verbosity.
+        **distiller_kwargs: further `keras_kd.Distiller` arguments.
 
     Returns:
         The trained `keras_kd.Distiller`; its `student` is the distilled
@@ -380,6 +385,7 @@ def distill_student(teacher, data, terms, epochs, seed, verbose=1):
     return distill(
         teacher, student, terms, data["x_train"], epochs,
         learning_rate=STUDENT_LEARNING_RATE, verbose=verbose,
+        **distiller_kwargs,
     )
 
 

@@ -415,3 +415,11 @@ def test_bad_split_points():
 def test_public_name():
     assert keras_kd.LocalModules is LocalModules
     assert keras_kd.losses.ActivationMapping is ActivationMapping
+
+
+def test_local_modules_and_layerwise_lr_are_exclusive():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  local_modules=LocalModules(SPLITS, TEACHER),
+                  layerwise_lr=keras_kd.LayerwiseLearningRate(
+                      [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]))
