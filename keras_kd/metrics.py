@@ -27,12 +27,16 @@ def _as_float(x, dtype):
     return ops.cast(ops.convert_to_tensor(x), dtype)
 
 
-def _weights(sample_weight, batch, dtype):
-    """Per-sample weights of shape `(batch,)` (ones when `None`)."""
+def _weighted_sum_and_count(values, sample_weight, dtype):
+    """`(sum_i w_i v_i, sum_i w_i)` over the batch axis of `values`
+    (`w = 1` when `sample_weight` is `None`)."""
     if sample_weight is None:
-        return ops.ones((batch,), dtype=dtype)
-    sample_weight = _as_float(sample_weight, dtype)
-    return ops.reshape(sample_weight, (-1,)) * ops.ones((batch,), dtype)
+        return (ops.sum(values, axis=0),
+                ops.cast(ops.shape(values)[0], dtype))
+    w = ops.reshape(_as_float(sample_weight, dtype), (-1,))
+    w = ops.broadcast_to(w, ops.shape(values)[:1])
+    w_shaped = ops.reshape(w, (-1,) + (1,) * (len(values.shape) - 1))
+    return ops.sum(values * w_shaped, axis=0), ops.sum(w)
 
 
 def _check_logits(teacher_logits, student_logits, metric):
@@ -99,15 +103,15 @@ class TopOneAgreement(DistillationMetric):
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
-        batch = ops.shape(teacher_logits)[0]
-        w = _weights(sample_weight, batch, self.dtype)
         same = ops.cast(
             ops.equal(ops.argmax(teacher_logits, axis=-1),
                       ops.argmax(student_logits, axis=-1)),
             self.dtype,
         )
-        self.matches.assign_add(ops.sum(same * w))
-        self.count.assign_add(ops.sum(w))
+        total, count = _weighted_sum_and_count(same, sample_weight,
+                                               self.dtype)
+        self.matches.assign_add(total)
+        self.count.assign_add(count)
 
     def result(self):
         return ops.divide_no_nan(self.matches, self.count)
@@ -150,13 +154,12 @@ class TeacherKL(DistillationMetric):
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
-        batch = ops.shape(teacher_logits)[0]
-        w = _weights(sample_weight, batch, self.dtype)
         log_p_t = ops.log_softmax(teacher_logits / self.temperature, axis=-1)
         log_p_s = ops.log_softmax(student_logits / self.temperature, axis=-1)
         kl = ops.sum(ops.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-        self.total.assign_add(ops.sum(kl * w))
-        self.count.assign_add(ops.sum(w))
+        total, count = _weighted_sum_and_count(kl, sample_weight, self.dtype)
+        self.total.assign_add(total)
+        self.count.assign_add(count)
 
     def result(self):
         return ops.divide_no_nan(self.total, self.count)
@@ -238,13 +241,14 @@ class MutualInformation(DistillationMetric):
             self.set_num_classes(classes)
         elif classes is not None and classes != self.num_classes:
             self.set_num_classes(classes)  # raises the mismatch error
-        batch = ops.shape(teacher_logits)[0]
-        w = _weights(sample_weight, batch, self.dtype)
         t = ops.one_hot(ops.argmax(teacher_logits, axis=-1), self.num_classes,
                         dtype=self.dtype)
         s = ops.one_hot(ops.argmax(student_logits, axis=-1), self.num_classes,
                         dtype=self.dtype)
-        self.joint.assign_add(ops.matmul(ops.transpose(t * w[:, None]), s))
+        if sample_weight is not None:
+            w = ops.reshape(_as_float(sample_weight, self.dtype), (-1, 1))
+            t = t * w
+        self.joint.assign_add(ops.matmul(ops.transpose(t), s))
 
     def result(self):
         if self.joint is None:
@@ -316,8 +320,6 @@ class ExpectedCalibrationError(DistillationMetric):
             labels = ops.argmax(y_true, axis=-1)  # one-hot
         else:
             labels = ops.reshape(y_true, (-1,))
-        batch = ops.shape(logits)[0]
-        w = _weights(sample_weight, batch, self.dtype)
         probs = ops.softmax(logits, axis=-1)
         confidence = ops.max(probs, axis=-1)
         predicted = ops.argmax(logits, axis=-1)
@@ -328,12 +330,17 @@ class ExpectedCalibrationError(DistillationMetric):
         bins = ops.cast(ops.ceil(confidence * self.num_bins), "int32") - 1
         bins = ops.clip(bins, 0, self.num_bins - 1)
         one_hot = ops.one_hot(bins, self.num_bins, dtype=self.dtype)
-        one_hot = one_hot * w[:, None]
-        self.counts.assign_add(ops.sum(one_hot, axis=0))
-        self.confidence.assign_add(
-            ops.sum(one_hot * confidence[:, None], axis=0)
+        if sample_weight is not None:
+            w = ops.reshape(_as_float(sample_weight, self.dtype), (-1, 1))
+            one_hot = one_hot * w
+        # (bins, 3): count, summed confidence, summed correct per bin.
+        sums = ops.matmul(
+            ops.transpose(one_hot),
+            ops.stack([ops.ones_like(confidence), confidence, correct], -1),
         )
-        self.correct.assign_add(ops.sum(one_hot * correct[:, None], axis=0))
+        self.counts.assign_add(sums[:, 0])
+        self.confidence.assign_add(sums[:, 1])
+        self.correct.assign_add(sums[:, 2])
 
     def result(self):
         total = ops.sum(self.counts)
@@ -377,16 +384,6 @@ def class_activation_map(feature, classifier_kernel, size=None):
             data_format="channels_last",
         )[..., 0]
     return cam
-
-
-def normalize_map(attention):
-    """Min-max normalises each map of a `(batch, height, width)` tensor to
-    [0, 1] (a constant map becomes 0)."""
-    flat = ops.reshape(attention, (ops.shape(attention)[0], -1))
-    low = ops.min(flat, axis=-1, keepdims=True)
-    high = ops.max(flat, axis=-1, keepdims=True)
-    flat = ops.divide_no_nan(flat - low, high - low)
-    return ops.reshape(flat, ops.shape(attention))
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -491,19 +488,27 @@ class AttentionIoU(DistillationMetric):
                 map_b[..., None], tuple(map_a.shape[1:]),
                 interpolation="bilinear", data_format="channels_last",
             )[..., 0]
-        mask_a = normalize_map(map_a) >= self.threshold
-        mask_b = normalize_map(map_b) >= self.threshold
-        batch = ops.shape(map_a)[0]
-        w = _weights(sample_weight, batch, self.dtype)
+        mask_a = self._mask(map_a)
+        mask_b = self._mask(map_b)
+        inter = ops.cast(ops.logical_and(mask_a, mask_b), self.dtype)
+        union = ops.cast(ops.logical_or(mask_a, mask_b), self.dtype)
+        if sample_weight is None:
+            self.intersection.assign_add(ops.sum(inter))
+            self.union.assign_add(ops.sum(union))
+            return
+        w = ops.reshape(_as_float(sample_weight, self.dtype), (-1,))
+        self.intersection.assign_add(
+            ops.sum(ops.sum(inter, axis=(1, 2)) * w))
+        self.union.assign_add(ops.sum(ops.sum(union, axis=(1, 2)) * w))
 
-        def per_image(mask):
-            mask = ops.cast(mask, self.dtype)
-            return ops.sum(ops.reshape(mask, (batch, -1)), axis=-1)
-
-        inter = per_image(ops.logical_and(mask_a, mask_b))
-        union = per_image(ops.logical_or(mask_a, mask_b))
-        self.intersection.assign_add(ops.sum(inter * w))
-        self.union.assign_add(ops.sum(union * w))
+    def _mask(self, attention):
+        """Whether the min-max normalised map, `(a - min) / (max - min)`,
+        reaches the threshold; computed without the division as
+        `a - min >= threshold * (max - min)`, and false on constant maps."""
+        low = ops.min(attention, axis=(1, 2), keepdims=True)
+        high = ops.max(attention, axis=(1, 2), keepdims=True)
+        return ops.logical_and(
+            attention - low >= self.threshold * (high - low), high > low)
 
     def result(self):
         return ops.divide_no_nan(self.intersection, self.union)

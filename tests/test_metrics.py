@@ -140,6 +140,13 @@ def test_attention_iou_equals_numpy():
     identical = AttentionIoU()
     identical.update_state(maps_a[0], maps_a[0])
     assert float(identical.result()) == 1.0
+    weighted = AttentionIoU()  # weight 0 drops an image, 2 counts it twice
+    w = np.array([1, 0, 2, 1, 0, 1], "float32")
+    weighted.update_state(maps_a[0], maps_b[0], sample_weight=w)
+    repeat = np.repeat(np.arange(6), w.astype(int))
+    np.testing.assert_allclose(
+        float(weighted.result()),
+        numpy_iou([maps_a[0][repeat]], [maps_b[0][repeat]]), rtol=1e-5)
 
 
 def test_class_activation_map_equals_numpy_and_tf_resize():
