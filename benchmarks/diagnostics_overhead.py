@@ -8,7 +8,9 @@ off again (an A/A control that shows the noise floor of the machine). They
 are warmed up, then timed in interleaved rounds (the order rotates every
 round) on the compiled Keras train function, so that machine noise hits all
 alike. A round's ratio is its mean step time over the "off" one of the same
-round; the script prints the median of those ratios.
+round; the script prints the median of those ratios, for wall-clock time
+and for the process's CPU time (less sensitive to other processes on a
+shared machine).
 
 Run:
     python benchmarks/diagnostics_overhead.py            # 32x32x3, batch 64
@@ -98,12 +100,14 @@ def main():
         runs[label] = (d, iter(dataset))
 
     def block(label):
+        """Mean wall-clock and process CPU time of one step."""
         d, iterator = runs[label]
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             logs = d.train_function(iterator)
         float(logs["loss"])  # waits for the last step
-        return (time.perf_counter() - start) / args.steps
+        return ((time.perf_counter() - wall) / args.steps,
+                (time.process_time() - cpu) / args.steps)
 
     for label in runs:  # warm-up blocks
         block(label)
@@ -114,9 +118,9 @@ def main():
         for label in order:
             times[label].append(block(label))
 
-    def ratio(label):
+    def ratio(label, kind):
         return statistics.median(
-            a / b for a, b in zip(times[label], times["off"]))
+            a[kind] / b[kind] for a, b in zip(times[label], times["off"]))
 
     keys = sorted(runs["on"][0].get_metrics_result())
     print(f"input {args.size}x{args.size}x{args.channels}, batch "
@@ -125,12 +129,13 @@ def main():
           f"x {args.steps} steps per configuration, interleaved")
     print(f"logged with diagnostics on: {keys}")
     for label in labels:
-        print(f"median step time {label}: "
-              f"{statistics.median(times[label]) * 1e3:.2f} ms")
-    print(f"noise floor, off_again/off (median of per-round ratios): "
-          f"{ratio('off_again'):.3f}")
-    print(f"ratio on/off (median of per-round ratios): {ratio('on'):.3f} "
-          f"(target <= 1.15)")
+        wall = statistics.median(t[0] for t in times[label])
+        cpu = statistics.median(t[1] for t in times[label])
+        print(f"median step time {label}: wall {wall * 1e3:.2f} ms, "
+              f"process CPU {cpu * 1e3:.2f} ms")
+    for kind, what in ((0, "wall"), (1, "CPU")):
+        print(f"{what:>4}: noise floor off_again/off {ratio('off_again', kind):.3f}"
+              f"; ratio on/off {ratio('on', kind):.3f} (target <= 1.15)")
 
 
 if __name__ == "__main__":

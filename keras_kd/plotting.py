@@ -128,7 +128,9 @@ def plot_diagnostics(history, path, names=None, dpi=100):
     if len(labels) > 6:
         figure.legend(handles, labels, loc="lower center",
                       ncol=min(4, len(labels)), fontsize="small")
-        figure.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 4), 1, 1))
+        legend_rows = math.ceil(len(labels) / 4)
+        bottom = min(0.5, (0.22 * legend_rows + 0.2) / (3.2 * rows))
+        figure.tight_layout(rect=(0, bottom, 1, 1))
     else:
         axes.flat[0].legend(fontsize="small")
         figure.tight_layout()
