@@ -134,8 +134,9 @@ def main():
         print(f"median step time {label}: wall {wall * 1e3:.2f} ms, "
               f"process CPU {cpu * 1e3:.2f} ms")
     for kind, what in ((0, "wall"), (1, "CPU")):
-        print(f"{what:>4}: noise floor off_again/off {ratio('off_again', kind):.3f}"
-              f"; ratio on/off {ratio('on', kind):.3f} (target <= 1.15)")
+        print(f"{what:>4}: noise floor off_again/off "
+              f"{ratio('off_again', kind):.3f}; ratio on/off "
+              f"{ratio('on', kind):.3f} (target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def diagnostics(t1, t2, student):
     return [kd_metrics.TopOneAgreement(), kd_metrics.TeacherKL(),
             kd_metrics.MutualInformation(),
             kd_metrics.ExpectedCalibrationError(),
-            iou(t1, t2, "teacher_iou"), iou(t1, student, "teacher_student_iou")]
+            iou(t1, t2, "teacher_iou"),
+            iou(t1, student, "teacher_student_iou")]
 
 
 def main():
@@ -223,8 +224,9 @@ def main():
                       ("agreement", "top-1 agreement"),
                       ("mi", "mutual information")):
         values = np.array([r[key] for r in rows])
+        iou = [r["iou_train"] for r in rows]
         print(f"Pearson r of teacher IoU (train) with {name}: "
-              f"{np.corrcoef([r['iou_train'] for r in rows], values)[0, 1]:+.2f}")
+              f"{np.corrcoef(iou, values)[0, 1]:+.2f}")
     keras_kd.plot_diagnostics(
         histories, args.out,
         names=["top1_agreement", "teacher_kl", "mutual_information", "ece",

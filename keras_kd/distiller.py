@@ -223,7 +223,8 @@ class Distiller(keras.Model):
             return  # Subclassed models: shapes are only known at run time.
         if t_shape[1:] != s_shape[1:]:
             raise ValueError(
-                f"The teacher '{self.teachers[0].name}' outputs shape {t_shape} "
+                f"The teacher '{self.teachers[0].name}' outputs shape "
+                f"{t_shape} "
                 f"but the student '{self.student.name}' outputs shape "
                 f"{s_shape}; terms on the final outputs need equal shapes."
             )

@@ -259,7 +259,8 @@ class MutualInformation(DistillationMetric):
         p_t = ops.sum(p, axis=1, keepdims=True)
         p_s = ops.sum(p, axis=0, keepdims=True)
         ratio = ops.divide_no_nan(p, p_t * p_s)
-        terms = ops.where(p > 0, p * ops.log(ops.maximum(ratio, _EPSILON)), 0.0)
+        log_ratio = ops.log(ops.maximum(ratio, _EPSILON))
+        terms = ops.where(p > 0, p * log_ratio, 0.0)
         return ops.maximum(ops.sum(terms), 0.0)
 
     def get_config(self):

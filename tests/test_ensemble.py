@@ -118,7 +118,8 @@ def numpy_cam_maps(model, feature_layer, classifier_layer, x, size=(8, 8)):
     feature_model = keras.Model(model.input,
                                 model.get_layer(feature_layer).output)
     feature = predict(feature_model, x)
-    kernel = keras.ops.convert_to_numpy(model.get_layer(classifier_layer).kernel)
+    kernel = keras.ops.convert_to_numpy(
+        model.get_layer(classifier_layer).kernel)
     cam = np.einsum("bhwk,kc->bhw", feature, kernel)
     return tf.image.resize(cam[..., None], size, method="bilinear").numpy()[
         ..., 0]

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 from sklearn.metrics import mutual_info_score
 
 from keras_kd import metrics as kd_metrics
