@@ -12,6 +12,11 @@ from keras import ops
 
 from keras_kd import layerwise as kd_layerwise
 from keras_kd import losses as kd_losses
+from keras_kd.augment import apply_augmentation, check_augmentation
+from keras_kd.augment import check_augmentation_shape
+from keras_kd.diagnostics import Diagnostics
+from keras_kd.ensemble import Teachers, as_teacher_list, check_teacher_outputs
+from keras_kd.ensemble import ensemble_loss
 from keras_kd.taps import Tap
 from keras_kd.term import Term
 
@@ -73,14 +78,35 @@ class Distiller(keras.Model):
 
     `fit` history holds `loss`, `student_loss` (with labels), one
     `<term name>_loss` per term (unweighted), the compiled metrics computed on
-    the student outputs, and their `val_` forms.
+    the student outputs, the diagnostics, and their `val_` forms.
+
+    Several teachers form an ensemble (see `keras_kd.ensemble.Teachers`):
+    terms on the final outputs compare the student with the teachers'
+    averaged outputs (`ensemble="logits"`) or are averaged over the teachers
+    (`ensemble="losses"`); a feature term reads its `teacher_layer` from
+    every teacher that has a layer of that name and averages its loss over
+    them. Augmentations apply in `train_step` only: each teacher sees its own
+    augmentation of the batch and the student's single forward pass sees the
+    student's.
 
     Args:
-        teacher: a trained `keras.Model`.
+        teacher: a trained `keras.Model`, or a list of them (an ensemble;
+            their outputs must have equal shapes).
         student: the `keras.Model` to train.
         terms: list of `keras_kd.Term`. Defaults to one Hinton KD term on the
             final outputs (`Term(keras_kd.losses.KD())`).
         student_loss_weight: weight of the compiled student loss.
+        ensemble: with several teachers, `"logits"` (average the teachers'
+            outputs, then compute each term) or `"losses"` (compute each term
+            against every teacher, then average).
+        teacher_augmentation: `None`, one augmentation for all teachers, or
+            a list with one augmentation (or `None`) per teacher. An
+            augmentation is a Keras layer (called with `training=True`, e.g.
+            `keras_kd.augment.weak()`) or a callable on the batch.
+        student_augmentation: `None` or one augmentation for the student.
+        diagnostics: list of `keras_kd.metrics` metrics (or their names,
+            e.g. `"top1_agreement"`) logged in the `fit` history for training
+            and validation.
         layerwise_lr: optional `keras_kd.LayerwiseLearningRate`: paired
             student layers then train with their own optimizers at learning
             rates that follow the student-teacher divergence, logged as
@@ -116,15 +142,17 @@ class Distiller(keras.Model):
 
     def __init__(
         self, teacher, student, terms=None, student_loss_weight=1.0,
+        ensemble="logits", teacher_augmentation=None,
+        student_augmentation=None, diagnostics=None,
         layerwise_lr=None, local_modules=None, name="distiller",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        for role, model in (("teacher", teacher), ("student", student)):
-            if not isinstance(model, keras.Model):
-                raise TypeError(
-                    f"`{role}` must be a `keras.Model`, got {model!r}."
-                )
+        teachers = as_teacher_list(teacher)
+        if not isinstance(student, keras.Model):
+            raise TypeError(
+                f"`student` must be a `keras.Model`, got {student!r}."
+            )
         if terms is None:
             terms = [Term(kd_losses.KD())]
         terms = list(terms)
@@ -134,24 +162,56 @@ class Distiller(keras.Model):
                     "Each item of `terms` must be a `keras_kd.Term`, got "
                     f"{term!r}. Wrap a loss as `keras_kd.Term(loss, weight)`."
                 )
-        self.teacher = teacher
+        self.teachers = teachers
         self.student = student
         self.student_loss_weight = float(student_loss_weight)
         self._terms = _unique_names(terms)
 
         feature_terms = [t for t in self._terms if t.reads_features]
-        teacher_tap = Tap(
-            teacher, [t.teacher_layer for t in feature_terms], "teacher"
+        check_teacher_outputs(teachers)
+        self._diagnostics = Diagnostics(
+            diagnostics, teachers, student,
+            reserved=["loss", "student_loss"]
+            + [f"{t.name}_loss" for t in self._terms],
+        )
+        teacher_tap = Teachers(
+            teachers, feature_terms, ensemble=ensemble,
+            augmentation=teacher_augmentation,
+            extra_layers=self._diagnostics.teacher_layers,
         )
         student_tap = Tap(
-            student, [t.student_layer for t in feature_terms], "student"
+            student, [t.student_layer for t in feature_terms]
+            + self._diagnostics.student_layers, "student"
+        )
+        self._student_augmentation = check_augmentation(
+            student_augmentation, "`student_augmentation`"
+        )
+        check_augmentation_shape(
+            self._student_augmentation, student, "The student augmentation"
         )
         self._taps = _Untracked(teacher=teacher_tap, student=student_tap)
         self._check_logit_shapes()
         self.adapters = self._build_adapters(feature_terms)
+        for option, value in (("layerwise_lr", layerwise_lr),
+                              ("local_modules", local_modules)):
+            if value is not None and len(teachers) != 1:
+                raise ValueError(
+                    f"`{option}` supports one teacher; got "
+                    f"{len(teachers)} teachers."
+                )
+        if local_modules is not None and (
+            teacher_augmentation is not None
+            or student_augmentation is not None or diagnostics
+        ):
+            raise ValueError(
+                "`local_modules` cannot be combined with "
+                "`teacher_augmentation`, `student_augmentation` or "
+                "`diagnostics`: the local-module training step does not "
+                "apply them."
+            )
         self.layerwise_lr = layerwise_lr
         self.layerwise_state = kd_layerwise.attach(
-            layerwise_lr, teacher, student
+            layerwise_lr, teachers[0], student
         )
         self.local_modules = local_modules
         self._local = None
@@ -176,8 +236,24 @@ class Distiller(keras.Model):
         self.term_loss_trackers = [
             keras.metrics.Mean(name=f"{t.name}_loss") for t in self._terms
         ]
-        if teacher.built and student.built:
+        self.diagnostics = self._diagnostics.metrics
+        if all(t.built for t in teachers) and student.built:
             self.built = True
+
+    @property
+    def teacher(self):
+        """The teacher, when there is one (else see `teachers`)."""
+        if len(self.teachers) != 1:
+            raise AttributeError(
+                f"The distiller '{self.name}' has {len(self.teachers)} "
+                "teachers; use `distiller.teachers`."
+            )
+        return self.teachers[0]
+
+    @property
+    def ensemble(self):
+        """How several teachers are combined: `"logits"` or `"losses"`."""
+        return self._taps.teacher.ensemble
 
     @property
     def terms(self):
@@ -190,13 +266,14 @@ class Distiller(keras.Model):
         if not any(not t.reads_features for t in self._terms):
             return
         try:
-            t_shape = tuple(self.teacher.output.shape)
+            t_shape = tuple(self.teachers[0].output.shape)
             s_shape = tuple(self.student.output.shape)
         except (AttributeError, ValueError):
             return  # Subclassed models: shapes are only known at run time.
         if t_shape[1:] != s_shape[1:]:
             raise ValueError(
-                f"The teacher '{self.teacher.name}' outputs shape {t_shape} "
+                f"The teacher '{self.teachers[0].name}' outputs shape "
+                f"{t_shape} "
                 f"but the student '{self.student.name}' outputs shape "
                 f"{s_shape}; terms on the final outputs need equal shapes."
             )
@@ -266,18 +343,19 @@ class Distiller(keras.Model):
             return ops.zeros((), dtype="float32")
         return self._compile_loss(y, y_pred, sample_weight)
 
-    def _teacher_forward(self, x):
-        """The teacher's outputs and tapped features, in inference mode.
+    def _teacher_forward(self, x, augment=False):
+        """The teachers' outputs and tapped features, in inference mode
+        (each on its own augmentation of `x` when `augment`).
 
         Called outside any gradient tape: nothing of the teacher is recorded.
         """
-        outputs = self._taps.teacher(x, training=False)
+        outputs = self._taps.teacher(x, training=False, augment=augment)
         return keras.tree.map_structure(ops.stop_gradient, outputs)
 
     def _student_losses(self, x, y, sample_weight, teacher, training):
         """One student forward and every loss; returns (total, y_pred,
-        student_loss, term_losses)."""
-        teacher_out, teacher_feats = teacher
+        student_loss, term_losses, student_feats)."""
+        teacher_out, teacher_feats = teacher[:2]
         y_pred, student_feats = self._taps.student(x, training=training)
 
         student_loss = self.compute_loss(
@@ -296,7 +374,7 @@ class Distiller(keras.Model):
                     s_val = adapter(s_val)
             else:
                 t_val, s_val = teacher_out, y_pred
-            value = term.loss(t_val, s_val, sample_weight=sample_weight)
+            value = ensemble_loss(term.loss, t_val, s_val, sample_weight)
             term_losses.append(value)
             total = total + term.weight * ops.cast(value, total.dtype)
         regularization = self.student.losses
@@ -304,7 +382,7 @@ class Distiller(keras.Model):
             total = total + _scale_for_replicas(
                 ops.cast(ops.sum(regularization), total.dtype)
             )
-        return total, y_pred, student_loss, term_losses
+        return total, y_pred, student_loss, term_losses, student_feats
 
     def get_metrics_result(self):
         """The model's metric values, skipping compiled metrics that have
@@ -338,20 +416,26 @@ class Distiller(keras.Model):
             return self.compute_metrics(x, y, y_pred, sample_weight)
         # Without labels there is no student loss and no compiled metric.
         trackers = [self._loss_tracker] + self.term_loss_trackers
+        trackers += self._diagnostics.unlabelled_metrics
         return {m.name: m.result() for m in trackers}
 
     def train_step(self, data):
         if self._local is not None:
             return self._local.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher = self._teacher_forward(x)
+        teacher = self._teacher_forward(x, augment=True)
+        x_student = apply_augmentation(self._student_augmentation, x)
         if self.layerwise_state is not None:
             self.layerwise_state.update_scales(x, self.optimizer.iterations)
         with tf.GradientTape() as tape:
-            total, y_pred, student_loss, term_losses = self._student_losses(
-                x, y, sample_weight, teacher, training=True
+            total, y_pred, student_loss, term_losses, student_feats = (
+                self._student_losses(
+                    x_student, y, sample_weight, teacher, training=True
+                )
             )
             scaled = self.optimizer.scale_loss(total)
+        self._update_diagnostics(teacher, y_pred, student_feats, y,
+                                 sample_weight)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self._apply_gradients(gradients, variables)
@@ -370,6 +454,16 @@ class Distiller(keras.Model):
                 self.optimizer, gradients, variables
             )
         self.optimizer.apply_gradients(zip(gradients, variables))
+
+    def _update_diagnostics(self, teacher, y_pred, student_feats, y,
+                            sample_weight):
+        """Updates the diagnostic metrics (before the weights change, so
+        that the student's attention maps use the weights of its forward)."""
+        extra = len(self._diagnostics.student_layers)
+        self._diagnostics.update(
+            teacher[2], y_pred, student_feats[len(student_feats) - extra:],
+            y, sample_weight,
+        )
 
     def compile(self, *args, **kwargs):
         """`keras.Model.compile`; with `layerwise_lr` it also builds one
@@ -393,9 +487,11 @@ class Distiller(keras.Model):
             return self._local.test_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher = self._teacher_forward(x)
-        total, y_pred, student_loss, term_losses = self._student_losses(
-            x, y, sample_weight, teacher, training=False
+        total, y_pred, student_loss, term_losses, student_feats = (
+            self._student_losses(x, y, sample_weight, teacher, training=False)
         )
+        self._update_diagnostics(teacher, y_pred, student_feats, y,
+                                 sample_weight)
         return self._update_trackers(
             x, y, y_pred, sample_weight, total, student_loss, term_losses
         )
@@ -423,15 +519,26 @@ class Distiller(keras.Model):
         return filepath
 
     def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        teachers = [serialize(t) for t in self.teachers]
+        augmentation = self._taps.teacher.augmentations
+        if isinstance(augmentation, list):
+            augmentation = [serialize(a) for a in augmentation]
+        else:
+            augmentation = serialize(augmentation)
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "teacher": teachers[0] if len(teachers) == 1 else teachers,
             "student": keras.saving.serialize_keras_object(self.student),
             "terms": [
                 keras.saving.serialize_keras_object(t) for t in self._terms
             ],
             "student_loss_weight": self.student_loss_weight,
+            "ensemble": self.ensemble,
+            "teacher_augmentation": augmentation,
+            "student_augmentation": serialize(self._student_augmentation),
+            "diagnostics": self._diagnostics.get_config(),
             "layerwise_lr": keras.saving.serialize_keras_object(
                 self.layerwise_lr
             ),
@@ -443,10 +550,18 @@ class Distiller(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        for key in ("teacher", "student"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
+
+        def deserialize(item):
+            if isinstance(item, list):
+                return [deserialize(i) for i in item]
+            return keras.saving.deserialize_keras_object(
+                item, custom_objects=custom_objects
             )
+
+        for key in ("teacher", "student", "teacher_augmentation",
+                    "student_augmentation", "diagnostics"):
+            if key in config:
+                config[key] = deserialize(config[key])
         config["terms"] = [
             keras.saving.deserialize_keras_object(
                 t, custom_objects=custom_objects

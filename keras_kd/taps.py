@@ -28,6 +28,19 @@ def _graph_endpoints(model, role):
     return inputs, outputs
 
 
+def static_shape(model, which):
+    """The static shape of a model's single input (`which="inputs"`) or
+    output (`"outputs"`), or `None` when unknown (subclassed or unbuilt
+    models, several inputs or outputs)."""
+    try:
+        tensors = getattr(model, which)
+    except (AttributeError, ValueError):
+        return None
+    if not tensors or len(tensors) != 1:
+        return None
+    return tuple(tensors[0].shape)
+
+
 def find_layer(model, layer_name, role):
     """Return `model.get_layer(layer_name)` or raise a helpful `ValueError`."""
     names = [layer.name for layer in model.layers]

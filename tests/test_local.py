@@ -423,3 +423,13 @@ def test_local_modules_and_layerwise_lr_are_exclusive():
                   local_modules=LocalModules(SPLITS, TEACHER),
                   layerwise_lr=keras_kd.LayerwiseLearningRate(
                       [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]))
+
+
+def test_local_modules_need_one_teacher_and_no_augmentation():
+    with pytest.raises(ValueError, match="one teacher"):
+        Distiller([make_cnn("t", 8), make_cnn("u", 8)], make_cnn("s", 4),
+                  local_modules=LocalModules(SPLITS, TEACHER))
+    with pytest.raises(ValueError, match="student_augmentation"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  local_modules=LocalModules(SPLITS, TEACHER),
+                  student_augmentation=keras_kd.augment.weak(flip=False))

@@ -1,0 +1,213 @@
+"""Data augmentation for distillation: weak and strong presets built from
+Keras preprocessing layers, applying an augmentation, and its affinity."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_kd.taps import static_shape
+
+
+def weak(flip=True, translation=0.125, seed=None, name="weak_augmentation"):
+    """The weak preset: random translation (pad-and-crop) and horizontal flip.
+
+    Args:
+        flip: add a random horizontal flip (turn it off for digits or text).
+        translation: largest shift as a fraction of height and width
+            (0.125 is the usual 4-pixel shift on 32x32 images).
+        seed: seed of the random layers.
+        name: name of the returned model.
+
+    Returns:
+        A `keras.Sequential` of Keras preprocessing layers, active only when
+        called with `training=True`.
+
+    Example:
+
+    >>> distiller = keras_kd.Distiller(
+    ...     [t1, t2], student,
+    ...     teacher_augmentation=[keras_kd.augment.weak(),
+    ...                           keras_kd.augment.strong()],
+    ...     student_augmentation=keras_kd.augment.strong())
+    """
+    layers = []
+    if translation:
+        layers.append(keras.layers.RandomTranslation(
+            translation, translation, fill_mode="constant", seed=seed))
+    if flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    return keras.Sequential(layers, name=name)
+
+
+def strong(flip=True, translation=0.125, rotation=0.08, zoom=0.2,
+           erasing=(0.05, 0.2), value_range=(0.0, 1.0), seed=None,
+           name="strong_augmentation"):
+    """The strong preset: the weak preset plus rotation, zoom and random
+    erasing (cutout).
+
+    Args:
+        flip: add a random horizontal flip.
+        translation: largest shift, as a fraction of height and width.
+        rotation: largest rotation as a fraction of a full turn (0.08 is
+            about 29 degrees); 0 to skip.
+        zoom: largest zoom in or out, as a fraction; 0 to skip.
+        erasing: `(min, max)` fraction of the image area erased by one
+            rectangle per image (`keras.layers.RandomErasing`), or `None` to
+            skip.
+        value_range: range of the pixel values, used by the erasing fill.
+        seed: seed of the random layers.
+        name: name of the returned model.
+
+    Returns:
+        A `keras.Sequential` of Keras preprocessing layers, active only when
+        called with `training=True`.
+
+    Example:
+
+    >>> keras_kd.augment.strong(flip=False, value_range=(0, 255))
+    """
+    layers = list(weak(flip=flip, translation=translation, seed=seed).layers)
+    if rotation:
+        layers.append(keras.layers.RandomRotation(
+            rotation, fill_mode="constant", seed=seed))
+    if zoom:
+        layers.append(keras.layers.RandomZoom(
+            zoom, fill_mode="constant", seed=seed))
+    if erasing:
+        layers.append(keras.layers.RandomErasing(
+            factor=1.0, scale=tuple(erasing), fill_value=value_range[0],
+            value_range=tuple(value_range), seed=seed))
+    return keras.Sequential(layers, name=name)
+
+
+def check_augmentation(augmentation, what):
+    """Raises a `TypeError` unless `augmentation` is `None`, a Keras layer
+    or a callable."""
+    if augmentation is None or isinstance(augmentation, keras.layers.Layer):
+        return augmentation
+    if callable(augmentation):
+        return augmentation
+    raise TypeError(
+        f"{what} must be a Keras layer (e.g. `keras_kd.augment.weak()`), a "
+        f"callable taking a batch of inputs, or None; got {augmentation!r}."
+    )
+
+
+def check_augmentation_shape(augmentation, model, what):
+    """Raises a `ValueError` when a Keras-layer augmentation maps the
+    model's input shape to a shape the model does not accept.
+
+    Callables other than Keras layers, and models without a static input
+    shape, are not checked.
+    """
+    if not isinstance(augmentation, keras.layers.Layer):
+        return
+    in_shape = static_shape(model, "inputs")
+    if in_shape is None:
+        return
+    try:
+        out_shape = tuple(augmentation.compute_output_shape(in_shape))
+    except Exception:  # noqa: BLE001 - not every layer implements it
+        return
+    same = len(out_shape) == len(in_shape) and all(
+        a is None or b is None or a == b
+        for a, b in zip(in_shape[1:], out_shape[1:])
+    )
+    if not same:
+        raise ValueError(
+            f"{what} '{augmentation.name}' maps the input shape {in_shape} "
+            f"of the model '{model.name}' to {out_shape}; the model expects "
+            f"{in_shape}."
+        )
+
+
+def apply_augmentation(augmentation, x):
+    """Applies an augmentation to a batch: a Keras layer is called with
+    `training=True` (so random layers are active), any other callable is
+    called as `augmentation(x)`; `None` returns `x`.
+
+    Args:
+        augmentation: a Keras layer, a callable, or `None`.
+        x: a batch of inputs.
+
+    Returns:
+        The augmented batch.
+    """
+    if augmentation is None:
+        return x
+    if isinstance(augmentation, keras.layers.Layer):
+        return augmentation(x, training=True)
+    return augmentation(x)
+
+
+def _batches(data, batch_size):
+    """Yields `(x, y)` NumPy batches from a `(x, y)` tuple or an iterable of
+    `(x, y)` batches (e.g. a `tf.data.Dataset`)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not hasattr(
+        data, "element_spec"
+    ):
+        x, y = data
+        x = np.asarray(x)
+        y = np.asarray(y)
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        return
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "`dataset` must yield `(x, y)` batches; got an element of "
+                f"type {type(batch).__name__}."
+            )
+        yield batch[0], batch[1]
+
+
+def _accuracy(model, data, augmentation, batch_size):
+    correct = 0.0
+    count = 0.0
+    for x, y in _batches(data, batch_size):
+        x = apply_augmentation(augmentation, ops.convert_to_tensor(x))
+        logits = model(x, training=False)
+        predicted = ops.convert_to_numpy(ops.argmax(logits, axis=-1))
+        y = np.asarray(ops.convert_to_numpy(y))
+        if y.ndim == 2 and y.shape[-1] > 1:
+            y = y.argmax(axis=-1)  # one-hot labels
+        correct += float(np.sum(predicted == y.reshape(-1)))
+        count += float(len(predicted))
+    if count == 0:
+        raise ValueError("`dataset` is empty.")
+    return correct / count
+
+
+def affinity(model, dataset, augmentation, batch_size=256):
+    """Affinity of an augmentation: accuracy on augmented data over accuracy
+    on clean data.
+
+    The model is run in inference mode on the same data twice, once clean
+    and once through `augmentation` (applied with `training=True`); lower
+    affinity means a stronger distribution shift (Gontijo-Lopes et al. 2020).
+    With random augmentations the value varies with the draw; seed with
+    `keras.utils.set_random_seed` to repeat it.
+
+    Args:
+        model: a trained classifier returning logits or probabilities.
+        dataset: `(x, y)` arrays, or an iterable of `(x, y)` batches such as
+            a `tf.data.Dataset`; labels sparse or one-hot.
+        augmentation: a Keras layer or callable, e.g.
+            `keras_kd.augment.strong()`.
+        batch_size: batch size when `dataset` is a pair of arrays.
+
+    Returns:
+        A Python float (1.0 for an augmentation that changes nothing).
+
+    Example:
+
+    >>> keras_kd.affinity(student, (x_val, y_val), keras_kd.augment.strong())
+    0.83
+    """
+    clean = _accuracy(model, dataset, None, batch_size)
+    if clean == 0:
+        raise ValueError(
+            f"The model '{model.name}' has zero accuracy on the clean data; "
+            "affinity (augmented / clean accuracy) is undefined."
+        )
+    return _accuracy(model, dataset, augmentation, batch_size) / clean

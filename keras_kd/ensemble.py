@@ -1,0 +1,232 @@
+"""Teacher ensembles: several frozen teachers, each with its own
+augmentation, run once per step and combined for the distillation terms."""
+
+import difflib
+
+import keras
+from keras import ops
+
+from keras_kd.augment import apply_augmentation, check_augmentation
+from keras_kd.augment import check_augmentation_shape
+from keras_kd.taps import Tap, find_layer, static_shape
+
+ENSEMBLE_MODES = ("logits", "losses")
+
+
+def as_teacher_list(teacher):
+    """`teacher` as a non-empty list of `keras.Model`s, or a `TypeError`."""
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) \
+        else [teacher]
+    if not teachers:
+        raise ValueError("`teacher` must be a model or a non-empty list of "
+                         "models, got an empty list.")
+    for index, model in enumerate(teachers):
+        if not isinstance(model, keras.Model):
+            where = "`teacher`" if len(teachers) == 1 \
+                else f"`teacher[{index}]`"
+            raise TypeError(f"{where} must be a `keras.Model`, got {model!r}.")
+    return teachers
+
+
+def check_teacher_outputs(teachers):
+    """Raises a `ValueError` naming the first teacher whose output shape
+    differs from the first teacher's."""
+    shapes = [static_shape(t, "outputs") for t in teachers]
+    known = [(t, s) for t, s in zip(teachers, shapes) if s is not None]
+    if not known:
+        return
+    reference, ref_shape = known[0]
+    for index, (teacher, shape) in enumerate(zip(teachers, shapes)):
+        if shape is not None and shape[1:] != ref_shape[1:]:
+            raise ValueError(
+                f"Teacher {index} '{teacher.name}' outputs shape {shape} but "
+                f"teacher '{reference.name}' outputs shape {ref_shape}; the "
+                "teachers of an ensemble must produce outputs of equal shape."
+            )
+
+
+def _teacher_has_layer(teacher, layer_name):
+    try:
+        return any(layer.name == layer_name for layer in teacher.layers)
+    except AttributeError:
+        return False
+
+
+def ensemble_loss(loss, teacher_value, student_value, sample_weight=None):
+    """`loss(teacher_value, student_value)`, or its mean over teachers when
+    `teacher_value` is a list (one entry per teacher)."""
+    if isinstance(teacher_value, (list, tuple)):
+        values = [loss(t, student_value, sample_weight=sample_weight)
+                  for t in teacher_value]
+        return ops.mean(ops.stack(values), axis=0)
+    return loss(teacher_value, student_value, sample_weight=sample_weight)
+
+
+class Teachers:
+    """Runs every teacher once per step (inference mode) and combines them.
+
+    Each teacher runs through one multi-output forward pass returning its
+    outputs, the features the distillation terms read from it, and the
+    features the diagnostics read (class activation maps).
+
+    - Final outputs: with `ensemble="logits"` the teachers' outputs are
+      averaged and every term compares the student with that average; with
+      `ensemble="losses"` every term on the final outputs is computed against
+      each teacher and the losses are averaged.
+    - Features: a feature term reads its `teacher_layer` from every teacher
+      that has a layer of that name; when several do, their features must
+      have equal shapes and the term's loss is averaged over them.
+
+    Args:
+        teachers: list of `keras.Model`.
+        feature_terms: the `Term`s that read named layers, in order.
+        ensemble: `"logits"` or `"losses"`.
+        augmentation: `None`, one augmentation for every teacher (the
+            teachers then share one augmented batch), or a list with one
+            augmentation (or `None`) per teacher.
+        extra_layers: per teacher, names of further layers to return (for
+            the diagnostics).
+    """
+
+    def __init__(self, teachers, feature_terms, ensemble="logits",
+                 augmentation=None, extra_layers=None):
+        if ensemble not in ENSEMBLE_MODES:
+            raise ValueError(
+                f"`ensemble` must be one of {ENSEMBLE_MODES}, got "
+                f"{ensemble!r}."
+            )
+        self.teachers = list(teachers)
+        self.ensemble = ensemble
+        self.shared_augmentation = not isinstance(augmentation, (list, tuple))
+        if self.shared_augmentation:
+            self.augmentations = check_augmentation(
+                augmentation, "`teacher_augmentation`")
+        else:
+            if len(augmentation) != len(self.teachers):
+                raise ValueError(
+                    f"`teacher_augmentation` has {len(augmentation)} entries "
+                    f"but there are {len(self.teachers)} teachers; give one "
+                    "augmentation (or None) per teacher, or a single "
+                    "augmentation for all."
+                )
+            self.augmentations = [
+                check_augmentation(a, f"`teacher_augmentation[{i}]`")
+                for i, a in enumerate(augmentation)
+            ]
+        for index, teacher in enumerate(self.teachers):
+            check_augmentation_shape(
+                self.augmentations if self.shared_augmentation
+                else self.augmentations[index],
+                teacher, "The augmentation of the teacher")
+        extra_layers = extra_layers or [[] for _ in self.teachers]
+
+        # Which teachers each feature term reads.
+        self.term_teachers = [
+            self._resolve(term) for term in feature_terms
+        ]
+        self.extra_counts = [len(names) for names in extra_layers]
+        self._taps = []
+        for index, teacher in enumerate(self.teachers):
+            names = [term.teacher_layer
+                     for term, users in zip(feature_terms, self.term_teachers)
+                     if index in users]
+            self._taps.append(
+                Tap(teacher, names + list(extra_layers[index]), "teacher"))
+        self.feature_shapes = [
+            self._term_shape(term_index, term, users)
+            for term_index, (term, users)
+            in enumerate(zip(feature_terms, self.term_teachers))
+        ]
+
+    def _resolve(self, term):
+        users = [i for i, t in enumerate(self.teachers)
+                 if _teacher_has_layer(t, term.teacher_layer)]
+        if users:
+            return users
+        if len(self.teachers) == 1:
+            find_layer(self.teachers[0], term.teacher_layer, "teacher")
+        close = {
+            t.name: difflib.get_close_matches(
+                term.teacher_layer, [layer.name for layer in t.layers],
+                n=3, cutoff=0.0)
+            for t in self.teachers
+        }
+        raise ValueError(
+            f"Layer '{term.teacher_layer}' of term '{term.name}' was not "
+            f"found in any teacher. Closest layer names per teacher: {close}."
+        )
+
+    def _tap_index(self, term_index, teacher_index):
+        """Position of a term's feature among a teacher's tapped layers."""
+        return sum(
+            1 for users in self.term_teachers[:term_index]
+            if teacher_index in users
+        )
+
+    def _term_shape(self, term_index, term, users):
+        shapes = {
+            index: self._taps[index].feature_shapes[
+                self._tap_index(term_index, index)]
+            for index in users
+        }
+        first = users[0]
+        for index in users[1:]:
+            if tuple(shapes[index][1:]) != tuple(shapes[first][1:]):
+                raise ValueError(
+                    f"Term '{term.name}' reads layer '{term.teacher_layer}' "
+                    f"from teachers '{self.teachers[first].name}' "
+                    f"{shapes[first]} and '{self.teachers[index].name}' "
+                    f"{shapes[index]}: features read by one term must have "
+                    "equal shapes. Use one term per teacher with distinct "
+                    "layer names."
+                )
+        return shapes[first]
+
+    def __call__(self, x, training=False, augment=False):
+        """Runs every teacher on `x` (its own augmentation of `x` when
+        `augment`).
+
+        Returns:
+            `(outputs, features, extras)`: `outputs` is the averaged output
+            (`"logits"` mode or one teacher) or the list of the teachers'
+            outputs (`"losses"` mode); `features` holds, per feature term,
+            the feature (one teacher reads it) or the list of features;
+            `extras` is a dict with `"mean_logits"` (the averaged output) and
+            `"features"` (per teacher, the extra layers' outputs).
+        """
+        shared = None
+        if augment and self.shared_augmentation:
+            shared = apply_augmentation(self.augmentations, x)
+        outputs, tapped = [], []
+        for index, tap in enumerate(self._taps):
+            if not augment:
+                x_in = x
+            elif self.shared_augmentation:
+                x_in = shared
+            else:
+                x_in = apply_augmentation(self.augmentations[index], x)
+            out, feats = tap(x_in, training=training)
+            outputs.append(out)
+            tapped.append(feats)
+        if len(outputs) == 1:
+            mean = outputs[0]
+        else:
+            mean = ops.mean(ops.stack(outputs), axis=0)
+        combined = mean if (
+            self.ensemble == "logits" or len(outputs) == 1
+        ) else outputs
+
+        features = []
+        for term_index, users in enumerate(self.term_teachers):
+            values = [
+                tapped[i][self._tap_index(term_index, i)] for i in users
+            ]
+            features.append(values[0] if len(values) == 1 else values)
+        extras = {
+            "mean_logits": mean,
+            "features": [
+                list(feats[len(feats) - count:]) if count else []
+                for feats, count in zip(tapped, self.extra_counts)
+            ],
+        }
+        return combined, features, extras
