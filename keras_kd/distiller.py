@@ -17,6 +17,7 @@ from keras_kd.augment import check_augmentation_shape
 from keras_kd.diagnostics import Diagnostics
 from keras_kd.ensemble import Teachers, as_teacher_list, check_teacher_outputs
 from keras_kd.ensemble import ensemble_loss
+from keras_kd.losses.features import check_poolable
 from keras_kd.taps import Tap
 from keras_kd.term import Term
 
@@ -287,14 +288,7 @@ class Distiller(keras.Model):
                 f"term '{term.name}' (teacher layer '{term.teacher_layer}' "
                 f"{t_shape}, student layer '{term.student_layer}' {s_shape})"
             )
-            if len(t_shape) != len(s_shape):
-                raise ValueError(f"Feature ranks differ for {where}.")
-            for t, s in zip(t_shape[1:-1], s_shape[1:-1]):
-                if t and s and max(t, s) % min(t, s):
-                    raise ValueError(
-                        f"Spatial sizes cannot be pooled to a common size for "
-                        f"{where}: each size must divide the other."
-                    )
+            check_poolable(t_shape, s_shape, where)
             if term.loss.matches_channels and t_shape[-1] != s_shape[-1]:
                 adapter = keras.layers.Dense(
                     t_shape[-1], name=f"{term.name}_adapter"

@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_kd.distiller import _scale_for_replicas, _unscale_for_replicas
 from keras_kd.losses.activation_mapping import ActivationMapping
+from keras_kd.losses.features import check_poolable
 from keras_kd.taps import Tap, _graph_endpoints, find_layer
 
 
@@ -451,14 +452,7 @@ class _ModuleRunner:
                 "The activation mapping needs channels-last feature maps "
                 f"with a spatial axis, `(batch, ..., channels)`, for {where}."
             )
-        if len(t_shape) != len(s_shape):
-            raise ValueError(f"Feature ranks differ for {where}.")
-        for t, s in zip(t_shape[1:-1], s_shape[1:-1]):
-            if t and s and max(t, s) % min(t, s):
-                raise ValueError(
-                    f"Spatial sizes cannot be pooled to a common size for "
-                    f"{where}: each size must divide the other."
-                )
+        check_poolable(t_shape, s_shape, where)
         if t_shape[-1] == s_shape[-1]:
             return None
         adapter = keras.layers.Dense(

@@ -42,6 +42,25 @@ def match_spatial(teacher_feature, student_feature):
     return pool(teacher_feature, t_size), pool(student_feature, s_size)
 
 
+def check_poolable(teacher_shape, student_shape, where):
+    """Raises a `ValueError` unless two feature shapes have the same rank and
+    spatial sizes that `match_spatial` can pool to a common size.
+
+    Args:
+        teacher_shape: static shape of the teacher feature.
+        student_shape: static shape of the student feature.
+        where: description of the pair used in the error message.
+    """
+    if len(teacher_shape) != len(student_shape):
+        raise ValueError(f"Feature ranks differ for {where}.")
+    for t, s in zip(teacher_shape[1:-1], student_shape[1:-1]):
+        if t and s and max(t, s) % min(t, s):
+            raise ValueError(
+                f"Spatial sizes cannot be pooled to a common size for "
+                f"{where}: each size must divide the other."
+            )
+
+
 def attention_map(feature, p=2):
     """Spatial attention of a channels-last feature map.
 
