@@ -81,6 +81,10 @@ DISTILLATION_METHODS = {
         "terms": demo.kd_terms(temperature=4.0),
         "local_modules": keras_kd.LocalModules(
             split_at=["s_stage1"], teacher_layers=["t_stage1"])},
+    "DIST, T=4 (no labels)": lambda: {"terms": [keras_kd.Term(
+        keras_kd.losses.DIST(temperature=4.0), weight=2.0)]},
+    "CMKD, T=4 (no labels)": lambda: {"terms": [keras_kd.Term(
+        keras_kd.losses.CMKD(temperature=4.0), weight=1.0)]},
     "KD + layer-wise LR, attention (no labels)": _layerwise("attention"),
     "KD + layer-wise LR, jacobian (no labels)": _layerwise("jacobian"),
     "KD + layer-wise LR, hessian (no labels)": _layerwise("hessian"),
