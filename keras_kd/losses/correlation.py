@@ -450,7 +450,7 @@ class SpearmanCorrelation(_CorrelationLoss):
     further apart count as hard 0/1 comparisons). Cost per row is
     O(C (log C + window)) time and O(C) memory instead of the O(C^2) of an
     all-pairs soft rank, so large vocabularies (C = 32000) fit easily. The
-    sort itself dominates the cost; see `docs/losses/correlation.md` for
+    sort itself dominates the cost; see `docs/losses/spearman.md` for
     measured timings.
 
     Args:
@@ -597,7 +597,7 @@ class CMKD(_BatchCoupledLoss):
     Spearman-based loss whose weights change per sample with the difficulty
     of the sample, measured by the entropy of the teacher's output. The
     paper's full text was not available, so this class implements the
-    library's own reading of the abstract (`docs/losses/correlation.md`):
+    library's own reading of the abstract (`docs/losses/cmkd.md`):
 
         w_i   = H(p_t,i) / log C                 (in [0, 1], no gradient)
         L_P,i = 1 - rho(p_s,i, p_t,i)  [+ intra_weight * DIST intra term]
