@@ -1,9 +1,12 @@
 """Ranks of tensor entries: exact ranks and a differentiable soft rank.
 
-Everything here is written with `keras.ops` only, so it runs unchanged on
-every Keras backend and device.
+Everything here is written with `keras.ops`, so it runs unchanged on every
+Keras backend and device; the one backend-specific piece is a faster sort
+used only under TensorFlow with XLA (`keras_kd.ops.sort`), which returns
+the same permutation.
 
-Both functions sort each slice once (`keras.ops.argsort`, O(n log n)) and
+Both functions sort each slice once (O(n log n): `keras.ops.argsort`, or
+under TensorFlow with XLA the faster key sort of `keras_kd.ops.sort`) and
 work on the sorted values:
 
 - `exact_rank` gives the ranks of `scipy.stats.rankdata` (1-based, ties get
@@ -17,6 +20,8 @@ work on the sorted values:
 import keras
 from keras import ops
 
+from keras_kd.ops.sort import argsort_rows
+
 DEFAULT_STRENGTH = 0.1
 DEFAULT_WINDOW = 16
 
@@ -24,7 +29,12 @@ DEFAULT_WINDOW = 16
 def _to_rows(x, axis):
     """Moves `axis` last and flattens the other axes: returns rows, undo."""
     x = ops.convert_to_tensor(x)
-    if not keras.backend.is_float_dtype(x.dtype):
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if not keras.backend.is_float_dtype(dtype):
+        x, dtype = ops.cast(x, "float32"), "float32"
+    elif dtype in ("float16", "bfloat16"):
+        # Ranks are counts up to n: compute them in float32 (half precision
+        # cannot even hold an `arange` on every backend) and cast back.
         x = ops.cast(x, "float32")
     ndim = len(x.shape)
     if ndim == 0:
@@ -42,22 +52,37 @@ def _to_rows(x, axis):
     rows = ops.reshape(moved, (-1, n))
 
     def undo(values):
-        values = ops.reshape(values, moved_shape)
+        values = ops.cast(ops.reshape(values, moved_shape), dtype)
         return values if last else ops.moveaxis(values, -1, axis)
 
     return rows, n, undo
 
 
 def _tied_ranks_of_sorted(sorted_rows, n):
-    """1-based ranks, ties averaged, of rows that are already sorted.
-
-    Equal values form contiguous runs in a sorted row; the rank of every
-    element of a run is the mean of the run's 1-based positions. Runs are
-    numbered with a cumulative sum and averaged with one `segment_sum`
-    (O(n) per row, independent of the run lengths).
-    """
+    """1-based ranks, ties averaged, of rows that are already sorted."""
     if n == 1:
         return ops.ones_like(sorted_rows)
+    positions = ops.broadcast_to(
+        ops.arange(1, n + 1, dtype=sorted_rows.dtype)[None, :],
+        ops.shape(sorted_rows),
+    )
+    # Rows of distinct values (the usual case for float logits) are ranked
+    # by position; only when some row has a tie is the averaging run.
+    has_tie = ops.any(
+        ops.equal(sorted_rows[:, 1:], sorted_rows[:, :-1])
+    )
+    return ops.cond(
+        has_tie,
+        lambda: _average_tied_positions(sorted_rows, n),
+        lambda: positions,
+    )
+
+
+def _average_tied_positions(sorted_rows, n):
+    """Equal values form contiguous runs in a sorted row; the rank of every
+    element of a run is the mean of the run's 1-based positions. Runs are
+    numbered with a cumulative sum and averaged with one `segment_sum`
+    (O(n) per row, independent of the run lengths)."""
     shape = ops.shape(sorted_rows)
     num_rows = shape[0]
     differs = ops.not_equal(sorted_rows[:, 1:], sorted_rows[:, :-1])
@@ -96,9 +121,7 @@ def _unsort(sorted_values, permutation, n):
 
 
 def _sort_rows(rows):
-    permutation = ops.cast(
-        ops.argsort(ops.stop_gradient(rows), axis=-1), "int32"
-    )
+    permutation = argsort_rows(rows)
     return permutation, ops.take_along_axis(rows, permutation, axis=-1)
 
 
@@ -175,8 +198,8 @@ def soft_rank(
     Cost: one sort per slice, a few O(n) gathers and scatters (sorting,
     averaging ties, un-sorting) and `window` elementwise passes:
     O(n (log n + window)) time and O(n window) memory per slice for
-    forward + backward (the all-pairs form needs n x n). The sort dominates
-    on CPU, where XLA's sort is slow (see `docs/ops.md` for timings).
+    forward + backward (the all-pairs form needs n x n). On CPU the sort
+    and the window passes dominate (see `docs/ops.md` for timings).
 
     `eps` is in the units of `x`: scale it with the spread of your inputs
     (the losses in `keras_kd.losses.correlation` apply it to `logits / tau`).
@@ -214,7 +237,7 @@ def soft_rank(
         raise ValueError(f"`window` must be at least 1, got {window}.")
     rows, n, undo = _to_rows(x, axis)
     permutation, sorted_rows = _sort_rows(rows)
-    ranks = ops.stop_gradient(_tied_ranks_of_sorted(sorted_rows, n))
+    ranks = _tied_ranks_of_sorted(ops.stop_gradient(sorted_rows), n)
     inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
     correction = ops.zeros_like(sorted_rows)
     for offset in range(1, min(window, n - 1) + 1):

@@ -1,0 +1,85 @@
+"""Row-wise argsort for the rank functions, with a fast path under XLA.
+
+`argsort_rows(rows)` returns, for a 2-D tensor, the permutation that sorts
+every row in ascending order (as `keras.ops.argsort(rows, axis=-1)`, as
+int32). Everywhere but one place it *is* `keras.ops.argsort`.
+
+The one place: the TensorFlow backend inside an XLA-compiled function
+(`jit_compile=True`). TensorFlow lowers `argsort` to a `TopK` of every
+element, which XLA compiles to a sort of (value, index) pairs with a
+general comparator; on CPU that sort is several times slower than XLA's
+sort of a single integer tensor. This path therefore packs each float32
+value and its column index into one int64 key whose integer order is the
+order of (value, index), sorts the keys alone and reads the indices back
+from their low bits. Values are mapped to integers with the usual
+order-preserving bit trick (flip all bits but the sign of negative
+floats), so the order is exact: no rounding, and equal values keep
+ascending column order. `-0.0` sorts just before `+0.0`; the rank functions
+compare the sorted values themselves, so the two still count as a tie.
+
+float64 inputs and rows too long for the packing use `keras.ops.argsort`.
+`benchmarks/losses.py` prints both sorts side by side.
+"""
+
+import keras
+from keras import ops
+
+_FAST_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _in_tensorflow_xla():
+    """True while TensorFlow traces a function compiled with XLA."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        import tensorflow as tf
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - TensorFlow is a core dependency
+        return False
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf_ops.get_default_graph()
+    )
+
+
+def _tensorflow_xla_argsort(rows):
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    n = rows.shape[-1]
+    index_bits = max(1, (n - 1).bit_length())
+    bits = tf.bitcast(tf.cast(rows, "float32"), tf.int32)
+    # Order-preserving map of float32 bit patterns to int32: negative
+    # floats count down as their magnitude grows, so flip their other bits.
+    ordered = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
+    keys = tf.bitwise.left_shift(tf.cast(ordered, tf.int64), index_bits)
+    keys = keys + tf.range(n, dtype=tf.int64)[None, :]
+    keys = xla.sort(keys)
+    return tf.cast(tf.bitwise.bitwise_and(keys, (1 << index_bits) - 1), "int32")
+
+
+def argsort_rows(rows):
+    """Ascending sort permutation of every row of a 2-D tensor (int32).
+
+    Equal to `keras.ops.argsort(rows, axis=-1)` up to the order of equal
+    values; faster under TensorFlow with XLA (see the module docstring).
+    The result carries no gradient.
+
+    Args:
+        rows: float tensor of shape `(rows, n)` with a static `n`.
+
+    Returns:
+        An int32 tensor of the same shape.
+    """
+    rows = ops.stop_gradient(rows)
+    n = rows.shape[-1]
+    if (
+        _in_tensorflow_xla()
+        and keras.backend.standardize_dtype(rows.dtype) in _FAST_DTYPES
+        and n is not None
+        and (n - 1).bit_length() <= 31
+    ):
+        return _tensorflow_xla_argsort(rows)
+    return ops.cast(ops.argsort(rows, axis=-1), "int32")

@@ -1,0 +1,87 @@
+"""The XLA fast path of `argsort_rows` and the ranks built on it."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow as tf
+
+import keras_kd.ops.sort as sort_module
+from keras_kd.ops.rank import exact_rank
+from keras_kd.ops.rank import soft_rank
+from keras_kd.ops.sort import argsort_rows
+
+
+def _awkward_rows():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(6, 300)).astype("float32") * 10.0
+    rows[0, :40] = 0.0  # a long run of ties
+    rows[0, 40:60] = -0.0  # ... that -0.0 joins
+    rows[1, ::3] = rows[1, 1]  # ties spread across the row
+    rows[2, :5] = [np.inf, -np.inf, 1e-30, -1e-30, 3.4e38]
+    rows[3] = np.round(rows[3])  # small integers, many ties
+    rows[4] = -np.abs(rows[4])  # negatives only
+    return rows
+
+
+def _compiled(fn):
+    return tf.function(fn, jit_compile=True)
+
+
+def test_fast_path_is_taken_only_under_xla(monkeypatch):
+    calls = []
+    fast = sort_module._tensorflow_xla_argsort
+
+    def spy(rows):
+        calls.append(rows.shape)
+        return fast(rows)
+
+    monkeypatch.setattr(sort_module, "_tensorflow_xla_argsort", spy)
+    x = tf.constant(_awkward_rows())
+    argsort_rows(x)
+    tf.function(argsort_rows)(x)
+    assert calls == []
+    _compiled(argsort_rows)(x)
+    assert len(calls) == 1
+
+
+def test_xla_argsort_sorts_every_row():
+    rows = _awkward_rows()
+    permutation = np.asarray(_compiled(argsort_rows)(tf.constant(rows)))
+    assert permutation.dtype == np.int32
+    for row, order in zip(rows, permutation):
+        assert sorted(order) == list(range(rows.shape[1]))
+        # Sorted by value, and equal values keep their column order
+        # (-0.0 sorts just before +0.0, so ties are equal bit patterns).
+        np.testing.assert_array_equal(row[order], np.sort(row))
+        ties = np.diff(row[order].view(np.int32)) == 0
+        assert np.all(np.diff(order)[ties] > 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_exact_rank_under_xla_matches_rankdata(dtype):
+    rows = _awkward_rows().astype(dtype)
+    rows[np.isinf(rows)] = 7.0  # keep float16 finite after the cast
+    rows[2, 4] = 3.0
+    ranks = _compiled(lambda x: exact_rank(x, axis=-1))(tf.constant(rows))
+    np.testing.assert_array_equal(
+        np.asarray(ranks), scipy.stats.rankdata(rows, axis=-1)
+    )
+
+
+def test_soft_rank_and_gradient_under_xla_equal_eager():
+    # Distinct values: where values tie, which tied entry takes which
+    # sorted place is up to the sort, and soft ranks depend on the place.
+    x = tf.constant(_awkward_rows()[4:])
+
+    def value_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            ranks = soft_rank(x, regularization_strength=0.5)
+            total = tf.reduce_sum(ranks * tf.range(300, dtype=x.dtype))
+        return ranks, tape.gradient(total, x)
+
+    eager = value_and_grad(x)
+    compiled = _compiled(value_and_grad)(x)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a),
+                                   rtol=1e-5, atol=1e-4)
