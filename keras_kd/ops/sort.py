@@ -31,17 +31,19 @@ def _in_tensorflow_xla():
     """True while TensorFlow traces a function compiled with XLA."""
     if keras.backend.backend() != "tensorflow":
         return False
-    try:
-        import tensorflow as tf
-        from tensorflow.python.framework import ops as tf_ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - TensorFlow is a core dependency
-        return False
+    import tensorflow as tf
+
     if tf.executing_eagerly():
         return False
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf_ops.get_default_graph()
-    )
+    try:  # TensorFlow-internal helpers: without them, no fast path.
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+
+        in_xla = control_flow_util.GraphOrParentsInXlaContext
+        graph = tf_ops.get_default_graph()
+    except (ImportError, AttributeError):  # pragma: no cover
+        return False
+    return bool(in_xla(graph))
 
 
 def _tensorflow_xla_argsort(rows):

@@ -85,3 +85,32 @@ def test_soft_rank_and_gradient_under_xla_equal_eager():
     for a, b in zip(eager, compiled):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a),
                                    rtol=1e-5, atol=1e-4)
+
+
+def test_distiller_with_jit_compile_uses_the_fast_sort(monkeypatch):
+    import keras
+
+    import keras_kd
+
+    calls = []
+    fast = sort_module._tensorflow_xla_argsort
+
+    def spy(rows):
+        calls.append(rows.shape)
+        return fast(rows)
+
+    monkeypatch.setattr(sort_module, "_tensorflow_xla_argsort", spy)
+
+    def model(name):
+        inputs = keras.Input((6,))
+        return keras.Model(inputs, keras.layers.Dense(12)(inputs), name=name)
+
+    distiller = keras_kd.Distiller(
+        model("teacher"), model("student"),
+        terms=[keras_kd.Term(keras_kd.losses.SpearmanCorrelation())],
+    )
+    distiller.compile(optimizer="sgd", jit_compile=True)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    history = distiller.fit(x, epochs=1, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert len(calls) == 2  # teacher ranks and student soft ranks
