@@ -93,12 +93,19 @@ def _after(tensor, *tensors):
         return tf.identity(tensor)
 
 
+def _channel_sum_of_squares(x):
+    """`sum(x ** 2, axis=-1)` as a contraction of `x` with itself, without
+    the full-size temporary of `sum(square(x))`. (TensorFlow's
+    `reduce_euclidean_norm` would also avoid it but has no XLA kernel.)"""
+    return ops.einsum("...c,...c->...", x, x)
+
+
 def _channel_mean_squared_error(student_feature, teacher_feature):
     """`mean_c((student - teacher) ** 2)`, differentiable in the student
     feature only (the teacher's is a constant here).
 
-    Written for memory: the forward pass contracts the difference with
-    itself over the channels (no full-size tensor of squares), and the
+    Written for memory: the forward pass reduces the difference over the
+    channels without a full-size tensor of squares, and the
     gradient is written out, `(2 / C) * (student - teacher) * upstream`,
     so that the backward pass keeps one full-size tensor (the difference)
     from the forward pass and creates one (the gradient). Differentiating
@@ -115,9 +122,7 @@ def _channel_mean_squared_error(student_feature, teacher_feature):
     @ops.custom_gradient
     def squared_error(student):
         diff = student - teacher_feature
-        # A contraction over the channels, not `mean(square(diff))`: no
-        # full-size temporary for the squares.
-        value = ops.einsum("...c,...c->...", diff, diff) / channels
+        value = _channel_sum_of_squares(diff) / channels
 
         def grad(*args, upstream=None):
             if upstream is None:
