@@ -1,14 +1,22 @@
 """Peak memory and step time: LAKD local modules versus end-to-end KD.
 
-Both configurations train the same 4-stage CNN student from the same wider
-teacher with the same losses: 0.1 * cross-entropy + 0.9 * KD on the logits
-and one `ActivationMapping` (NDAM) feature term at the output of each of
-the first three student stages, matched to the teacher's stages.
+Both configurations train the same 4-stage CNN student (two
+conv-BN-ReLU blocks per stage) from the same wider teacher with the same
+losses: 0.1 * cross-entropy + 0.9 * KD on the logits and one
+`ActivationMapping` (NDAM) feature term at each split point, matched to
+the teacher's corresponding layer.
 
 - `end_to_end`: those feature terms as `Term`s; one gradient tape over the
   whole student.
-- `lakd`: `LocalModules` split at the same three stage outputs (four
-  modules); one gradient tape per module, applied in turn.
+- `lakd`: `LocalModules` split at the same points; one gradient tape per
+  module, applied in turn.
+
+Two sets of split points (`--split`, default both, one table each):
+
+- `stages`: the outputs of the first three stages (4 modules). The first
+  module, the 32x32 stage, holds about half of the student's activations.
+- `blocks`: the output of every conv block except the last (7 splits, 8
+  modules of one conv block each), which evens out the modules' memory.
 
 Each configuration runs in its own subprocess (TensorFlow on CPU, batch 256,
 synthetic 32x32x3 images, the Keras default `jit_compile="auto"`, which is
@@ -24,7 +32,9 @@ and reports
   high-water mark is reset after step 1 via /proc/self/clear_refs), minus
   the same baseline; this excludes the one-off cost of tracing and
   optimizing the graph;
-- `step_s`: median wall time of the steps after the first.
+- `step_s`: median wall time of the steps after the first;
+- `cpu_s`: median process CPU time (user + system, all threads) of the
+  same steps, less sensitive than wall time to other jobs on the machine.
 
 Resident memory also counts what the C library's allocator keeps around
 after tensors are freed, which depends on how allocations interleave. A
@@ -38,6 +48,7 @@ parent prints the median of each quantity and the ratios LAKD / end-to-end,
 computed from the medians of this one invocation.
 
 Usage: python benchmarks/memory.py [--repeats 3] [--steps 8]
+       [--split stages|blocks|both]
 """
 
 import argparse
@@ -49,6 +60,7 @@ import sys
 import time
 
 CONFIGS = ("end_to_end", "lakd")
+SPLITS = ("stages", "blocks")
 BATCH = 256
 SIZE = 32
 CLASSES = 10
@@ -94,24 +106,28 @@ def _cnn(keras, prefix, widths):
     return keras.Model(inputs, outputs, name=prefix)
 
 
-def child(config, steps, live):
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if live:
-        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import resource
+def split_points(split):
+    """`(student layers, teacher layers)` at which the student is split
+    (and the feature terms read)."""
+    if split == "stages":
+        stages = range(1, len(STUDENT_WIDTHS))
+        return ([f"s_stage{i}" for i in stages],
+                [f"t_stage{i}" for i in stages])
+    student, teacher = [], []
+    for i in range(1, len(STUDENT_WIDTHS) + 1):
+        student.append(f"s_s{i}_relu1")
+        teacher.append(f"t_s{i}_relu1")
+        if i < len(STUDENT_WIDTHS):
+            student.append(f"s_stage{i}")
+            teacher.append(f"t_stage{i}")
+    return student, teacher
 
-    import keras
-    import numpy as np
-    import tensorflow as tf
 
-    import keras_kd
-
-    keras.utils.set_random_seed(0)
+def build(keras, keras_kd, config, split):
+    """The compiled distiller of one configuration."""
     teacher = _cnn(keras, "t", TEACHER_WIDTHS)
     student = _cnn(keras, "s", STUDENT_WIDTHS)
-    splits = ["s_stage1", "s_stage2", "s_stage3"]
-    teacher_layers = ["t_stage1", "t_stage2", "t_stage3"]
+    splits, teacher_layers = split_points(split)
     kd = keras_kd.Term(keras_kd.losses.KD(temperature=4.0), weight=0.9)
     if config == "end_to_end":
         terms = [kd] + [
@@ -131,6 +147,24 @@ def child(config, steps, live):
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    return distiller
+
+
+def child(config, split, steps, live):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if live:
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import resource
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_kd
+
+    keras.utils.set_random_seed(0)
+    distiller = build(keras, keras_kd, config, split)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype("float32")
     y = rng.integers(0, CLASSES, size=BATCH)
@@ -146,12 +180,13 @@ def child(config, steps, live):
         return
 
     baseline_kb = _status_kb("VmRSS")
-    times = []
+    times, cpu_times = [], []
     first_peak_kb = steady_peak_kb = None
     for step in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         distiller.train_on_batch(x, y)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         if step == 0:
             # Resetting the high-water mark also resets ru_maxrss: keep it.
             first_peak_kb = resource.getrusage(
@@ -170,81 +205,113 @@ def child(config, steps, live):
                            else (steady_peak_kb - baseline_kb) / 1024),
         "first_step_s": times[0],
         "step_s": statistics.median(times[1:]),
+        "cpu_s": statistics.median(cpu_times[1:]),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(config, steps, live=False):
+def run_child(config, split, steps, live=False):
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, __file__, "--config", config, "--steps", str(steps)]
-        + (["--live"] if live else []),
+        [sys.executable, __file__, "--config", config, "--split", split,
+         "--steps", str(steps)] + (["--live"] if live else []),
         capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{config} ({split}) failed:\n"
+                           f"{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return json.loads(line[-1][len("RESULT "):])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=CONFIGS)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--live", action="store_true",
-                        help="child only: report TensorFlow's allocator peak")
-    args = parser.parse_args()
-    if args.config:
-        child(args.config, args.steps, args.live)
-        return
-
-    print(f"batch {BATCH}, {SIZE}x{SIZE}x3 inputs, student widths "
-          f"{STUDENT_WIDTHS}, teacher widths {TEACHER_WIDTHS}, "
-          f"{args.steps} steps per process, {args.repeats} processes per "
-          "configuration (alternating)")
+def measure(split, steps, repeats):
+    """Runs both configurations for one set of split points and prints the
+    runs, the medians and the ratios."""
+    student_layers, _ = split_points(split)
+    print(f"\n== split {split}: {len(student_layers)} split points "
+          f"({len(student_layers) + 1} LAKD modules) at "
+          f"{', '.join(student_layers)}; the same points carry the "
+          "end-to-end feature terms", flush=True)
     runs = {c: [] for c in CONFIGS}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for config in CONFIGS:
-            result = run_child(config, args.steps)
+            result = run_child(config, split, steps)
             runs[config].append(result)
             print(f"  run {repeat + 1} {config:>10}: "
                   f"peak {result['peak_mb']:7.1f} MB, steady peak "
                   f"{result['steady_peak_mb']:7.1f} MB, step "
-                  f"{result['step_s']:.3f} s (baseline "
+                  f"{result['step_s']:.3f} s, CPU {result['cpu_s']:.3f} s "
+                  "(baseline "
                   f"{result['baseline_mb']:.0f} MB, jit_compile="
                   f"{result['jit_compile']})", flush=True)
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for config in CONFIGS:
-            result = run_child(config, args.steps, live=True)
+            result = run_child(config, split, steps, live=True)
             runs[config][repeat].update(result)
             print(f"  run {repeat + 1} {config:>10}: live tensors peak "
                   f"{result['live_peak_mb']:7.1f} MB", flush=True)
 
     medians = {
         c: {k: statistics.median(r[k] for r in runs[c])
-            for k in ("peak_mb", "steady_peak_mb", "live_peak_mb", "step_s")}
+            for k in ("peak_mb", "steady_peak_mb", "live_peak_mb", "step_s",
+                      "cpu_s")}
         for c in CONFIGS
     }
-    print(f"\n{'configuration':>14} {'peak MB':>9} {'steady MB':>10} "
-          f"{'live MB':>9} {'step s':>8}")
+    print(f"\n{'split ' + split:>14} {'peak MB':>9} {'steady MB':>10} "
+          f"{'live MB':>9} {'step s':>8} {'CPU s':>7}")
     for c in CONFIGS:
         m = medians[c]
         print(f"{c:>14} {m['peak_mb']:9.1f} {m['steady_peak_mb']:10.1f} "
-              f"{m['live_peak_mb']:9.1f} {m['step_s']:8.3f}")
+              f"{m['live_peak_mb']:9.1f} {m['step_s']:8.3f} "
+              f"{m['cpu_s']:7.3f}")
     e2e, lakd = medians["end_to_end"], medians["lakd"]
     peak_ratio = lakd["peak_mb"] / e2e["peak_mb"]
     steady_ratio = lakd["steady_peak_mb"] / e2e["steady_peak_mb"]
     live_ratio = lakd["live_peak_mb"] / e2e["live_peak_mb"]
     time_ratio = lakd["step_s"] / e2e["step_s"]
-    print(f"\nLAKD / end-to-end peak memory:        {peak_ratio:.3f} "
-          f"(target <= 0.85: {'met' if peak_ratio <= 0.85 else 'NOT met'})")
-    print(f"LAKD / end-to-end steady peak memory: {steady_ratio:.3f}")
-    print(f"LAKD / end-to-end live-tensor peak:   {live_ratio:.3f}")
-    print(f"LAKD / end-to-end step time:          {time_ratio:.3f} "
-          f"(target <= 1.2: {'met' if time_ratio <= 1.2 else 'NOT met'})")
+    cpu_ratio = lakd["cpu_s"] / e2e["cpu_s"]
+    print(f"\n[{split}] LAKD / end-to-end peak memory:        "
+          f"{peak_ratio:.3f} (target <= 0.85: "
+          f"{'met' if peak_ratio <= 0.85 else 'NOT met'})")
+    print(f"[{split}] LAKD / end-to-end steady peak memory: "
+          f"{steady_ratio:.3f}")
+    print(f"[{split}] LAKD / end-to-end live-tensor peak:   "
+          f"{live_ratio:.3f} "
+          f"({'<=' if live_ratio <= 0.85 else '>'} 0.85)")
+    print(f"[{split}] LAKD / end-to-end step time:          "
+          f"{time_ratio:.3f} (target <= 1.2: "
+          f"{'met' if time_ratio <= 1.2 else 'NOT met'})")
+    print(f"[{split}] LAKD / end-to-end step CPU time:      "
+          f"{cpu_ratio:.3f}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=CONFIGS)
+    parser.add_argument("--split", choices=SPLITS + ("both",),
+                        default="both",
+                        help="split points: after each of the first three "
+                        "stages, after every conv block but the last, or "
+                        "both (one table each; the default)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--live", action="store_true",
+                        help="child only: report TensorFlow's allocator peak")
+    args = parser.parse_args()
+    if args.config:
+        if args.split == "both":
+            parser.error("a child (--config) needs --split stages|blocks")
+        child(args.config, args.split, args.steps, args.live)
+        return
+
+    print(f"batch {BATCH}, {SIZE}x{SIZE}x3 inputs, student widths "
+          f"{STUDENT_WIDTHS}, teacher widths {TEACHER_WIDTHS}, "
+          f"{args.steps} steps per process, {args.repeats} processes per "
+          "configuration (alternating)")
+    for split in (SPLITS if args.split == "both" else (args.split,)):
+        measure(split, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

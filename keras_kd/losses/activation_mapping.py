@@ -80,6 +80,61 @@ def activation_map(feature, pooling="avg_max", normalize="sigmoid"):
     return (pooled - low) / (high - low + 1e-6)
 
 
+def _after(tensor, *tensors):
+    """`tensor`, read only once `tensors` are computed (TensorFlow graphs;
+    unchanged otherwise)."""
+    if keras.backend.backend() != "tensorflow":
+        return tensor
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return tensor
+    with tf.control_dependencies(list(tensors)):
+        return tf.identity(tensor)
+
+
+def _channel_sum_of_squares(x):
+    """`sum(x ** 2, axis=-1)` as a contraction of `x` with itself, without
+    the full-size temporary of `sum(square(x))`. (TensorFlow's
+    `reduce_euclidean_norm` would also avoid it but has no XLA kernel.)"""
+    return ops.einsum("...c,...c->...", x, x)
+
+
+def _channel_mean_squared_error(student_feature, teacher_feature):
+    """`mean_c((student - teacher) ** 2)`, differentiable in the student
+    feature only (the teacher's is a constant here).
+
+    Written for memory: the forward pass reduces the difference over the
+    channels without a full-size tensor of squares, and the
+    gradient is written out, `(2 / C) * (student - teacher) * upstream`,
+    so that the backward pass keeps one full-size tensor (the difference)
+    from the forward pass and creates one (the gradient). Differentiating
+    `mean(square(d))` op by op also materialises the broadcast upstream
+    gradient and `2 * d` at full size; on a large early feature map these
+    temporaries set the peak memory of the loss. The upstream gradient of
+    this loss does not depend on its value, so in a graph the gradient
+    could be computed before the value; it is made to wait for the value,
+    which frees the difference as soon as the gradient has read it (and
+    lets TensorFlow write the gradient into the difference's buffer).
+    """
+    channels = student_feature.shape[-1]
+
+    @ops.custom_gradient
+    def squared_error(student):
+        diff = student - teacher_feature
+        value = _channel_sum_of_squares(diff) / channels
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            scale = ops.expand_dims(upstream, -1) * (2.0 / channels)
+            return _after(diff, value) * ops.cast(scale, diff.dtype)
+
+        return value, grad
+
+    return squared_error(student_feature)
+
+
 def activation_mapping_loss(
     teacher_feature, student_feature, alpha=1.0, beta=0.1,
     pooling="avg_max", normalize="sigmoid",
@@ -111,7 +166,7 @@ def activation_mapping_loss(
         teacher_feature, student_feature
     )
     attention = activation_map(teacher_feature, pooling, normalize)
-    diff = ops.mean(ops.square(student_feature - teacher_feature), axis=-1)
+    diff = _channel_mean_squared_error(student_feature, teacher_feature)
     diff = ops.reshape(diff, (ops.shape(diff)[0], -1))
     attended = ops.mean(attention * diff, axis=-1)
     missed = ops.mean((1.0 - attention) * diff, axis=-1)
