@@ -122,3 +122,41 @@ def test_config_round_trip():
         keras.saving.serialize_keras_object(loss))
     assert type(clone) is ActivationMapping
     assert clone.get_config() == loss.get_config()
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_gradient_equals_autodiff_of_the_formula(maps, mode):
+    # The loss writes its gradient out by hand (for memory); it must equal
+    # plain automatic differentiation of the formula, written here in TF.
+    t, s = maps
+    t = tf.constant(np_pool(t, 2))  # same spatial size as the student
+    s = tf.constant(s)
+    weights = tf.constant([1.0, 0.0, 2.0, 0.5])
+    loss = ActivationMapping(alpha=0.7, beta=0.2)
+
+    def reference(s):
+        attention = tf.constant(
+            np_map(t.numpy(), "avg_max", "sigmoid"), tf.float32)
+        d = tf.reshape(tf.reduce_mean(tf.square(s - t), -1), (4, -1))
+        per_sample = tf.reduce_mean(
+            0.7 * attention * d + 0.2 * (1.0 - attention) * d, -1)
+        return tf.reduce_sum(per_sample * weights) / 4.0
+
+    def value_and_grad(fn, s):
+        with tf.GradientTape() as tape:
+            tape.watch(s)
+            value = fn(s)
+        return value, tape.gradient(value, s)
+
+    def ours(s):
+        return loss(t, s, sample_weight=weights)
+
+    run = {"eager": lambda f: f,
+           "graph": tf.function,
+           "xla": lambda f: tf.function(f, jit_compile=True)}[mode]
+    value, grad = run(lambda s: value_and_grad(ours, s))(s)
+    ref_value, ref_grad = value_and_grad(reference, s)
+    np.testing.assert_allclose(value.numpy(), ref_value.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(grad.numpy(), ref_grad.numpy(),
+                               rtol=1e-4, atol=1e-7)
+    assert np.abs(grad.numpy()[1]).max() == 0  # weight-0 sample: no grad
