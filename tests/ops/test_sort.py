@@ -23,11 +23,9 @@ def _awkward_rows():
     return rows
 
 
-def _compiled(fn):
-    return tf.function(fn, jit_compile=True)
-
-
-def test_fast_path_is_taken_only_under_xla(monkeypatch):
+@pytest.fixture
+def fast_sort_calls(monkeypatch):
+    """Records the shape of every row batch sent to the XLA fast path."""
     calls = []
     fast = sort_module._tensorflow_xla_argsort
 
@@ -36,6 +34,15 @@ def test_fast_path_is_taken_only_under_xla(monkeypatch):
         return fast(rows)
 
     monkeypatch.setattr(sort_module, "_tensorflow_xla_argsort", spy)
+    return calls
+
+
+def _compiled(fn):
+    return tf.function(fn, jit_compile=True)
+
+
+def test_fast_path_is_taken_only_under_xla(fast_sort_calls):
+    calls = fast_sort_calls
     x = tf.constant(_awkward_rows())
     argsort_rows(x)
     tf.function(argsort_rows)(x)
@@ -87,19 +94,12 @@ def test_soft_rank_and_gradient_under_xla_equal_eager():
                                    rtol=1e-5, atol=1e-4)
 
 
-def test_distiller_with_jit_compile_uses_the_fast_sort(monkeypatch):
+def test_distiller_with_jit_compile_uses_the_fast_sort(fast_sort_calls):
     import keras
 
     import keras_kd
 
-    calls = []
-    fast = sort_module._tensorflow_xla_argsort
-
-    def spy(rows):
-        calls.append(rows.shape)
-        return fast(rows)
-
-    monkeypatch.setattr(sort_module, "_tensorflow_xla_argsort", spy)
+    calls = fast_sort_calls
 
     def model(name):
         inputs = keras.Input((6,))
