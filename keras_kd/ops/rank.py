@@ -73,12 +73,12 @@ def _tied_ranks_of_sorted(sorted_rows, n):
     )
     return ops.cond(
         has_tie,
-        lambda: _average_tied_positions(sorted_rows, n),
+        lambda: _average_tied_positions(sorted_rows, positions, n),
         lambda: positions,
     )
 
 
-def _average_tied_positions(sorted_rows, n):
+def _average_tied_positions(sorted_rows, positions, n):
     """Equal values form contiguous runs in a sorted row; the rank of every
     element of a run is the mean of the run's 1-based positions. Runs are
     numbered with a cumulative sum and averaged with one `segment_sum`
@@ -92,9 +92,6 @@ def _average_tied_positions(sorted_rows, n):
     run_ids = ops.cumsum(ops.cast(starts_run, "int32"), axis=-1) - 1
     row_offsets = ops.expand_dims(ops.arange(num_rows, dtype="int32") * n, -1)
     run_ids = ops.reshape(run_ids + row_offsets, (-1,))
-    positions = ops.broadcast_to(
-        ops.arange(1, n + 1, dtype=sorted_rows.dtype)[None, :], shape
-    )
     ones = ops.ones_like(run_ids, dtype=sorted_rows.dtype)
     values = ops.stack([ops.reshape(positions, (-1,)), ones], axis=-1)
     # Per run: (sum of positions, length), read back by every member.

@@ -55,11 +55,13 @@ def _tensorflow_xla_argsort(rows):
     bits = tf.bitcast(tf.cast(rows, "float32"), tf.int32)
     # Order-preserving map of float32 bit patterns to int32: negative
     # floats count down as their magnitude grows, so flip their other bits.
-    ordered = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
+    flipped = tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF)
+    ordered = tf.where(bits < 0, flipped, bits)
     keys = tf.bitwise.left_shift(tf.cast(ordered, tf.int64), index_bits)
     keys = keys + tf.range(n, dtype=tf.int64)[None, :]
     keys = xla.sort(keys)
-    return tf.cast(tf.bitwise.bitwise_and(keys, (1 << index_bits) - 1), "int32")
+    index_mask = (1 << index_bits) - 1
+    return tf.cast(tf.bitwise.bitwise_and(keys, index_mask), "int32")
 
 
 def argsort_rows(rows):
