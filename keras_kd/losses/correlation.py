@@ -305,11 +305,7 @@ def cmkd_loss(
     Returns:
         A tensor of shape `(batch,)`.
     """
-    if hard_samples not in HARD_SAMPLE_TERMS:
-        raise ValueError(
-            f"`hard_samples` must be one of {HARD_SAMPLE_TERMS}, got "
-            f"{hard_samples!r}."
-        )
+    _check_hard_samples(hard_samples)
     teacher_logits = ops.stop_gradient(teacher_logits)
     if standardize:
         teacher_logits = standardize_logits(teacher_logits)
@@ -511,6 +507,15 @@ class SpearmanCorrelation(_CorrelationLoss):
         return config
 
 
+def _check_hard_samples(hard_samples):
+    if hard_samples not in HARD_SAMPLE_TERMS:
+        raise ValueError(
+            f"`hard_samples` must be one of {HARD_SAMPLE_TERMS}, got "
+            f"{hard_samples!r}."
+        )
+    return hard_samples
+
+
 def _check_window(window):
     if int(window) != window or window < 1:
         raise ValueError(f"`window` must be an integer >= 1, got {window}.")
@@ -665,12 +670,7 @@ class CMKD(_BatchCoupledLoss):
             "regularization_strength", regularization_strength
         )
         self.window = _check_window(window)
-        if hard_samples not in HARD_SAMPLE_TERMS:
-            raise ValueError(
-                f"`hard_samples` must be one of {HARD_SAMPLE_TERMS}, got "
-                f"{hard_samples!r}."
-            )
-        self.hard_samples = hard_samples
+        self.hard_samples = _check_hard_samples(hard_samples)
         self.standardize = bool(standardize)
         self.intra_weight = _check_non_negative("intra_weight", intra_weight)
 
