@@ -24,7 +24,7 @@ from keras_kd.losses.logits import standardize_logits
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import exact_rank
-from keras_kd.ops.rank import soft_rank
+from keras_kd.ops.rank import sorted_soft_rank
 
 EPSILON = 1e-8
 HARD_SAMPLE_TERMS = ("spearman", "pearson")
@@ -196,13 +196,27 @@ def spearman_loss(
         A tensor of shape `(batch,)` with values in `[0, 2]`.
     """
     teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
-    student_ranks = soft_rank(
+    # The correlation is unchanged when both vectors are permuted alike, so
+    # the student's ranks stay in its sorted order and the teacher's are
+    # gathered into that order (cheaper than un-sorting the soft ranks).
+    student_ranks, order = sorted_soft_rank(
         student_logits / temperature,
         regularization_strength=regularization_strength,
-        axis=-1,
         window=window,
     )
-    return 1.0 - pearson_correlation(student_ranks, teacher_ranks)
+    teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
+    return 1.0 - _rank_correlation(student_ranks, teacher_ranks)
+
+
+def _rank_correlation(a, b):
+    """`pearson_correlation` of two rank vectors along the last axis.
+
+    Ranks of `n` entries, exact (ties averaged) or soft, always sum to
+    `n (n + 1) / 2`, so both vectors are centred by the constant
+    `(n + 1) / 2` instead of their computed means (the same value, without
+    two reductions and their gradients)."""
+    centre = 0.5 * (a.shape[-1] + 1)
+    return _centred_cosine(a - centre, b - centre, ops.sum, -1, EPSILON)
 
 
 def dist_loss(

@@ -20,7 +20,8 @@ work on the sorted values:
 import keras
 from keras import ops
 
-from keras_kd.ops.sort import argsort_rows
+from keras_kd.ops.sort import _scatter_rows
+from keras_kd.ops.sort import sort_rows
 
 DEFAULT_STRENGTH = 0.1
 DEFAULT_WINDOW = 16
@@ -58,23 +59,62 @@ def _to_rows(x, axis):
     return rows, n, undo
 
 
+_TIE_REACH = 8  # runs of up to this many + 1 equal values: no averaging
+
+
+def _positions(rows):
+    """1, 2, ..., n in every row."""
+    n = rows.shape[-1]
+    return ops.broadcast_to(
+        ops.arange(1, n + 1, dtype=rows.dtype)[None, :], ops.shape(rows)
+    )
+
+
+def _tie_offsets(sorted_rows, reach):
+    """Half the number of equal values among the `reach` entries just above
+    each entry of a sorted row, minus half the number among the `reach`
+    just below. Added to the positions this averages every run of at most
+    `reach + 1` equal values; it is one elementwise pass (NaN padding
+    compares unequal to everything)."""
+    n = sorted_rows.shape[-1]
+    padded = ops.pad(
+        sorted_rows, [[0, 0], [reach, reach]], constant_values=float("nan")
+    )
+    offsets = None
+    for k in range(1, reach + 1):
+        above = ops.equal(sorted_rows, padded[:, reach + k: reach + k + n])
+        below = ops.equal(sorted_rows, padded[:, reach - k: reach - k + n])
+        step = ops.cast(above, sorted_rows.dtype) - ops.cast(
+            below, sorted_rows.dtype
+        )
+        offsets = step if offsets is None else offsets + step
+    return 0.5 * offsets
+
+
+def _has_run_longer_than(sorted_rows, length):
+    """Whether some sorted row holds more than `length` equal values."""
+    return ops.any(
+        ops.equal(sorted_rows[:, length:], sorted_rows[:, :-length])
+    )
+
+
 def _tied_ranks_of_sorted(sorted_rows, n):
     """1-based ranks, ties averaged, of rows that are already sorted."""
+    positions = _positions(sorted_rows)
     if n == 1:
-        return ops.ones_like(sorted_rows)
-    positions = ops.broadcast_to(
-        ops.arange(1, n + 1, dtype=sorted_rows.dtype)[None, :],
-        ops.shape(sorted_rows),
-    )
-    # Rows of distinct values (the usual case for float logits) are ranked
-    # by position; only when some row has a tie is the averaging run.
-    has_tie = ops.any(
-        ops.equal(sorted_rows[:, 1:], sorted_rows[:, :-1])
-    )
+        return positions
+    # Equal values are neighbours in a sorted row. Short runs (the usual
+    # case for float logits: no ties, or a few pairs) are averaged by
+    # comparing each entry with its nearest neighbours; the general
+    # averaging runs only when some row has a longer run.
+    reach = min(_TIE_REACH, n - 1)
+    ranks = positions + _tie_offsets(sorted_rows, reach)
+    if n <= reach + 1:
+        return ranks
     return ops.cond(
-        has_tie,
+        _has_run_longer_than(sorted_rows, reach + 1),
         lambda: _average_tied_positions(sorted_rows, positions, n),
-        lambda: positions,
+        lambda: ranks,
     )
 
 
@@ -103,23 +143,9 @@ def _average_tied_positions(sorted_rows, positions, n):
     return ops.reshape(totals[:, 0] / totals[:, 1], shape)
 
 
-def _unsort(sorted_values, permutation, n):
+def _unsort(sorted_values, permutation):
     """Puts `sorted_values[r, p]` back at column `permutation[r, p]`."""
-    shape = ops.shape(sorted_values)
-    num_rows = shape[0]
-    row_ids = ops.broadcast_to(
-        ops.expand_dims(ops.arange(num_rows, dtype="int32"), -1), shape
-    )
-    indices = ops.stack(
-        [ops.reshape(row_ids, (-1,)), ops.reshape(permutation, (-1,))],
-        axis=-1,
-    )
-    return ops.scatter(indices, ops.reshape(sorted_values, (-1,)), shape)
-
-
-def _sort_rows(rows):
-    permutation = argsort_rows(rows)
-    return permutation, ops.take_along_axis(rows, permutation, axis=-1)
+    return _scatter_rows(sorted_values, permutation)
 
 
 def exact_rank(x, axis=-1):
@@ -143,9 +169,9 @@ def exact_rank(x, axis=-1):
     array([2.5, 1. , 2.5, 4. ])
     """
     rows, n, undo = _to_rows(ops.stop_gradient(x), axis)
-    permutation, sorted_rows = _sort_rows(rows)
+    sorted_rows, permutation = sort_rows(rows)
     ranks = _tied_ranks_of_sorted(sorted_rows, n)
-    return ops.stop_gradient(undo(_unsort(ranks, permutation, n)))
+    return ops.stop_gradient(undo(_unsort(ranks, permutation)))
 
 
 def soft_rank(
@@ -192,11 +218,12 @@ def soft_rank(
       reason tied entries get equal soft ranks only up to such brackets,
       and exactly equal ones as `eps -> 0`.
 
-    Cost: one sort per slice, a few O(n) gathers and scatters (sorting,
-    averaging ties, un-sorting) and `window` elementwise passes:
-    O(n (log n + window)) time and O(n window) memory per slice for
-    forward + backward (the all-pairs form needs n x n). On CPU the sort
-    and the window passes dominate (see `docs/ops.md` for timings).
+    Cost: one sort per slice, one scatter to put the ranks back in place
+    (`sorted_soft_rank` skips it), and for the window one exponential per
+    entry plus a few multiplications per entry and window step, in one
+    elementwise pass forward and one backward: O(n (log n + window)) time
+    and O(n) extra memory per slice (the all-pairs form needs n x n). On
+    CPU the sort dominates (see `docs/ops.md` for timings).
 
     `eps` is in the units of `x`: scale it with the spread of your inputs
     (the losses in `keras_kd.losses.correlation` apply it to `logits / tau`).
@@ -222,6 +249,43 @@ def soft_rank(
     >>> np.round(soft_rank(x, regularization_strength=0.1), 3)  # 0.3 ~ 0.31
     array([[2.475, 1.   , 2.525, 4.   ]], dtype=float32)
     """
+    rows, n, undo = _to_rows(x, axis)
+    ranks, permutation = _soft_rank_of_rows(
+        rows, n, regularization_strength, window
+    )
+    return undo(_unsort(ranks, permutation))
+
+
+def sorted_soft_rank(
+    x, regularization_strength=DEFAULT_STRENGTH, window=DEFAULT_WINDOW
+):
+    """`soft_rank` along the last axis, left in sorted order.
+
+    Returns `(ranks, order)` with `order` the ascending sort permutation of
+    every slice and `ranks[..., p]` the soft rank of `x[..., order[..., p]]`
+    (so `ranks` is nondecreasing up to the smoothing). Quantities that are
+    unchanged when both of their vectors are permuted together, such as a
+    correlation with other ranks gathered by `order`, can use this form
+    and skip the scatter that puts the ranks back in place.
+
+    Args:
+        x: float tensor with a static last dimension.
+        regularization_strength: `eps > 0`, as for `soft_rank`.
+        window: neighbours compared softly on each side, as for `soft_rank`.
+
+    Returns:
+        The soft ranks (shape and float dtype of `x`) and the int32 order.
+    """
+    rows, n, undo = _to_rows(x, -1)
+    ranks, permutation = _soft_rank_of_rows(
+        rows, n, regularization_strength, window
+    )
+    shape = ops.shape(x)
+    return undo(ranks), ops.reshape(permutation, shape)
+
+
+def _soft_rank_of_rows(rows, n, regularization_strength, window):
+    """Soft ranks of the sorted rows, and the sort permutation."""
     if isinstance(regularization_strength, (int, float)) and not (
         regularization_strength > 0
     ):
@@ -232,24 +296,107 @@ def soft_rank(
     window = int(window)
     if window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
-    rows, n, undo = _to_rows(x, axis)
-    permutation, sorted_rows = _sort_rows(rows)
-    ranks = _tied_ranks_of_sorted(ops.stop_gradient(sorted_rows), n)
+    window = min(window, n - 1)
+    sorted_rows, permutation = sort_rows(rows)
+    positions = _positions(rows)
+    if window < 1:  # one entry per row
+        return positions, permutation
     inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
-    correction = ops.zeros_like(sorted_rows)
-    for offset in range(1, min(window, n - 1) + 1):
-        # Pairs (p, p + offset) in sorted order, so difference <= 0 and the
-        # hard comparison is 0, or 0.5 for a tie.
-        difference = sorted_rows[:, :-offset] - sorted_rows[:, offset:]
-        tie = ops.cast(ops.equal(difference, 0.0), rows.dtype)
-        bracket = ops.sigmoid(difference * inverse_strength) - 0.5 * tie
-        # The lower element gains `bracket`, the upper one loses it.
-        correction = (
-            correction
-            + ops.pad(bracket, [[0, 0], [0, offset]])
-            - ops.pad(bracket, [[0, 0], [offset, 0]])
-        )
-    return undo(_unsort(ranks + correction, permutation, n))
+    ranks = positions + _window_brackets(sorted_rows, inverse_strength, window)
+    if n <= window + 1:
+        return ranks, permutation
+    # A tied pair inside the window gets sigmoid(0) = 1/2 each way, which
+    # averages its places exactly. Only runs of more than `window + 1`
+    # equal values need a correction, computed when some row has one.
+    frozen = ops.stop_gradient(sorted_rows)
+    correction = ops.cond(
+        _has_run_longer_than(frozen, window + 1),
+        lambda: _average_tied_positions(frozen, positions, n)
+        - positions
+        - _tie_offsets(frozen, window),
+        lambda: ops.zeros_like(positions),
+    )
+    return ranks + correction, permutation
+
+
+def _window_brackets(sorted_rows, inverse_strength, window):
+    """`sum_k b(p, p + k) - b(p - k, p)` over `k = 1..window`, where
+    `b(i, j) = sigmoid((x_i - x_j) / eps)` for sorted rows `x`.
+
+    No pair needs its own exponential: with `f_j = exp((x_j - x_{j+1}) /
+    eps)` (in (0, 1] for sorted rows), `u = exp((x_p - x_{p+k}) / eps)` is
+    the running product `f_p ... f_{p+k-1}` and `b = u / (1 + u)`. The
+    brackets of up to `_BLOCK` steps are summed as one fraction
+    (`_fraction_sum`), so a whole block costs multiplications and a single
+    division, and all of it fuses into one elementwise pass per direction.
+    The gradient is written out the same way: for the pair `(p, p + k)`,
+    `d b / d x_p = -d b / d x_{p+k} = b (1 - b) / eps = u / (1 + u)^2 / eps`.
+    """
+    n = sorted_rows.shape[-1]
+    w = window
+
+    def steps(factors):
+        """Factors padded with `w` zeros on each side (`f_j` in column
+        `j + w`), read `k` places up and down: the `k`-th step multiplies
+        `u` by `f_{p+k-1}` going up, by `f_{p-k}` going down. Steps past
+        either end are 0, and so are the brackets behind them."""
+        up = [factors[:, w + k - 1: w + k - 1 + n] for k in range(1, w + 1)]
+        down = [factors[:, w - k: w - k + n] for k in range(1, w + 1)]
+        return up, down
+
+    def gap_factors(lower, upper, scale):
+        factors = ops.exp((lower - upper) * scale)
+        return steps(ops.pad(factors, [[0, 0], [w, w]]))
+
+    @ops.custom_gradient
+    def brackets(x):
+        up, down = gap_factors(x[:, :-1], x[:, 1:], inverse_strength)
+        total = _fraction_sum(up, None, 1) - _fraction_sum(down, None, 1)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            upstream = ops.cast(upstream, x.dtype)
+            # The same factors written differently: a compiler that merged
+            # them with the forward pass's would keep every partial product
+            # of the window in memory between the passes.
+            up, down = gap_factors(x[:, 1:], x[:, :-1], -inverse_strength)
+            g = ops.pad(upstream, [[0, 0], [w, w]])
+            # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
+            g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]
+            g_down = [g[:, w - k: w - k + n] - upstream
+                      for k in range(1, w + 1)]
+            result = _fraction_sum(up, g_up, 2) - _fraction_sum(
+                down, g_down, 2
+            )
+            return result * inverse_strength
+
+        return total, grad
+
+    return brackets(sorted_rows)
+
+
+_BLOCK = 8  # steps per fraction: keeps the denominator below 4 ** 8
+
+
+def _fraction_sum(steps, coefficients, power):
+    """`sum_k c_k u_k / (1 + u_k) ** power` with `u_k` the product of the
+    first `k` steps (each in [0, 1]) and `c_k` = 1 when `coefficients` is
+    None. Each block of `_BLOCK` terms is added up as one fraction,
+    `num / den` with `den = prod (1 + u_k) ** power`."""
+    total = u = None
+    for start in range(0, len(steps), _BLOCK):
+        num = den = None
+        for k in range(start, min(start + _BLOCK, len(steps))):
+            u = steps[k] if u is None else u * steps[k]
+            scale = 1.0 + u
+            if power == 2:
+                scale = scale * scale
+            term = u if coefficients is None else coefficients[k] * u
+            num = term if num is None else num * scale + term * den
+            den = scale if den is None else den * scale
+        total = num / den if total is None else total + num / den
+    return total
 
 
 def pairwise_soft_rank(x, regularization_strength=DEFAULT_STRENGTH, axis=-1):

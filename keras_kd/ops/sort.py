@@ -46,22 +46,54 @@ def _in_tensorflow_xla():
     return bool(in_xla(graph))
 
 
-def _tensorflow_xla_argsort(rows):
+def _tensorflow_xla_sort(rows):
+    """Sorted float32 rows and their permutation, from one key sort."""
     import tensorflow as tf
     from tensorflow.compiler.tf2xla.python import xla
 
     n = rows.shape[-1]
     index_bits = max(1, (n - 1).bit_length())
-    bits = tf.bitcast(tf.cast(rows, "float32"), tf.int32)
-    # Order-preserving map of float32 bit patterns to int32: negative
-    # floats count down as their magnitude grows, so flip their other bits.
-    flipped = tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF)
-    ordered = tf.where(bits < 0, flipped, bits)
-    keys = tf.bitwise.left_shift(tf.cast(ordered, tf.int64), index_bits)
-    keys = keys + tf.range(n, dtype=tf.int64)[None, :]
-    keys = xla.sort(keys)
     index_mask = (1 << index_bits) - 1
-    return tf.cast(tf.bitwise.bitwise_and(keys, index_mask), "int32")
+    bits = tf.bitcast(tf.cast(rows, "float32"), tf.int32)
+    keys = tf.bitwise.left_shift(
+        tf.cast(_flip_negative(bits), tf.int64), index_bits
+    )
+    keys = xla.sort(keys + tf.range(n, dtype=tf.int64)[None, :])
+    permutation = tf.cast(tf.bitwise.bitwise_and(keys, index_mask), "int32")
+    # The high bits hold the values themselves: no gather needed.
+    high = tf.cast(tf.bitwise.right_shift(keys, index_bits), tf.int32)
+    return tf.bitcast(_flip_negative(high), tf.float32), permutation
+
+
+def _flip_negative(bits):
+    """Order-preserving map between float32 bit patterns and int32 (its
+    own inverse): negative floats count down as their magnitude grows, so
+    their bits other than the sign are flipped."""
+    import tensorflow as tf
+
+    return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
+
+
+def _use_fast_path(rows):
+    n = rows.shape[-1]
+    return (
+        _in_tensorflow_xla()
+        and keras.backend.standardize_dtype(rows.dtype) in _FAST_DTYPES
+        and n is not None
+        and (n - 1).bit_length() <= 31
+    )
+
+
+def _scatter_rows(values, permutation):
+    """Puts `values[r, p]` at column `permutation[r, p]` of row `r`."""
+    shape = ops.shape(values)
+    n = values.shape[-1]
+    offsets = ops.expand_dims(ops.arange(shape[0], dtype="int32") * n, -1)
+    flat_indices = ops.reshape(permutation + offsets, (-1, 1))
+    return ops.reshape(
+        ops.scatter(flat_indices, ops.reshape(values, (-1,)), (shape[0] * n,)),
+        shape,
+    )
 
 
 def argsort_rows(rows):
@@ -78,12 +110,40 @@ def argsort_rows(rows):
         An int32 tensor of the same shape.
     """
     rows = ops.stop_gradient(rows)
-    n = rows.shape[-1]
-    if (
-        _in_tensorflow_xla()
-        and keras.backend.standardize_dtype(rows.dtype) in _FAST_DTYPES
-        and n is not None
-        and (n - 1).bit_length() <= 31
-    ):
-        return _tensorflow_xla_argsort(rows)
+    if _use_fast_path(rows):
+        return _tensorflow_xla_sort(rows)[1]
     return ops.cast(ops.argsort(rows, axis=-1), "int32")
+
+
+def sort_rows(rows):
+    """Sorts every row of a 2-D tensor: returns `(sorted_rows, permutation)`.
+
+    `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
+    `permutation` as from `argsort_rows`. The gradient with respect to
+    `rows` puts the upstream gradient back in the original columns. Under
+    TensorFlow with XLA the sorted values are read from the sorted keys
+    themselves and the gradient is one scatter; elsewhere they are a
+    `take_along_axis` by the permutation, differentiated by the backend.
+
+    Args:
+        rows: float tensor of shape `(rows, n)` with a static `n`.
+
+    Returns:
+        The sorted rows (dtype of `rows`) and the int32 permutation.
+    """
+    if not _use_fast_path(rows):
+        permutation = argsort_rows(rows)
+        return ops.take_along_axis(rows, permutation, axis=-1), permutation
+    dtype = rows.dtype
+    sorted_rows, permutation = _tensorflow_xla_sort(ops.stop_gradient(rows))
+
+    @ops.custom_gradient
+    def _sorted(rows):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return ops.cast(_scatter_rows(upstream, permutation), dtype)
+
+        return ops.cast(sorted_rows, dtype), grad
+
+    return _sorted(rows), permutation

@@ -27,13 +27,13 @@ def _awkward_rows():
 def fast_sort_calls(monkeypatch):
     """Records the shape of every row batch sent to the XLA fast path."""
     calls = []
-    fast = sort_module._tensorflow_xla_argsort
+    fast = sort_module._tensorflow_xla_sort
 
     def spy(rows):
         calls.append(rows.shape)
         return fast(rows)
 
-    monkeypatch.setattr(sort_module, "_tensorflow_xla_argsort", spy)
+    monkeypatch.setattr(sort_module, "_tensorflow_xla_sort", spy)
     return calls
 
 
