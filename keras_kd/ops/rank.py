@@ -59,7 +59,7 @@ def _to_rows(x, axis):
     return rows, n, undo
 
 
-_TIE_REACH = 8  # runs of up to this many + 1 equal values: no averaging
+_TIE_REACH = 4  # runs of up to this many + 1 equal values: no averaging
 
 
 def _positions(rows):
@@ -301,7 +301,10 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     positions = _positions(rows)
     if window < 1:  # one entry per row
         return positions, permutation
-    inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
+    if isinstance(regularization_strength, (int, float)):
+        inverse_strength = 1.0 / regularization_strength  # full precision
+    else:
+        inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
     ranks = positions + _window_brackets(sorted_rows, inverse_strength, window)
     if n <= window + 1:
         return ranks, permutation
@@ -344,23 +347,22 @@ def _window_brackets(sorted_rows, inverse_strength, window):
         down = [factors[:, w - k: w - k + n] for k in range(1, w + 1)]
         return up, down
 
-    def gap_factors(lower, upper, scale):
-        factors = ops.exp((lower - upper) * scale)
-        return steps(ops.pad(factors, [[0, 0], [w, w]]))
-
     @ops.custom_gradient
     def brackets(x):
-        up, down = gap_factors(x[:, :-1], x[:, 1:], inverse_strength)
+        factors = ops.exp((x[:, :-1] - x[:, 1:]) * inverse_strength)
+        factors = ops.pad(factors, [[0, 0], [w, w]])
+        up, down = steps(factors)
         total = _fraction_sum(up, None, 1) - _fraction_sum(down, None, 1)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             upstream = ops.cast(upstream, x.dtype)
-            # The same factors written differently: a compiler that merged
-            # them with the forward pass's would keep every partial product
-            # of the window in memory between the passes.
-            up, down = gap_factors(x[:, 1:], x[:, :-1], -inverse_strength)
+            # The same factors (max with 0 changes nothing), but not the
+            # same expression: a compiler that merged the running products
+            # with the forward pass's would keep every one of them in memory
+            # between the passes.
+            up, down = steps(ops.maximum(factors, 0.0))
             g = ops.pad(upstream, [[0, 0], [w, w]])
             # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
             g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]

@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras_kd.ops.rank import exact_rank
 from keras_kd.ops.rank import pairwise_soft_rank
 from keras_kd.ops.rank import soft_rank
+from keras_kd.ops.rank import sorted_soft_rank
 
 
 def np_pairwise_soft_rank(x, eps):
@@ -121,6 +122,55 @@ def test_soft_rank_gradient_matches_finite_differences():
         down = np.sum(np.asarray(soft_rank(x - step, 0.4, window=3)) * w)
         numeric[0, j] = (up - down) / (2 * h)
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_full_window_gradient_is_the_all_pairs_gradient(jit):
+    # window=23 spans three blocks of the folded fractions, both ways.
+    rng = np.random.default_rng(8)
+    x = tf.constant(rng.normal(size=(3, 24)))
+    x = tf.tensor_scatter_nd_update(x, [[0, 1], [0, 2]], [0.5, 0.5])  # a tie
+    w = tf.constant(rng.normal(size=(3, 24)))
+
+    def gradient(rank_fn):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                value = tf.reduce_sum(rank_fn(x) * w)
+            return tape.gradient(value, x)
+
+        return tf.function(fn, jit_compile=True)(x) if jit else fn(x)
+
+    windowed = gradient(lambda x: soft_rank(x, 0.3, window=23))
+    all_pairs = gradient(lambda x: pairwise_soft_rank(x, 0.3))
+    np.testing.assert_allclose(windowed, all_pairs, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_exact_rank_with_short_and_long_runs_of_ties(jit):
+    rng = np.random.default_rng(9)
+    rows = rng.permutation(60).astype("float32")[None].repeat(3, 0)
+    rows[0, 10:12] = rows[0, 30]  # pairs and a triple, no longer run
+    rows[0, 40:42] = rows[0, 50]
+    rows[1, :5] = rows[1, 20]  # a run of 6 equal values
+    rows[2, ::4] = 7.0  # a run of 15
+    fn = tf.function(exact_rank, jit_compile=True) if jit else exact_rank
+    np.testing.assert_array_equal(
+        np.asarray(fn(tf.constant(rows))), scipy.stats.rankdata(rows, axis=-1)
+    )
+
+
+def test_sorted_soft_rank_is_soft_rank_in_sorted_order():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 3, 40)).astype("float32")
+    ranks, order = sorted_soft_rank(x, 0.2, window=5)
+    order = np.asarray(order)
+    np.testing.assert_array_equal(order, np.argsort(x, axis=-1))
+    np.testing.assert_allclose(
+        ranks,
+        np.take_along_axis(np.asarray(soft_rank(x, 0.2, window=5)), order, -1),
+        atol=1e-5,
+    )
 
 
 def test_soft_rank_compiles_with_xla_and_dynamic_batch():
