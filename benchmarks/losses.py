@@ -15,6 +15,8 @@ of each loss inside one compiled step:
    imports everything and builds the inputs but runs no loss is subtracted.
 3. Closeness to exact ranks: max and mean |soft rank - rankdata| of
    `keras_kd.ops.rank.soft_rank` and of the tfp soft ranks.
+4. What the window gives up: the cosine between the Spearman loss gradient
+   with a window of 4 to 32 neighbours and with all pairs compared softly.
 
 The tfp baseline is `tfp.math.soft_sorting_matrix`, which is NeuralSort
 (Grover et al. 2019, a softmax over an n x n score matrix), not a Sinkhorn
@@ -369,6 +371,56 @@ def rank_closeness(batch=16, classes=1000):
               f"{'' if finite else ' (non-finite values)'}")
 
 
+# ---------------------------------------------------------------- gradients
+
+
+def window_agreement(batch=16, classes=1000, windows=(4, 8, 16, 32)):
+    """Cosine between the Spearman loss gradient with a `window` and with
+    every pair compared softly (`window = classes - 1`, which is the
+    all-pairs soft rank), per sample, for a student correlated with its
+    teacher. Shows what a shorter window gives up."""
+    from keras_kd.losses.correlation import spearman_loss
+
+    rng = np.random.default_rng(2)
+    teacher = (3.0 * rng.normal(size=(batch, classes))).astype("float32")
+    student = (0.7 * teacher + 2.0 * rng.normal(size=(batch, classes)))
+    student = student.astype("float32")
+    print(f"\nSpearman gradient against the all-pairs soft rank's (cosine per "
+          f"sample, mean / min; B={batch}, C={classes}, strength {STRENGTH})")
+    for temperature in (1.0, 4.0):
+        def gradient(window):
+            return np.asarray(_loss_gradient(
+                lambda t, s: ops.mean(spearman_loss(
+                    t, s, temperature, STRENGTH, window=window)),
+                teacher, student))
+
+        reference = gradient(classes - 1)
+        cells = []
+        for window in windows:
+            g = gradient(window)
+            cosine = np.sum(g * reference, -1) / (
+                np.linalg.norm(g, axis=-1) * np.linalg.norm(reference, axis=-1))
+            cells.append(f"window {window}: {cosine.mean():.3f} / "
+                         f"{cosine.min():.3f}")
+        print(f"temperature {temperature:g}: " + ", ".join(cells))
+
+
+def _loss_gradient(loss, teacher, student):
+    """Gradient with respect to the student, computed eagerly (tracing the
+    all-pairs window, about 2000 steps, would take minutes)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        student = tf.constant(student)
+        with tf.GradientTape() as tape:
+            tape.watch(student)
+            value = loss(tf.constant(teacher), student)
+        return tape.gradient(value, student)
+    import jax
+
+    return jax.grad(lambda s: loss(teacher, s))(jax.numpy.asarray(student))
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -423,6 +475,7 @@ def main():
 
     print_memory(rows, 8, 32000)
     rank_closeness()
+    window_agreement()
 
 
 if __name__ == "__main__":
