@@ -398,8 +398,9 @@ def window_agreement(batch=16, classes=1000, windows=(4, 8, 16, 32)):
         cells = []
         for window in windows:
             g = gradient(window)
-            cosine = np.sum(g * reference, -1) / (
-                np.linalg.norm(g, axis=-1) * np.linalg.norm(reference, axis=-1))
+            norms = np.linalg.norm(g, axis=-1) * np.linalg.norm(
+                reference, axis=-1)
+            cosine = np.sum(g * reference, -1) / norms
             cells.append(f"window {window}: {cosine.mean():.3f} / "
                          f"{cosine.min():.3f}")
         print(f"temperature {temperature:g}: " + ", ".join(cells))

@@ -1,8 +1,10 @@
-"""Row-wise argsort for the rank functions, with a fast path under XLA.
+"""Row-wise sorting for the rank functions, with a fast path under XLA.
 
 `argsort_rows(rows)` returns, for a 2-D tensor, the permutation that sorts
 every row in ascending order (as `keras.ops.argsort(rows, axis=-1)`, as
-int32). Everywhere but one place it *is* `keras.ops.argsort`.
+int32); `sort_rows(rows)` returns the sorted rows, differentiable, and that
+permutation. Everywhere but one place they are `keras.ops.argsort` and
+`keras.ops.take_along_axis`.
 
 The one place: the TensorFlow backend inside an XLA-compiled function
 (`jit_compile=True`). TensorFlow lowers `argsort` to a `TopK` of every
@@ -10,12 +12,14 @@ element, which XLA compiles to a sort of (value, index) pairs with a
 general comparator; on CPU that sort is several times slower than XLA's
 sort of a single integer tensor. This path therefore packs each float32
 value and its column index into one int64 key whose integer order is the
-order of (value, index), sorts the keys alone and reads the indices back
-from their low bits. Values are mapped to integers with the usual
-order-preserving bit trick (flip all bits but the sign of negative
-floats), so the order is exact: no rounding, and equal values keep
-ascending column order. `-0.0` sorts just before `+0.0`; the rank functions
-compare the sorted values themselves, so the two still count as a tie.
+order of (value, index), sorts the keys alone, and reads the indices back
+from their low bits and the values from their high bits (no gather).
+Values are mapped to integers with the usual order-preserving bit trick
+(flip all bits but the sign of negative floats), so the order is exact: no
+rounding, and equal values keep ascending column order. `-0.0` sorts just
+before `+0.0`; the rank functions compare the sorted values themselves, so
+the two still count as a tie. The gradient of the sorted values is one
+scatter back to the original columns.
 
 float64 inputs and rows too long for the packing use `keras.ops.argsort`.
 `benchmarks/losses.py` prints both sorts side by side.
