@@ -191,11 +191,13 @@ def make_step(loss, teacher, jit=True):
         import jax
 
         teacher = jax.numpy.asarray(teacher)
-        value_and_grad = jax.value_and_grad(lambda s: loss(teacher, s))
+        # The teacher is an argument, not a closed-over constant: XLA would
+        # otherwise evaluate its sort at compile time (over a minute on CPU).
+        value_and_grad = jax.value_and_grad(lambda s, t: loss(t, s))
         compiled = jax.jit(value_and_grad) if jit else value_and_grad
 
         def step(student):
-            value, grad = compiled(student)
+            value, grad = compiled(student, teacher)
             return float(value), np.asarray(grad)
 
         return step, jax.numpy.asarray
