@@ -7,11 +7,12 @@ Notation: `z` are logits of shape `(batch, classes)`, `tau` the temperature,
 vectors, i.e. the cosine similarity of the mean-centred vectors, with the
 product of their norms floored at `1e-8`.
 
-Spearman terms rank the student's logits with `keras_kd.ops.rank.soft_rank`
-(sort once, smooth comparisons with a fixed window of sorted neighbours) and
-the teacher's with `keras_kd.ops.rank.exact_rank`; both are pure
-`keras.ops`, so every loss here runs on any backend and inside compiled
-(XLA) training steps.
+Spearman terms rank the student's logits with
+`keras_kd.ops.rank.sorted_soft_rank` (the soft ranks of `soft_rank`: sort
+once, smooth comparisons with a fixed window of sorted neighbours, left in
+sorted order) and the teacher's with `keras_kd.ops.rank.exact_rank`; both
+are pure `keras.ops`, so every loss here runs on any backend and inside
+compiled (XLA) training steps.
 """
 
 import math
@@ -133,7 +134,8 @@ def _probability_correlation(a, b):
     Each sums to 1, so both are centred by the constant `1 / C` instead of
     their computed means (the same value, without two reductions and their
     gradients)."""
-    centre = 1.0 / a.shape[-1]
+    classes = ops.cast(ops.shape(a)[-1], a.dtype)  # may be dynamic
+    centre = 1.0 / classes
     return _centred_cosine(a - centre, b - centre, ops.sum, -1, EPSILON)
 
 
@@ -192,8 +194,9 @@ def spearman_loss(
     (ties averaged). The teacher is never differentiated, so its ranks are
     exact; the student's are `keras_kd.ops.rank.soft_rank` with strength
     `regularization_strength` applied to `z_s / tau` (so the sigmoid width
-    is `regularization_strength * tau` in logit units). As the strength goes
-    to 0 this is `1 - scipy.stats.spearmanr`.
+    is `regularization_strength * tau` in logit units), computed in sorted
+    order with `sorted_soft_rank`. As the strength goes to 0 this is
+    `1 - scipy.stats.spearmanr`. The number of classes must be static.
 
     Args:
         teacher_logits: tensor of shape `(batch, classes)`.
@@ -286,6 +289,7 @@ def entropy_weights(teacher_logits, temperature=1.0):
 
 
 def _normalized_entropy(p, log_p):
+    """`H(p) / log(C)` per row, from probabilities and their logarithms."""
     num_classes = p.shape[-1]
     entropy = -ops.sum(p * log_p, axis=-1)
     if num_classes is None or num_classes < 2:

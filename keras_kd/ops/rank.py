@@ -20,7 +20,7 @@ work on the sorted values:
 import keras
 from keras import ops
 
-from keras_kd.ops.sort import _scatter_rows
+from keras_kd.ops.sort import scatter_rows
 from keras_kd.ops.sort import sort_rows
 
 DEFAULT_STRENGTH = 0.1
@@ -59,7 +59,7 @@ def _to_rows(x, axis):
     return rows, n, undo
 
 
-_TIE_REACH = 4  # runs of up to this many + 1 equal values: no averaging
+_TIE_REACH = 4  # runs of up to 5 equal values: averaged by neighbours
 
 
 def _positions(rows):
@@ -143,11 +143,6 @@ def _average_tied_positions(sorted_rows, positions, n):
     return ops.reshape(totals[:, 0] / totals[:, 1], shape)
 
 
-def _unsort(sorted_values, permutation):
-    """Puts `sorted_values[r, p]` back at column `permutation[r, p]`."""
-    return _scatter_rows(sorted_values, permutation)
-
-
 def exact_rank(x, axis=-1):
     """Exact ranks along `axis`, 1-based, with ties averaged.
 
@@ -171,7 +166,7 @@ def exact_rank(x, axis=-1):
     rows, n, undo = _to_rows(ops.stop_gradient(x), axis)
     sorted_rows, permutation = sort_rows(rows)
     ranks = _tied_ranks_of_sorted(sorted_rows, n)
-    return ops.stop_gradient(undo(_unsort(ranks, permutation)))
+    return ops.stop_gradient(undo(scatter_rows(ranks, permutation)))
 
 
 def soft_rank(
@@ -253,7 +248,7 @@ def soft_rank(
     ranks, permutation = _soft_rank_of_rows(
         rows, n, regularization_strength, window
     )
-    return undo(_unsort(ranks, permutation))
+    return undo(scatter_rows(ranks, permutation))
 
 
 def sorted_soft_rank(
@@ -285,7 +280,8 @@ def sorted_soft_rank(
 
 
 def _soft_rank_of_rows(rows, n, regularization_strength, window):
-    """Soft ranks of the sorted rows, and the sort permutation."""
+    """Sorts `rows` (shape `(rows, n)`): returns the soft ranks in sorted
+    order and the sort permutation."""
     if isinstance(regularization_strength, (int, float)) and not (
         regularization_strength > 0
     ):
@@ -334,6 +330,12 @@ def _window_brackets(sorted_rows, inverse_strength, window):
     division, and all of it fuses into one elementwise pass per direction.
     The gradient is written out the same way: for the pair `(p, p + k)`,
     `d b / d x_p = -d b / d x_{p+k} = b (1 - b) / eps = u / (1 + u)^2 / eps`.
+    The brackets depend on `x / eps` only, so the gradient with respect to
+    a tensor `1 / eps` is `sum_p x_p g_p / (1 / eps)` (`g` the gradient with
+    respect to `x`).
+
+    `inverse_strength` is `1 / eps`: a Python number, or a tensor (which
+    then receives a gradient).
     """
     n = sorted_rows.shape[-1]
     w = window
@@ -347,16 +349,16 @@ def _window_brackets(sorted_rows, inverse_strength, window):
         down = [factors[:, w - k: w - k + n] for k in range(1, w + 1)]
         return up, down
 
-    @ops.custom_gradient
-    def brackets(x):
-        factors = ops.exp((x[:, :-1] - x[:, 1:]) * inverse_strength)
-        factors = ops.pad(factors, [[0, 0], [w, w]])
+    def brackets_and_grad(x, scale):
+        lower, upper = x[:, :-1], x[:, 1:]
+        # Equal neighbours are a tie (factor 1), infinite ones included:
+        # inf - inf would make the factor, and every product through it, NaN.
+        gaps = ops.where(ops.equal(lower, upper), 0.0, lower - upper)
+        factors = ops.pad(ops.exp(gaps * scale), [[0, 0], [w, w]])
         up, down = steps(factors)
-        total = _fraction_sum(up, None, 1) - _fraction_sum(down, None, 1)
+        total = _fraction_sum(up, None) - _fraction_sum(down, None)
 
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
+        def grad_x(upstream):
             upstream = ops.cast(upstream, x.dtype)
             # The same factors (max with 0 changes nothing), but not the
             # same expression: a compiler that merged the running products
@@ -368,31 +370,62 @@ def _window_brackets(sorted_rows, inverse_strength, window):
             g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]
             g_down = [g[:, w - k: w - k + n] - upstream
                       for k in range(1, w + 1)]
-            result = _fraction_sum(up, g_up, 2) - _fraction_sum(
-                down, g_down, 2
+            result = _fraction_sum(up, g_up, squared=True) - _fraction_sum(
+                down, g_down, squared=True
             )
-            return result * inverse_strength
+            return result * scale
+
+        return total, grad_x
+
+    if isinstance(inverse_strength, (int, float)):
+
+        @ops.custom_gradient
+        def brackets(x):
+            total, grad_x = brackets_and_grad(x, inverse_strength)
+
+            def grad(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                return grad_x(upstream)
+
+            return total, grad
+
+        return brackets(sorted_rows)
+
+    @ops.custom_gradient
+    def brackets_with_strength(x, scale):
+        total, grad_x = brackets_and_grad(x, scale)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            g = grad_x(upstream)
+            # Each row of g sums to 0, so subtracting a constant per row (the
+            # median of the sorted row) changes nothing but the rounding.
+            centred = x - x[:, n // 2: n // 2 + 1]
+            finite = ops.where(ops.isfinite(centred), centred, 0.0)
+            return g, ops.cast(ops.sum(finite * g) / scale, scale.dtype)
 
         return total, grad
 
-    return brackets(sorted_rows)
+    return brackets_with_strength(sorted_rows, inverse_strength)
 
 
 _BLOCK = 8  # steps per fraction: keeps the denominator below 4 ** 8
 
 
-def _fraction_sum(steps, coefficients, power):
-    """`sum_k c_k u_k / (1 + u_k) ** power` with `u_k` the product of the
-    first `k` steps (each in [0, 1]) and `c_k` = 1 when `coefficients` is
-    None. Each block of `_BLOCK` terms is added up as one fraction,
-    `num / den` with `den = prod (1 + u_k) ** power`."""
+def _fraction_sum(steps, coefficients, squared=False):
+    """`sum_k c_k u_k / (1 + u_k) ** e` with `u_k` the product of the
+    first `k` steps (each in [0, 1]), `c_k` = 1 when `coefficients` is
+    None and `e` = 2 if `squared` else 1. Each block of `_BLOCK` terms is
+    added up as one fraction, `num / den` with `den = prod (1 + u_k) ** e`."""
     total = u = None
     for start in range(0, len(steps), _BLOCK):
         num = den = None
         for k in range(start, min(start + _BLOCK, len(steps))):
             u = steps[k] if u is None else u * steps[k]
             scale = 1.0 + u
-            if power == 2:
+            if squared:
                 scale = scale * scale
             term = u if coefficients is None else coefficients[k] * u
             num = term if num is None else num * scale + term * den
@@ -424,4 +457,9 @@ def pairwise_soft_rank(x, regularization_strength=DEFAULT_STRENGTH, axis=-1):
     return undo(ranks)
 
 
-__all__ = ["exact_rank", "soft_rank", "pairwise_soft_rank"]
+__all__ = [
+    "exact_rank",
+    "pairwise_soft_rank",
+    "soft_rank",
+    "sorted_soft_rank",
+]

@@ -88,8 +88,20 @@ def _use_fast_path(rows):
     )
 
 
-def _scatter_rows(values, permutation):
-    """Puts `values[r, p]` at column `permutation[r, p]` of row `r`."""
+def scatter_rows(values, permutation):
+    """Puts `values[r, p]` at column `permutation[r, p]` of row `r`.
+
+    The inverse of sorting: `scatter_rows(sorted_rows, permutation)` is
+    `rows` again.
+
+    Args:
+        values: tensor of shape `(rows, n)`.
+        permutation: int32 tensor of the same shape, a permutation of
+            `0..n-1` in every row.
+
+    Returns:
+        A tensor of the shape and dtype of `values`.
+    """
     shape = ops.shape(values)
     n = values.shape[-1]
     offsets = ops.expand_dims(ops.arange(shape[0], dtype="int32") * n, -1)
@@ -146,7 +158,7 @@ def sort_rows(rows):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return ops.cast(_scatter_rows(upstream, permutation), dtype)
+            return ops.cast(scatter_rows(upstream, permutation), dtype)
 
         return ops.cast(sorted_rows, dtype), grad
 

@@ -9,6 +9,7 @@ from keras_kd.losses.correlation import CMKD
 from keras_kd.losses.correlation import DIST
 from keras_kd.losses.correlation import PearsonCorrelation
 from keras_kd.losses.correlation import SpearmanCorrelation
+from keras_kd.losses.correlation import dist_loss
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
 
@@ -294,6 +295,15 @@ def test_losses_compile_with_xla(logits):
                      jit_compile=True)
     np.testing.assert_allclose(float(fn(t, s, w)),
                                float(loss(t, s, sample_weight=w)), rtol=1e-5)
+
+
+def test_value_losses_accept_a_dynamic_number_of_classes(logits):
+    # Only the rank losses need a static class axis (for the sort).
+    t, s = logits
+    spec = [tf.TensorSpec([None, None], tf.float32)] * 2
+    for loss in (pearson_loss, dist_loss):
+        fn = tf.function(lambda a, b: loss(a, b, 2.0), input_signature=spec)
+        np.testing.assert_allclose(fn(t, s), loss(t, s, 2.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------ Keras contract

@@ -173,6 +173,39 @@ def test_sorted_soft_rank_is_soft_rank_in_sorted_order():
     )
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_gradient_with_respect_to_a_tensor_strength(mode):
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.normal(size=(3, 12)))
+    w = tf.constant(rng.normal(size=(3, 12)))
+    eps = tf.Variable(0.3, dtype=tf.float64)
+
+    def gradient(rank_fn):
+        def fn():
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(rank_fn(x, eps) * w)
+            return tape.gradient(value, eps)
+
+        if mode != "eager":
+            fn = tf.function(fn, jit_compile=mode == "xla")
+        return fn()
+
+    windowed = gradient(lambda x, e: soft_rank(x, e, window=11))
+    all_pairs = gradient(lambda x, e: pairwise_soft_rank(x, e))
+    assert all_pairs is not None and abs(float(all_pairs)) > 0.1
+    np.testing.assert_allclose(float(windowed), float(all_pairs), rtol=1e-9)
+
+
+def test_repeated_infinities_are_ties_not_nan():
+    # -inf is how logits are masked; equal infinities tie like equal values.
+    x = np.array([[-np.inf, 1, -np.inf, 2, 0.5, -np.inf, 3, -np.inf, -1, 0]],
+                 "float32")
+    expected = scipy.stats.rankdata(x, axis=-1)
+    for window in (2, 16):
+        ranks = np.asarray(soft_rank(x, 1e-3, window=window))
+        np.testing.assert_allclose(ranks, expected, atol=1e-4)
+
+
 def test_soft_rank_compiles_with_xla_and_dynamic_batch():
     x = np.random.default_rng(7).normal(size=(5, 33)).astype("float32")
     fn = tf.function(
