@@ -129,14 +129,17 @@ def pearson_loss(teacher_logits, student_logits, temperature=1.0):
 
 
 def _probability_correlation(a, b):
-    """`pearson_correlation` of two probability vectors (last axis).
-
-    Each sums to 1, so both are centred by the constant `1 / C` instead of
-    their computed means (the same value, without two reductions and their
-    gradients)."""
+    """`pearson_correlation` of two probability vectors (last axis): each
+    sums to 1, so both have mean `1 / C`."""
     classes = ops.cast(ops.shape(a)[-1], a.dtype)  # may be dynamic
-    centre = 1.0 / classes
-    return _centred_cosine(a - centre, b - centre, ops.sum, -1, EPSILON)
+    return _correlation_with_known_mean(a, b, 1.0 / classes)
+
+
+def _correlation_with_known_mean(a, b, mean):
+    """`pearson_correlation` along the last axis of two vectors whose mean
+    is known to be `mean`: centring by it gives the same value without two
+    reductions and their gradients."""
+    return _centred_cosine(a - mean, b - mean, ops.sum, -1, EPSILON)
 
 
 def intra_class_loss(
@@ -218,18 +221,11 @@ def spearman_loss(
         window=window,
     )
     teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
-    return 1.0 - _rank_correlation(student_ranks, teacher_ranks)
-
-
-def _rank_correlation(a, b):
-    """`pearson_correlation` of two rank vectors along the last axis.
-
-    Ranks of `n` entries, exact (ties averaged) or soft, always sum to
-    `n (n + 1) / 2`, so both vectors are centred by the constant
-    `(n + 1) / 2` instead of their computed means (the same value, without
-    two reductions and their gradients)."""
-    centre = 0.5 * (a.shape[-1] + 1)
-    return _centred_cosine(a - centre, b - centre, ops.sum, -1, EPSILON)
+    # Ranks of n entries, exact or soft, always have mean (n + 1) / 2.
+    mean_rank = 0.5 * (student_ranks.shape[-1] + 1)
+    return 1.0 - _correlation_with_known_mean(
+        student_ranks, teacher_ranks, mean_rank
+    )
 
 
 def dist_loss(

@@ -109,12 +109,21 @@ def _tied_ranks_of_sorted(sorted_rows, n):
     # averaging runs only when some row has a longer run.
     reach = min(_TIE_REACH, n - 1)
     ranks = positions + _tie_offsets(sorted_rows, reach)
+    return ranks + _long_run_correction(sorted_rows, positions, n, reach)
+
+
+def _long_run_correction(sorted_rows, positions, n, reach):
+    """What `positions + _tie_offsets(sorted_rows, reach)` misses of the
+    averaged ranks: 0 unless some row has a run of more than `reach + 1`
+    equal values, and only computed in that case."""
     if n <= reach + 1:
-        return ranks
+        return ops.zeros_like(positions)
     return ops.cond(
         _has_run_longer_than(sorted_rows, reach + 1),
-        lambda: _average_tied_positions(sorted_rows, positions, n),
-        lambda: ranks,
+        lambda: _average_tied_positions(sorted_rows, positions, n)
+        - positions
+        - _tie_offsets(sorted_rows, reach),
+        lambda: ops.zeros_like(positions),
     )
 
 
@@ -302,19 +311,11 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     else:
         inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
     ranks = positions + _window_brackets(sorted_rows, inverse_strength, window)
-    if n <= window + 1:
-        return ranks, permutation
     # A tied pair inside the window gets sigmoid(0) = 1/2 each way, which
-    # averages its places exactly. Only runs of more than `window + 1`
-    # equal values need a correction, computed when some row has one.
+    # averages its places exactly, as `_tie_offsets(window)` would; only
+    # runs of more than `window + 1` equal values need a correction.
     frozen = ops.stop_gradient(sorted_rows)
-    correction = ops.cond(
-        _has_run_longer_than(frozen, window + 1),
-        lambda: _average_tied_positions(frozen, positions, n)
-        - positions
-        - _tie_offsets(frozen, window),
-        lambda: ops.zeros_like(positions),
-    )
+    correction = _long_run_correction(frozen, positions, n, window)
     return ranks + correction, permutation
 
 
