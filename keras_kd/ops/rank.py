@@ -17,6 +17,8 @@ work on the sorted values:
   instead of the O(n^2) of an all-pairs soft rank.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -291,13 +293,14 @@ def sorted_soft_rank(
 def _soft_rank_of_rows(rows, n, regularization_strength, window):
     """Sorts `rows` (shape `(rows, n)`): returns the soft ranks in sorted
     order and the sort permutation."""
-    if isinstance(regularization_strength, (int, float)) and not (
-        regularization_strength > 0
-    ):
-        raise ValueError(
-            "`regularization_strength` must be positive, got "
-            f"{regularization_strength}."
-        )
+    if isinstance(regularization_strength, numbers.Real):
+        # Python and NumPy scalars: checked here and used at full precision.
+        regularization_strength = float(regularization_strength)
+        if not regularization_strength > 0:
+            raise ValueError(
+                "`regularization_strength` must be positive, got "
+                f"{regularization_strength}."
+            )
     window = int(window)
     if window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
@@ -306,7 +309,7 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     positions = _positions(rows)
     if window < 1:  # one entry per row
         return positions, permutation
-    if isinstance(regularization_strength, (int, float)):
+    if isinstance(regularization_strength, float):
         inverse_strength = 1.0 / regularization_strength  # full precision
     else:
         inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)

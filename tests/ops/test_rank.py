@@ -222,3 +222,12 @@ def test_soft_rank_rejects_bad_arguments():
         soft_rank(np.ones((2, 3)), 0.0)
     with pytest.raises(ValueError, match="window"):
         soft_rank(np.ones((2, 3)), 0.1, window=0)
+
+
+def test_soft_rank_checks_numpy_scalar_strengths():
+    for strength in (np.float32(-0.1), np.int64(0)):
+        with pytest.raises(ValueError, match="regularization_strength"):
+            soft_rank(np.ones((2, 3)), strength)
+    x = np.random.default_rng(3).normal(size=(2, 40)).astype("float32")
+    np.testing.assert_allclose(soft_rank(x, np.float32(0.25)),
+                               soft_rank(x, 0.25), rtol=1e-6)
