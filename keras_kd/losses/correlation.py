@@ -288,7 +288,12 @@ def _normalized_entropy(p, log_p):
     """`H(p) / log(C)` per row, from probabilities and their logarithms."""
     num_classes = p.shape[-1]
     entropy = -ops.sum(p * log_p, axis=-1)
-    if num_classes is None or num_classes < 2:
+    if num_classes is None:  # known only when the step runs
+        # One class has entropy 0: the maximum only avoids 0 / log(1).
+        classes = ops.cast(ops.shape(p)[-1], entropy.dtype)
+        normalized = entropy / ops.log(ops.maximum(classes, 2.0))
+        return ops.clip(normalized, 0.0, 1.0)
+    if num_classes < 2:
         return ops.zeros_like(entropy)
     return ops.clip(entropy / math.log(num_classes), 0.0, 1.0)
 

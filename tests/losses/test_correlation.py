@@ -10,6 +10,7 @@ from keras_kd.losses.correlation import DIST
 from keras_kd.losses.correlation import PearsonCorrelation
 from keras_kd.losses.correlation import SpearmanCorrelation
 from keras_kd.losses.correlation import dist_loss
+from keras_kd.losses.correlation import entropy_weights
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
 
@@ -304,6 +305,15 @@ def test_value_losses_accept_a_dynamic_number_of_classes(logits):
     for loss in (pearson_loss, dist_loss):
         fn = tf.function(lambda a, b: loss(a, b, 2.0), input_signature=spec)
         np.testing.assert_allclose(fn(t, s), loss(t, s, 2.0), rtol=1e-6)
+
+
+def test_entropy_weights_with_a_dynamic_number_of_classes(logits):
+    t, _ = logits
+    spec = [tf.TensorSpec([None, None], tf.float32)]
+    fn = tf.function(lambda a: entropy_weights(a, 2.0), input_signature=spec)
+    np.testing.assert_allclose(fn(t), np_entropy_weights(t, 2.0), rtol=1e-5)
+    one_class = np.ones((3, 1), "float32")
+    np.testing.assert_array_equal(fn(one_class), np.zeros(3))
 
 
 # ------------------------------------------------------------ Keras contract
