@@ -213,7 +213,10 @@ def make_inputs(batch, classes, seed=0):
 
 
 def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
-    """Median wall and CPU milliseconds per step, interleaved rounds."""
+    """Median wall and CPU milliseconds per step, interleaved rounds, and
+    the quartiles of the wall times (XLA's CPU runtime does not always run
+    the two sorts of Spearman and CMKD at the same time, so their step
+    times can have two modes; see docs/ops.md)."""
     teacher, student = make_inputs(batch, classes)
     steps = {}
     for name, loss in losses.items():
@@ -240,6 +243,8 @@ def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
     return {
         name: {
             "wall_ms": 1e3 * float(np.median(wall[name])),
+            "wall_p25_ms": 1e3 * float(np.percentile(wall[name], 25)),
+            "wall_p75_ms": 1e3 * float(np.percentile(wall[name], 75)),
             "cpu_ms": 1e3 * float(np.median(cpu[name])),
             "compile_s": steps[name][2],
             "runs": len(wall[name]),
@@ -251,11 +256,15 @@ def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
 def print_timings(title, results):
     print(f"\n{title}")
     kd = results["KD"]
-    print(f"{'loss':36s} {'wall ms':>9s} {'x KD':>7s} {'CPU ms':>9s} "
-          f"{'x KD':>7s} {'runs':>5s}")
+    print("wall and CPU: medians over the runs; wall p25-p75: the middle "
+          "half of the wall times")
+    print(f"{'loss':36s} {'wall ms':>9s} {'x KD':>7s} {'wall p25-p75':>15s} "
+          f"{'CPU ms':>9s} {'x KD':>7s} {'runs':>5s}")
     for name, r in results.items():
+        quartiles = f"{r['wall_p25_ms']:.1f}-{r['wall_p75_ms']:.1f}"
         print(f"{name:36s} {r['wall_ms']:9.2f} "
-              f"{r['wall_ms'] / kd['wall_ms']:7.1f} {r['cpu_ms']:9.2f} "
+              f"{r['wall_ms'] / kd['wall_ms']:7.1f} {quartiles:>15s} "
+              f"{r['cpu_ms']:9.2f} "
               f"{r['cpu_ms'] / kd['cpu_ms']:7.1f} {r['runs']:5d}")
 
 
@@ -461,7 +470,7 @@ def main():
     rows = measure_memory(
         ["KD", "SpearmanCorrelation", "CMKD", "DIST"], 8, 32000)
 
-    rounds = 4 if args.quick else 8
+    rounds = 6 if args.quick else 30
     compiled = "XLA (tf.function(jit_compile=True))" if BACKEND == \
         "tensorflow" else "jax.jit"
     results = time_losses(losses, 256, 1000, rounds)
