@@ -8,11 +8,12 @@ vectors, i.e. the cosine similarity of the mean-centred vectors, with the
 product of their norms floored at `1e-8`.
 
 Spearman terms rank the student's logits with
-`keras_kd.ops.rank.sorted_soft_rank` (the soft ranks of `soft_rank`: sort
+`keras_kd.ops.rank.sort_and_soft_rank` (the soft ranks of `soft_rank`: sort
 once, smooth comparisons with a fixed window of sorted neighbours, left in
 sorted order) and the teacher's with `keras_kd.ops.rank.exact_rank`; both
 are pure `keras.ops`, so every loss here runs on any backend and inside
-compiled (XLA) training steps.
+compiled (XLA) training steps. Per-sample terms are computed in the
+student's sorted order, into which the teacher's values are gathered.
 """
 
 import math
@@ -25,7 +26,7 @@ from keras_kd.losses.logits import standardize_logits
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import exact_rank
-from keras_kd.ops.rank import sorted_soft_rank
+from keras_kd.ops.rank import sort_and_soft_rank
 
 EPSILON = 1e-8
 HARD_SAMPLE_TERMS = ("spearman", "pearson")
@@ -198,7 +199,7 @@ def spearman_loss(
     exact; the student's are `keras_kd.ops.rank.soft_rank` with strength
     `regularization_strength` applied to `z_s / tau` (so the sigmoid width
     is `regularization_strength * tau` in logit units), computed in sorted
-    order with `sorted_soft_rank`. As the strength goes to 0 this is
+    order with `sort_and_soft_rank`. As the strength goes to 0 this is
     `1 - scipy.stats.spearmanr`. The number of classes must be static.
 
     Args:
@@ -211,15 +212,18 @@ def spearman_loss(
     Returns:
         A tensor of shape `(batch,)` with values in `[0, 2]`.
     """
-    teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
-    # The correlation is unchanged when both vectors are permuted alike, so
-    # the student's ranks stay in its sorted order and the teacher's are
-    # gathered into that order (cheaper than un-sorting the soft ranks).
-    student_ranks, order = sorted_soft_rank(
-        student_logits / temperature,
-        regularization_strength=regularization_strength,
-        window=window,
+    _, student_ranks, order = sort_and_soft_rank(
+        student_logits / temperature, regularization_strength, window
     )
+    return _spearman_in_order(teacher_logits, student_ranks, order)
+
+
+def _spearman_in_order(teacher_logits, student_ranks, order):
+    """`1 - rho` of soft ranks left in the student's sorted order (`order`)
+    and the teacher's exact ranks gathered into that order. The correlation
+    is unchanged when both vectors are permuted alike, and gathering the
+    teacher's ranks is cheaper than un-sorting the soft ranks."""
+    teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
     teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
     # Ranks of n entries, exact or soft, always have mean (n + 1) / 2.
     mean_rank = 0.5 * (student_ranks.shape[-1] + 1)
@@ -343,24 +347,30 @@ def cmkd_loss(
     if standardize:
         teacher_logits = standardize_logits(teacher_logits)
         student_logits = standardize_logits(student_logits)
+    # Every per-sample term is unchanged when the classes of a sample are
+    # permuted alike, so all of them are computed in the order of the
+    # student's sorted logits, from the one sort the soft ranks need (the
+    # softmax gradient then shares the sort's gradient). This also leaves
+    # nothing for XLA's CPU runtime to run before the two sorts, which it
+    # then runs at the same time more often (docs/ops.md).
+    scaled, student_ranks, order = sort_and_soft_rank(
+        student_logits / temperature, regularization_strength, window
+    )
+    teacher_scaled = ops.take_along_axis(
+        teacher_logits / temperature, order, axis=-1
+    )
     # The teacher's probabilities serve both the weights and L_P.
-    log_p_t = ops.log_softmax(teacher_logits / temperature, axis=-1)
+    log_p_t = ops.log_softmax(teacher_scaled, axis=-1)
     p_t = ops.exp(log_p_t)
     weights = _normalized_entropy(p_t, log_p_t)
     pearson = 1.0 - _probability_correlation(
-        _softened(student_logits, temperature), p_t
+        ops.softmax(scaled, axis=-1), p_t
     )
-    if intra_weight:
+    if intra_weight:  # across the batch, per class: in class order
         pearson = pearson + intra_weight * intra_class_loss(
             teacher_logits, student_logits, temperature, sample_weight
         )
-    spearman = spearman_loss(
-        teacher_logits,
-        student_logits,
-        temperature,
-        regularization_strength=regularization_strength,
-        window=window,
-    )
+    spearman = _spearman_in_order(teacher_logits, student_ranks, order)
     if hard_samples == "pearson":
         weights = 1.0 - weights
     return (temperature**2) * ((1.0 - weights) * pearson + weights * spearman)

@@ -256,7 +256,7 @@ def soft_rank(
     array([[2.475, 1.   , 2.525, 4.   ]], dtype=float32)
     """
     rows, n, undo = _to_rows(x, axis)
-    ranks, permutation = _soft_rank_of_rows(
+    _, ranks, permutation = _soft_rank_of_rows(
         rows, n, regularization_strength, window
     )
     return undo(scatter_rows(ranks, permutation))
@@ -282,17 +282,40 @@ def sorted_soft_rank(
     Returns:
         The soft ranks (shape and float dtype of `x`) and the int32 order.
     """
+    _, ranks, order = sort_and_soft_rank(x, regularization_strength, window)
+    return ranks, order
+
+
+def sort_and_soft_rank(
+    x, regularization_strength=DEFAULT_STRENGTH, window=DEFAULT_WINDOW
+):
+    """`sorted_soft_rank` that also returns the sorted values.
+
+    Returns `(sorted_x, ranks, order)`: `sorted_x[..., p] = x[..., order[...,
+    p]]` (differentiable with respect to `x`), and `ranks` and `order` as
+    from `sorted_soft_rank`. For losses that compute several terms in the
+    sorted order from one sort.
+
+    Args:
+        x: float tensor with a static last dimension.
+        regularization_strength: `eps > 0`, as for `soft_rank`.
+        window: neighbours compared softly on each side, as for `soft_rank`.
+
+    Returns:
+        The sorted values and the soft ranks (shape and float dtype of `x`),
+        and the int32 order.
+    """
     rows, n, undo = _to_rows(x, -1)
-    ranks, permutation = _soft_rank_of_rows(
+    sorted_rows, ranks, permutation = _soft_rank_of_rows(
         rows, n, regularization_strength, window
     )
     shape = ops.shape(x)
-    return undo(ranks), ops.reshape(permutation, shape)
+    return undo(sorted_rows), undo(ranks), ops.reshape(permutation, shape)
 
 
 def _soft_rank_of_rows(rows, n, regularization_strength, window):
-    """Sorts `rows` (shape `(rows, n)`): returns the soft ranks in sorted
-    order and the sort permutation."""
+    """Sorts `rows` (shape `(rows, n)`): returns the sorted rows, the soft
+    ranks in sorted order and the sort permutation."""
     if isinstance(regularization_strength, numbers.Real):
         # Python and NumPy scalars: checked here and used at full precision.
         regularization_strength = float(regularization_strength)
@@ -308,7 +331,7 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     sorted_rows, permutation = sort_rows(rows)
     positions = _positions(rows)
     if window < 1:  # one entry per row
-        return positions, permutation
+        return sorted_rows, positions, permutation
     if isinstance(regularization_strength, float):
         inverse_strength = 1.0 / regularization_strength  # full precision
     else:
@@ -319,7 +342,7 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     # runs of more than `window + 1` equal values need a correction.
     frozen = ops.stop_gradient(sorted_rows)
     correction = _long_run_correction(frozen, positions, n, window)
-    return ranks + correction, permutation
+    return sorted_rows, ranks + correction, permutation
 
 
 def _window_brackets(sorted_rows, inverse_strength, window):
@@ -465,5 +488,6 @@ __all__ = [
     "exact_rank",
     "pairwise_soft_rank",
     "soft_rank",
+    "sort_and_soft_rank",
     "sorted_soft_rank",
 ]

@@ -9,6 +9,7 @@ from keras_kd.losses.correlation import CMKD
 from keras_kd.losses.correlation import DIST
 from keras_kd.losses.correlation import PearsonCorrelation
 from keras_kd.losses.correlation import SpearmanCorrelation
+from keras_kd.losses.correlation import cmkd_loss
 from keras_kd.losses.correlation import dist_loss
 from keras_kd.losses.correlation import entropy_weights
 from keras_kd.losses.correlation import pearson_loss
@@ -175,6 +176,38 @@ def test_cmkd_reduces_to_pearson_and_spearman_at_the_extremes(logits):
     flipped = per_sample(CMKD, temperature=tau, hard_samples="pearson")
     lp = 1.0 - np_pearson_rows(np_softmax(s, tau), np_softmax(unsure, tau))
     np.testing.assert_allclose(flipped(unsure, s), tau**2 * lp, rtol=1e-3)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit):
+    # cmkd_loss computes every term in the student's sorted order; its value
+    # and gradient must be those of the same terms computed class by class.
+    t, s = logits
+    tau, eps = 2.0, 0.3
+    mix = tf.constant(np.linspace(0.5, 2.0, B), tf.float32)
+
+    def composed(a, b):
+        w = entropy_weights(a, tau)
+        lp = pearson_loss(a, b, tau)
+        ls = spearman_loss(a, b, tau, regularization_strength=eps, window=4)
+        return tau**2 * ((1.0 - w) * lp + w * ls)
+
+    def value_and_gradient(fn):
+        def run(a, b):
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                value = tf.reduce_sum(mix * fn(a, b))
+            return value, tape.gradient(value, b)
+
+        return tf.function(run, jit_compile=True) if jit else run
+
+    t, s = tf.constant(t), tf.constant(s)
+    expected = value_and_gradient(composed)(t, s)
+    actual = value_and_gradient(
+        lambda a, b: cmkd_loss(a, b, tau, eps, window=4))(t, s)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    np.testing.assert_allclose(actual[1], expected[1], rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_cmkd_standardize_and_intra_term(logits):

@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras_kd.ops.rank import exact_rank
 from keras_kd.ops.rank import pairwise_soft_rank
 from keras_kd.ops.rank import soft_rank
+from keras_kd.ops.rank import sort_and_soft_rank
 from keras_kd.ops.rank import sorted_soft_rank
 
 
@@ -171,6 +172,31 @@ def test_sorted_soft_rank_is_soft_rank_in_sorted_order():
         np.take_along_axis(np.asarray(soft_rank(x, 0.2, window=5)), order, -1),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sort_and_soft_rank_returns_the_sorted_values(jit):
+    rng = np.random.default_rng(12)
+    x = tf.constant(rng.normal(size=(3, 40)).astype("float32"))
+    c = tf.constant(rng.normal(size=(3, 40)).astype("float32"))
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            values, ranks, order = sort_and_soft_rank(x, 0.2, window=5)
+            total = tf.reduce_sum(c * values)
+        return values, ranks, order, tape.gradient(total, x)
+
+    run = tf.function(run, jit_compile=True) if jit else run
+    values, ranks, order, grad = run(x)
+    np.testing.assert_array_equal(values, np.sort(x, axis=-1))
+    expected_ranks, expected_order = sorted_soft_rank(x, 0.2, window=5)
+    np.testing.assert_array_equal(order, expected_order)
+    np.testing.assert_allclose(ranks, expected_ranks, atol=1e-5)
+    # d sum(c * sorted(x)) / dx puts c back in the original columns.
+    expected_grad = np.empty_like(grad)
+    np.put_along_axis(expected_grad, np.asarray(order), np.asarray(c), -1)
+    np.testing.assert_array_equal(grad, expected_grad)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
