@@ -12,8 +12,9 @@ Spearman terms rank the student's logits with
 once, smooth comparisons with a fixed window of sorted neighbours, left in
 sorted order) and the teacher's with `keras_kd.ops.rank.exact_rank`; both
 are pure `keras.ops`, so every loss here runs on any backend and inside
-compiled (XLA) training steps. Per-sample terms are computed in the
-student's sorted order, into which the teacher's values are gathered.
+compiled (XLA) training steps. The per-sample terms of the Spearman and
+CMKD losses are computed in the student's sorted order, into which the
+teacher's values are gathered.
 """
 
 import math
@@ -383,8 +384,8 @@ def cmkd_loss(
 
 def _check_positive(name, value):
     value = float(value)
-    if not value > 0:
-        raise ValueError(f"`{name}` must be positive, got {value}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be positive and finite, got {value}.")
     return value
 
 

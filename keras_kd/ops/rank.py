@@ -17,9 +17,11 @@ work on the sorted values:
   instead of the O(n^2) of an all-pairs soft rank.
 """
 
+import math
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_kd.ops.sort import scatter_rows
@@ -304,6 +306,13 @@ def sort_and_soft_rank(
     Returns:
         The sorted values and the soft ranks (shape and float dtype of `x`),
         and the int32 order.
+
+    Example:
+
+    >>> x = np.array([[0.3, -2.0, 5.0]], "float32")
+    >>> values, ranks, order = sort_and_soft_rank(x, 1e-3)
+    >>> np.asarray(values), np.asarray(ranks), np.asarray(order)
+    (array([[-2. ,  0.3,  5. ]], dtype=float32), array([[1., 2., 3.]], dtype=float32), array([[1, 0, 2]], dtype=int32))
     """
     rows, n, undo = _to_rows(x, -1)
     sorted_rows, ranks, permutation = _soft_rank_of_rows(
@@ -313,17 +322,32 @@ def sort_and_soft_rank(
     return undo(sorted_rows), undo(ranks), ops.reshape(permutation, shape)
 
 
+def _checked_strength(strength):
+    """A Python or NumPy number (0-d arrays included) as a Python float,
+    checked to be finite and positive; tensors pass through unchecked (their
+    value is not known while a step is traced)."""
+    if isinstance(strength, np.ndarray) and strength.ndim == 0:
+        strength = strength.item()
+    if isinstance(strength, (bool, np.bool_)):
+        raise ValueError(
+            "`regularization_strength` must be a positive number, got "
+            f"{strength!r}."
+        )
+    if not isinstance(strength, numbers.Real):
+        return strength
+    strength = float(strength)  # used at full precision
+    if not (strength > 0 and math.isfinite(strength)):
+        raise ValueError(
+            "`regularization_strength` must be positive and finite, got "
+            f"{strength}."
+        )
+    return strength
+
+
 def _soft_rank_of_rows(rows, n, regularization_strength, window):
     """Sorts `rows` (shape `(rows, n)`): returns the sorted rows, the soft
     ranks in sorted order and the sort permutation."""
-    if isinstance(regularization_strength, numbers.Real):
-        # Python and NumPy scalars: checked here and used at full precision.
-        regularization_strength = float(regularization_strength)
-        if not regularization_strength > 0:
-            raise ValueError(
-                "`regularization_strength` must be positive, got "
-                f"{regularization_strength}."
-            )
+    regularization_strength = _checked_strength(regularization_strength)
     window = int(window)
     if window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")

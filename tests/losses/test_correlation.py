@@ -12,8 +12,10 @@ from keras_kd.losses.correlation import SpearmanCorrelation
 from keras_kd.losses.correlation import cmkd_loss
 from keras_kd.losses.correlation import dist_loss
 from keras_kd.losses.correlation import entropy_weights
+from keras_kd.losses.correlation import intra_class_loss
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
+from keras_kd.losses.logits import standardize_logits
 
 B, C = 6, 12
 
@@ -178,17 +180,28 @@ def test_cmkd_reduces_to_pearson_and_spearman_at_the_extremes(logits):
     np.testing.assert_allclose(flipped(unsure, s), tau**2 * lp, rtol=1e-3)
 
 
+@pytest.mark.parametrize("options", [
+    {},
+    {"hard_samples": "pearson"},
+    {"standardize": True, "intra_weight": 0.5},
+])
 @pytest.mark.parametrize("jit", [False, True])
-def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit):
-    # cmkd_loss computes every term in the student's sorted order; its value
-    # and gradient must be those of the same terms computed class by class.
+def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit, options):
+    # cmkd_loss computes every per-sample term in the student's sorted order;
+    # its value and gradient must be those of the same terms computed class
+    # by class.
     t, s = logits
     tau, eps = 2.0, 0.3
     mix = tf.constant(np.linspace(0.5, 2.0, B), tf.float32)
 
     def composed(a, b):
+        if options.get("standardize"):
+            a, b = standardize_logits(a), standardize_logits(b)
         w = entropy_weights(a, tau)
-        lp = pearson_loss(a, b, tau)
+        if options.get("hard_samples") == "pearson":
+            w = 1.0 - w
+        lp = pearson_loss(a, b, tau) + options.get(
+            "intra_weight", 0.0) * intra_class_loss(a, b, tau)
         ls = spearman_loss(a, b, tau, regularization_strength=eps, window=4)
         return tau**2 * ((1.0 - w) * lp + w * ls)
 
@@ -204,7 +217,7 @@ def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit):
     t, s = tf.constant(t), tf.constant(s)
     expected = value_and_gradient(composed)(t, s)
     actual = value_and_gradient(
-        lambda a, b: cmkd_loss(a, b, tau, eps, window=4))(t, s)
+        lambda a, b: cmkd_loss(a, b, tau, eps, window=4, **options))(t, s)
     np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
     np.testing.assert_allclose(actual[1], expected[1], rtol=1e-4,
                                atol=1e-6)
