@@ -202,6 +202,8 @@ def spearman_loss(
     is `regularization_strength * tau` in logit units), computed in sorted
     order with `sort_and_soft_rank`. As the strength goes to 0 this is
     `1 - scipy.stats.spearmanr`. The number of classes must be static.
+    Half-precision logits are ranked and correlated in float32 (the result
+    has the student's dtype).
 
     Args:
         teacher_logits: tensor of shape `(batch, classes)`.
@@ -213,10 +215,27 @@ def spearman_loss(
     Returns:
         A tensor of shape `(batch,)` with values in `[0, 2]`.
     """
+    teacher_logits, student_logits, dtype = _rank_precision(
+        teacher_logits, student_logits
+    )
     _, student_ranks, order = sort_and_soft_rank(
         student_logits / temperature, regularization_strength, window
     )
-    return _spearman_in_order(teacher_logits, student_ranks, order)
+    loss = _spearman_in_order(teacher_logits, student_ranks, order)
+    return ops.cast(loss, dtype)
+
+
+def _rank_precision(teacher_logits, student_logits):
+    """Both logits in float32 if the student's are half precision, and the
+    student's dtype (the dtype of the result). Ranks run up to C and their
+    squared deviations sum to about C^3 / 12, past the float16 range for
+    C > 90; float16 cannot even tell 1000.25 from 1000."""
+    student_logits = ops.convert_to_tensor(student_logits)
+    dtype = keras.backend.standardize_dtype(student_logits.dtype)
+    if dtype in ("float16", "bfloat16"):
+        student_logits = ops.cast(student_logits, "float32")
+        teacher_logits = ops.cast(teacher_logits, "float32")
+    return teacher_logits, student_logits, dtype
 
 
 def _spearman_in_order(teacher_logits, student_ranks, order):
@@ -323,7 +342,8 @@ def cmkd_loss(
     and `L_S,i = spearman_loss(z_t, z_s, tau, ...)`. With
     `standardize=True` both logits are first z-scored per sample
     (`keras_kd.losses.logits.standardize_logits`), and every term, the
-    weights included, uses the standardized logits.
+    weights included, uses the standardized logits. Half-precision logits
+    are used in float32 (the result has the student's dtype).
 
     Args:
         teacher_logits: tensor of shape `(batch, classes)`.
@@ -345,6 +365,9 @@ def cmkd_loss(
     """
     _check_hard_samples(hard_samples)
     teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits, student_logits, dtype = _rank_precision(
+        teacher_logits, student_logits
+    )
     if standardize:
         teacher_logits = standardize_logits(teacher_logits)
         student_logits = standardize_logits(student_logits)
@@ -374,7 +397,8 @@ def cmkd_loss(
     spearman = _spearman_in_order(teacher_logits, student_ranks, order)
     if hard_samples == "pearson":
         weights = 1.0 - weights
-    return (temperature**2) * ((1.0 - weights) * pearson + weights * spearman)
+    loss = (temperature**2) * ((1.0 - weights) * pearson + weights * spearman)
+    return ops.cast(loss, dtype)
 
 
 # --------------------------------------------------------------------------

@@ -353,6 +353,27 @@ def test_value_losses_accept_a_dynamic_number_of_classes(logits):
         np.testing.assert_allclose(fn(t, s), loss(t, s, 2.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rank_losses_in_half_precision(dtype):
+    # With 300 classes the squared rank deviations sum to ~2e6, past the
+    # float16 range: the rank terms must be computed in float32.
+    rng = np.random.default_rng(5)
+    t = tf.cast(3.0 * rng.normal(size=(4, 300)), dtype)
+    s = tf.cast(3.0 * rng.normal(size=(4, 300)), dtype)
+    for loss in (spearman_loss, cmkd_loss):
+        with tf.GradientTape() as tape:
+            tape.watch(s)
+            half = loss(t, s)
+        grad = tape.gradient(half, s)
+        assert half.dtype == dtype and grad.dtype == dtype
+        assert np.isfinite(np.asarray(tf.cast(grad, "float32"))).all()
+        full = loss(tf.cast(t, "float32"), tf.cast(s, "float32"))
+        np.testing.assert_allclose(tf.cast(half, "float32"), full, rtol=1e-2)
+        same = loss(t, t)  # identical inputs: close to 0, not NaN
+        np.testing.assert_allclose(tf.cast(same, "float32"), 0.0,
+                                   atol=1e-3 if loss is spearman_loss else 1e-2)
+
+
 def test_entropy_weights_with_a_dynamic_number_of_classes(logits):
     t, _ = logits
     spec = [tf.TensorSpec([None, None], tf.float32)]
