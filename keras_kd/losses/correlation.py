@@ -5,7 +5,8 @@ Each loss is a pure function of tensors (`pearson_loss`, `spearman_loss`,
 Notation: `z` are logits of shape `(batch, classes)`, `tau` the temperature,
 `p = softmax(z / tau)` and `rho(a, b)` the Pearson correlation of two
 vectors, i.e. the cosine similarity of the mean-centred vectors, with the
-product of their norms floored at `1e-8`.
+product of their norms floored at `1e-8` (a vector that centres to exactly 0
+has correlation 0 and counts as having norm 1 in the gradient).
 
 Spearman terms rank the student's logits with
 `keras_kd.ops.rank.sort_and_soft_rank` (the soft ranks of `soft_rank`: sort
@@ -97,11 +98,15 @@ def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
 
 def _centred_cosine(a, b, total, axis, epsilon):
     covariance = total(a * b, axis=axis)
-    norms = ops.sqrt(
-        ops.maximum(
-            total(a * a, axis=axis) * total(b * b, axis=axis), epsilon**2
-        )
-    )
+    squares_a = total(a * a, axis=axis)
+    squares_b = total(b * b, axis=axis)
+    # A constant vector (centred to exactly 0, such as the ranks of the
+    # logits of a zero-initialized head) has no direction: its norm counts
+    # as 1, so its gradient is the other vector's direction instead of that
+    # direction divided by the floor (about 1e10 for ranks).
+    squares_a = ops.where(squares_a > 0, squares_a, 1.0)
+    squares_b = ops.where(squares_b > 0, squares_b, 1.0)
+    norms = ops.sqrt(ops.maximum(squares_a * squares_b, epsilon**2))
     return covariance / norms
 
 

@@ -28,8 +28,14 @@ def standardize_logits(logits, epsilon=1e-7):
         ops.cast(num_classes, logits.dtype)
         / ops.cast(num_classes - 1, logits.dtype)
     )
-    std = ops.std(logits, axis=-1, keepdims=True) * correction
-    return (logits - mean) / (std + epsilon)
+    centred = logits - mean
+    variance = ops.mean(ops.square(centred), axis=-1, keepdims=True)
+    # sqrt has an infinite derivative at 0, so a constant row (e.g. from a
+    # zero-initialized head) would get a NaN gradient (0 * inf). Its standard
+    # deviation is taken as 1 instead: it standardizes to 0 either way.
+    variance = ops.where(variance > 0, variance, 1.0)
+    std = ops.sqrt(variance) * correction
+    return centred / (std + epsilon)
 
 
 def kd_loss(teacher_logits, student_logits, temperature=4.0, standardize=False):

@@ -353,6 +353,33 @@ def test_value_losses_accept_a_dynamic_number_of_classes(logits):
         np.testing.assert_allclose(fn(t, s), loss(t, s, 2.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_constant_student_rows_get_bounded_gradients(logits, jit):
+    # A zero-initialized head outputs equal logits, which centre to exactly
+    # 0: the correlation is 0, and the gradient used to be the teacher's
+    # direction divided by the 1e-8 floor (about 1e10 for Spearman; NaN
+    # with standardize=True under XLA).
+    t, _ = logits
+    t, s = tf.constant(t), tf.zeros_like(tf.constant(t))
+    losses = {
+        "pearson": lambda a, b: pearson_loss(a, b, 4.0),
+        "spearman": lambda a, b: spearman_loss(a, b, 4.0),
+        "dist": lambda a, b: dist_loss(a, b),
+        "cmkd": lambda a, b: cmkd_loss(a, b, standardize=True),
+    }
+    for name, loss in losses.items():
+        def run(a, b):
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                value = tf.reduce_sum(loss(a, b))
+            return value, tape.gradient(value, b)
+
+        run = tf.function(run, jit_compile=True) if jit else run
+        value, grad = run(t, s)
+        assert np.isfinite(value) and np.isfinite(grad).all(), name
+        assert np.abs(grad).max() < 1e3, (name, np.abs(grad).max())
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_rank_losses_in_half_precision(dtype):
     # With 300 classes the squared rank deviations sum to ~2e6, past the

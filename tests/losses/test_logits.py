@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from keras_kd.losses import KD
+from keras_kd.losses.logits import kd_loss
 from keras_kd.losses.logits import standardize_logits
 
 
@@ -43,6 +44,26 @@ def test_kd_zero_and_shift_invariant(logits):
     assert abs(float(KD()(t, t + shifts))) < 1e-5
     np.testing.assert_allclose(float(KD()(t + shifts, s)), float(KD()(t, s)),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_standardized_kd_gradient_for_a_constant_student_row(logits, jit):
+    # A zero-initialized head gives equal logits; sqrt'(0) made the gradient
+    # NaN under XLA (and about 5e5 eagerly).
+    t, _ = logits
+    s = tf.zeros_like(tf.constant(t))
+
+    def run(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            value = tf.reduce_sum(kd_loss(a, b, standardize=True))
+        return value, tape.gradient(value, b)
+
+    run = tf.function(run, jit_compile=True) if jit else run
+    value, grad = run(tf.constant(t), s)
+    assert np.isfinite(value) and np.isfinite(grad).all()
+    assert np.abs(grad).max() < 10.0
+    np.testing.assert_array_equal(standardize_logits(s), np.zeros(s.shape))
 
 
 def test_standardized_kd_uses_unbiased_std(logits):
