@@ -316,7 +316,8 @@ def entropy_weights(teacher_logits, temperature=1.0):
 def _normalized_entropy(p, log_p):
     """`H(p) / log(C)` per row, from probabilities and their logarithms."""
     num_classes = p.shape[-1]
-    entropy = -ops.sum(p * log_p, axis=-1)
+    # p log p -> 0 as p -> 0; masked (-inf) logits give exactly 0 * -inf.
+    entropy = -ops.sum(ops.where(p > 0, p * log_p, 0.0), axis=-1)
     if num_classes is None:  # known only when the step runs
         # One class has entropy 0: the maximum only avoids 0 / log(1).
         classes = ops.cast(ops.shape(p)[-1], entropy.dtype)

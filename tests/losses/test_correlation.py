@@ -354,6 +354,27 @@ def test_value_losses_accept_a_dynamic_number_of_classes(logits):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+def test_cmkd_with_masked_teacher_logits(logits, jit):
+    # Masked classes (-inf logits, e.g. vocabulary padding) have p = 0; the
+    # entropy weights used to be NaN (0 * -inf).
+    t, s = logits
+    t = t.copy()
+    t[:, :3] = -np.inf
+    np.testing.assert_allclose(entropy_weights(t, 4.0),
+                               np_entropy_weights(t, 4.0), rtol=1e-5)
+
+    def run(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            value = tf.reduce_sum(cmkd_loss(a, b))
+        return value, tape.gradient(value, b)
+
+    run = tf.function(run, jit_compile=True) if jit else run
+    value, grad = run(tf.constant(t), tf.constant(s))
+    assert np.isfinite(value) and np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_constant_student_rows_get_bounded_gradients(logits, jit):
     # A zero-initialized head outputs equal logits, which centre to exactly
     # 0: the correlation is 0, and the gradient used to be the teacher's
