@@ -180,6 +180,19 @@ def test_cmkd_reduces_to_pearson_and_spearman_at_the_extremes(logits):
     np.testing.assert_allclose(flipped(unsure, s), tau**2 * lp, rtol=1e-3)
 
 
+def value_and_gradient(loss, jit, mix=None):
+    """`(sum of mix * loss(a, b), its gradient with respect to b)`, eager or
+    compiled with XLA."""
+    def run(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            values = loss(a, b)
+            value = tf.reduce_sum(values if mix is None else mix * values)
+        return value, tape.gradient(value, b)
+
+    return tf.function(run, jit_compile=True) if jit else run
+
+
 @pytest.mark.parametrize("options", [
     {},
     {"hard_samples": "pearson"},
@@ -205,19 +218,11 @@ def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit, options):
         ls = spearman_loss(a, b, tau, regularization_strength=eps, window=4)
         return tau**2 * ((1.0 - w) * lp + w * ls)
 
-    def value_and_gradient(fn):
-        def run(a, b):
-            with tf.GradientTape() as tape:
-                tape.watch(b)
-                value = tf.reduce_sum(mix * fn(a, b))
-            return value, tape.gradient(value, b)
-
-        return tf.function(run, jit_compile=True) if jit else run
-
     t, s = tf.constant(t), tf.constant(s)
-    expected = value_and_gradient(composed)(t, s)
+    expected = value_and_gradient(composed, jit, mix)(t, s)
     actual = value_and_gradient(
-        lambda a, b: cmkd_loss(a, b, tau, eps, window=4, **options))(t, s)
+        lambda a, b: cmkd_loss(a, b, tau, eps, window=4, **options), jit, mix
+    )(t, s)
     np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
     np.testing.assert_allclose(actual[1], expected[1], rtol=1e-4,
                                atol=1e-6)
@@ -362,14 +367,7 @@ def test_cmkd_with_masked_teacher_logits(logits, jit):
     t[:, :3] = -np.inf
     np.testing.assert_allclose(entropy_weights(t, 4.0),
                                np_entropy_weights(t, 4.0), rtol=1e-5)
-
-    def run(a, b):
-        with tf.GradientTape() as tape:
-            tape.watch(b)
-            value = tf.reduce_sum(cmkd_loss(a, b))
-        return value, tape.gradient(value, b)
-
-    run = tf.function(run, jit_compile=True) if jit else run
+    run = value_and_gradient(cmkd_loss, jit)
     value, grad = run(tf.constant(t), tf.constant(s))
     assert np.isfinite(value) and np.isfinite(grad).all()
 
@@ -389,14 +387,7 @@ def test_constant_student_rows_get_bounded_gradients(logits, jit):
         "cmkd": lambda a, b: cmkd_loss(a, b, standardize=True),
     }
     for name, loss in losses.items():
-        def run(a, b):
-            with tf.GradientTape() as tape:
-                tape.watch(b)
-                value = tf.reduce_sum(loss(a, b))
-            return value, tape.gradient(value, b)
-
-        run = tf.function(run, jit_compile=True) if jit else run
-        value, grad = run(t, s)
+        value, grad = value_and_gradient(loss, jit)(t, s)
         assert np.isfinite(value) and np.isfinite(grad).all(), name
         assert np.abs(grad).max() < 1e3, (name, np.abs(grad).max())
 
