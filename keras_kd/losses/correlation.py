@@ -100,7 +100,7 @@ def _centred_cosine(a, b, total, axis, epsilon):
     covariance = total(a * b, axis=axis)
     squares_a = total(a * a, axis=axis)
     squares_b = total(b * b, axis=axis)
-    # A constant vector (centred to exactly 0, such as the ranks of the
+    # A vector that centres to exactly 0 (such as the ranks of the all-zero
     # logits of a zero-initialized head) has no direction: its norm counts
     # as 1, so its gradient is the other vector's direction instead of that
     # direction divided by the floor (about 1e10 for ranks).
@@ -233,8 +233,9 @@ def spearman_loss(
 def _rank_precision(teacher_logits, student_logits):
     """Both logits in float32 if the student's are half precision, and the
     student's dtype (the dtype of the result). Ranks run up to C and their
-    squared deviations sum to about C^3 / 12, past the float16 range for
-    C > 90; float16 cannot even tell 1000.25 from 1000."""
+    squared deviations sum to about C^3 / 12 (the product of two such sums
+    passes the float16 range from C = 15 on); float16 cannot even tell
+    1000.25 from 1000."""
     student_logits = ops.convert_to_tensor(student_logits)
     dtype = keras.backend.standardize_dtype(student_logits.dtype)
     if dtype in ("float16", "bfloat16"):

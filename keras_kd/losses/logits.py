@@ -30,8 +30,9 @@ def standardize_logits(logits, epsilon=1e-7):
     )
     centred = logits - mean
     variance = ops.mean(ops.square(centred), axis=-1, keepdims=True)
-    # sqrt has an infinite derivative at 0, so a constant row (e.g. from a
-    # zero-initialized head) would get a NaN gradient (0 * inf). Its standard
+    # sqrt has an infinite derivative at 0, so a row with exactly zero
+    # variance (e.g. the all-zero output of a zero-initialized head) would get
+    # a NaN gradient (0 * inf) under XLA. Its standard
     # deviation is taken as 1 instead: it standardizes to 0 either way.
     variance = ops.where(variance > 0, variance, 1.0)
     std = ops.sqrt(variance) * correction
