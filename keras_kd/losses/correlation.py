@@ -6,7 +6,8 @@ Notation: `z` are logits of shape `(batch, classes)`, `tau` the temperature,
 `p = softmax(z / tau)` and `rho(a, b)` the Pearson correlation of two
 vectors, i.e. the cosine similarity of the mean-centred vectors, with the
 product of their norms floored at `1e-8` (a vector that centres to exactly 0
-has correlation 0 and counts as having norm 1 in the gradient).
+has correlation 0 and counts as having norm 1 in the gradient), computed in
+float32 for half-precision inputs.
 
 Spearman terms rank the student's logits with
 `keras_kd.ops.rank.sort_and_soft_rank` (the soft ranks of `soft_rank`: sort
@@ -97,6 +98,12 @@ def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
 
 
 def _centred_cosine(a, b, total, axis, epsilon):
+    dtype = keras.backend.standardize_dtype(a.dtype)
+    if dtype in ("float16", "bfloat16"):
+        # Sums of squared deviations of probabilities (~1e-7) and their
+        # products underflow in half precision: compute in float32.
+        a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
+        return ops.cast(_centred_cosine(a, b, total, axis, epsilon), dtype)
     covariance = total(a * b, axis=axis)
     squares_a = total(a * a, axis=axis)
     squares_b = total(b * b, axis=axis)

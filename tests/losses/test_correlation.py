@@ -417,6 +417,21 @@ def test_rank_losses_in_half_precision(dtype, classes):
         np.testing.assert_allclose(same, same_full, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_value_losses_in_half_precision(dtype):
+    # Per-class correlations across the batch sum squared deviations of
+    # probabilities (~1e-7 at 100 classes), whose product underflows in
+    # float16: DIST was NaN.
+    rng = np.random.default_rng(6)
+    t = tf.cast(3.0 * rng.normal(size=(8, 100)), dtype)
+    s = tf.cast(3.0 * rng.normal(size=(8, 100)), dtype)
+    for loss in (pearson_loss, dist_loss):
+        half = loss(t, s, 4.0)
+        assert half.dtype == dtype
+        full = loss(tf.cast(t, "float32"), tf.cast(s, "float32"), 4.0)
+        np.testing.assert_allclose(tf.cast(half, "float32"), full, rtol=2e-2)
+
+
 def test_entropy_weights_with_a_dynamic_number_of_classes(logits):
     t, _ = logits
     spec = [tf.TensorSpec([None, None], tf.float32)]
