@@ -36,6 +36,20 @@ def data():
     return x, y
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backends(*names): run the test only on these Keras backends "
+        "(tensorflow, jax, torch); it is skipped on the others.")
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers(name="backends"):
+        if keras.backend.backend() not in marker.args:
+            pytest.skip(f"runs on {', '.join(marker.args)} only, not on "
+                        f"{keras.backend.backend()}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1)
