@@ -167,19 +167,19 @@ class Diagnostics:
             feature, side.classifier.kernel, size=self.input_size
         )
 
-    def update(self, teacher_extras, student_logits, student_features, y,
+    def update(self, teacher, student_logits, student_features, y,
                sample_weight):
         """Updates every metric with one step's values.
 
         Args:
-            teacher_extras: the `extras` dict of `Teachers.__call__`.
+            teacher: the step's `keras_kd.teachers.TeacherOutputs`.
             student_logits: the student outputs of the step.
             student_features: the student's extra tapped features, in the
                 order of `student_layers`.
             y: labels or `None`.
             sample_weight: per-sample weights or `None`.
         """
-        mean_logits = teacher_extras["mean_logits"]
+        mean_logits = teacher.mean_logits
         for metric in self.metrics:
             kind = getattr(metric, "inputs", "logits")
             if kind == "labels":
@@ -189,7 +189,7 @@ class Diagnostics:
             elif kind == "attention":
                 side_a, side_b = self.sides[id(metric)]
                 maps = [
-                    self._map(side, teacher_extras["features"],
+                    self._map(side, teacher.diagnostic_features,
                               student_features)
                     for side in (side_a, side_b)
                 ]

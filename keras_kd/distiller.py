@@ -1,64 +1,42 @@
-"""The `Distiller`: a `keras.Model` that trains a student from a frozen
-teacher.
+"""The `Distiller`: a `keras.Model` that trains a student from frozen
+teachers.
 
-Data flows one way: batch -> teacher forward (outside the gradient tape,
-`training=False`) and one student forward (inside it) -> the student's loss
-and each `Term` -> the total loss -> the optimizer.
+Data flows one way: batch -> teachers (inference mode, no gradient) and one
+student forward -> the student's loss and each `Term` -> the total loss ->
+the optimizer. This module builds and validates the pieces and holds the
+model's state; the loss assembly is `keras_kd.step`, and the backend trainer
+that differentiates and applies is picked at import from `keras_kd.trainers`.
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from keras_kd import layerwise as kd_layerwise
+from keras_kd import _keras_compat as compat
 from keras_kd import losses as kd_losses
-from keras_kd.augment import apply_augmentation, check_augmentation
-from keras_kd.augment import check_augmentation_shape
+from keras_kd.augment import check_augmentation, check_augmentation_shape
 from keras_kd.diagnostics import Diagnostics
-from keras_kd.ensemble import Teachers, as_teacher_list, check_teacher_outputs
-from keras_kd.ensemble import ensemble_loss
+from keras_kd.layerwise import attach as attach_layerwise
+from keras_kd.local import LocalModules
 from keras_kd.losses.features import check_poolable
+from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
+from keras_kd.step import unique_names
 from keras_kd.taps import Tap
+from keras_kd.teachers import Teachers, as_teacher_list
+from keras_kd.teachers import check_teacher_outputs
 from keras_kd.term import Term
-
-
-def _replicas():
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def _scale_for_replicas(value):
-    """Divide a per-replica loss by the replica count, as Keras losses do."""
-    n = _replicas()
-    return value / n if n > 1 else value
-
-
-def _unscale_for_replicas(value):
-    n = _replicas()
-    return value * n if n > 1 else value
-
-
-def _unique_names(terms):
-    seen = {}
-    for term in terms:
-        base = term.name
-        if base in seen:
-            seen[base] += 1
-            term.name = f"{base}_{seen[base]}"
-        else:
-            seen[base] = 0
-    return terms
+from keras_kd.trainers import Trainer
 
 
 class _Untracked:
-    """Holds helpers that Keras must not track (their variables are the
-    student's or teacher's own and are tracked there)."""
+    """Holds Python objects that Keras must not track (they hold the
+    teacher's and student's own layers, tracked there)."""
 
     def __init__(self, **items):
         self.__dict__.update(items)
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
-class Distiller(keras.Model):
+class Distiller(Trainer, keras.Model):
     """Trains a student model from a frozen teacher.
 
     The training loss is
@@ -79,9 +57,16 @@ class Distiller(keras.Model):
 
     `fit` history holds `loss`, `student_loss` (with labels), one
     `<term name>_loss` per term (unweighted), the compiled metrics computed on
-    the student outputs, the diagnostics, and their `val_` forms.
+    the student outputs, the diagnostics, and their `val_` forms. Terms keep
+    the names the user gave them; when two share a name, the distiller logs
+    the later one under the first free `<name>_<k>` (the `Term` object is not
+    renamed; `distiller.term_names` lists the log names).
 
-    Several teachers form an ensemble (see `keras_kd.ensemble.Teachers`):
+    The distiller trains on the TensorFlow, JAX and PyTorch backends, through
+    the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
+    (local modules and layer-wise learning rates: TensorFlow only, for now).
+
+    Several teachers form an ensemble (see `keras_kd.teachers.Teachers`):
     terms on the final outputs compare the student with the teachers'
     averaged outputs (`ensemble="logits"`) or are averaged over the teachers
     (`ensemble="losses"`); a feature term reads its `teacher_layer` from
@@ -113,8 +98,8 @@ class Distiller(keras.Model):
             rates that follow the student-teacher divergence, logged as
             `lr_scale/<student layer>`. Its state is `layerwise_state`.
         local_modules: optional `keras_kd.LocalModules`: train the student
-            as a chain of local modules, each by its own loss under its own
-            gradient tape (LAKD). `None` trains it end to end. Cannot be
+            as a chain of local modules, each by its own loss and its own
+            gradient (LAKD). `None` trains it end to end. Cannot be
             combined with `layerwise_lr`.
         name: name of the distiller.
 
@@ -163,36 +148,96 @@ class Distiller(keras.Model):
                     "Each item of `terms` must be a `keras_kd.Term`, got "
                     f"{term!r}. Wrap a loss as `keras_kd.Term(loss, weight)`."
                 )
+        if local_modules is not None and not isinstance(
+                local_modules, LocalModules):
+            raise TypeError(
+                "`local_modules` must be a `keras_kd.LocalModules`, got "
+                f"{local_modules!r}."
+            )
+        self._check_extensions(teachers, layerwise_lr, local_modules,
+                               teacher_augmentation, student_augmentation,
+                               diagnostics)
         self.teachers = teachers
         self.student = student
         self.student_loss_weight = float(student_loss_weight)
-        self._terms = _unique_names(terms)
 
-        feature_terms = [t for t in self._terms if t.reads_features]
+        # The distiller's own log names: the user's Terms are not renamed.
+        extra_losses = list(local_modules.loss_names) if local_modules else []
+        _check_term_names(terms, extra_losses)
+        names = unique_names(terms, reserved=["student"] + extra_losses)
+        bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
+        self._terms = _Untracked(user=terms, bound=bound)
+        feature_terms = [b for b in bound if b.reads_features]
+
         check_teacher_outputs(teachers)
-        self._diagnostics = Diagnostics(
+        self.diagnostics_feed = Diagnostics(
             diagnostics, teachers, student,
             reserved=["loss", "student_loss"]
-            + [f"{t.name}_loss" for t in self._terms],
+            + [f"{n}_loss" for n in names + extra_losses],
         )
-        teacher_tap = Teachers(
+        teacher_side = Teachers(
             teachers, feature_terms, ensemble=ensemble,
             augmentation=teacher_augmentation,
-            extra_layers=self._diagnostics.teacher_layers,
+            extra_layers=self.diagnostics_feed.teacher_layers,
         )
         student_tap = Tap(
             student, [t.student_layer for t in feature_terms]
-            + self._diagnostics.student_layers, "student"
+            + self.diagnostics_feed.student_layers, "student"
         )
-        self._student_augmentation = check_augmentation(
+        student_augmentation = check_augmentation(
             student_augmentation, "`student_augmentation`"
         )
         check_augmentation_shape(
-            self._student_augmentation, student, "The student augmentation"
+            student_augmentation, student, "The student augmentation"
         )
-        self._taps = _Untracked(teacher=teacher_tap, student=student_tap)
+        # Tracked, so that their seed generators are part of the model's
+        # state (saved, and threaded through JAX's stateless step).
+        self.augmentations = _augmentation_layers(
+            teacher_side.augmentations, student_augmentation)
+        self._sides = _Untracked(teachers=teacher_side,
+                                 student_augmentation=student_augmentation)
         self._check_logit_shapes()
-        self.adapters = self._build_adapters(feature_terms)
+        self.adapters = self._build_adapters(
+            feature_terms, teacher_side.feature_shapes,
+            student_tap.feature_shapes)
+
+        assembly = LossAssembly(
+            self.student_loss_weight,
+            lambda y, y_pred, sample_weight: self.compute_loss(
+                y=y, y_pred=y_pred, sample_weight=sample_weight),
+        )
+        self._step = _Untracked(step=DistillationStep(
+            teacher_side, student_tap, bound, assembly,
+            student_augmentation=student_augmentation,
+            num_diagnostic_features=len(self.diagnostics_feed.student_layers),
+            regularization=lambda: self.student.losses,
+        ))
+
+        self.layerwise_lr = layerwise_lr
+        self.layerwise_state = attach_layerwise(
+            layerwise_lr, teachers[0], student
+        )
+        self.local_modules = local_modules
+        self.local_plan = None
+        if local_modules is not None:
+            self.local_plan = local_modules.bind(
+                teachers[0], student, bound, assembly)
+            self.adapters.update(self.local_plan.adapters)
+
+        # One `Mean` per logged loss: `student_loss`, then one per term and
+        # per extension loss, in order.
+        self._tracker_names = ["student"] + names + extra_losses
+        self._loss_trackers = [
+            keras.metrics.Mean(name=f"{n}_loss") for n in self._tracker_names
+        ]
+        self.diagnostics = self.diagnostics_feed.metrics
+        if all(t.built for t in teachers) and student.built:
+            self.built = True
+
+    @staticmethod
+    def _check_extensions(teachers, layerwise_lr, local_modules,
+                          teacher_augmentation, student_augmentation,
+                          diagnostics):
         for option, value in (("layerwise_lr", layerwise_lr),
                               ("local_modules", local_modules)):
             if value is not None and len(teachers) != 1:
@@ -200,6 +245,12 @@ class Distiller(keras.Model):
                     f"`{option}` supports one teacher; got "
                     f"{len(teachers)} teachers."
                 )
+        if local_modules is not None and layerwise_lr is not None:
+            raise ValueError(
+                "`local_modules` and `layerwise_lr` cannot be combined: "
+                "local modules train each module by its own gradient and "
+                "do not update layer-wise learning-rate scales."
+            )
         if local_modules is not None and (
             teacher_augmentation is not None
             or student_augmentation is not None or diagnostics
@@ -210,42 +261,20 @@ class Distiller(keras.Model):
                 "`diagnostics`: the local-module training step does not "
                 "apply them."
             )
-        self.layerwise_lr = layerwise_lr
-        self.layerwise_state = kd_layerwise.attach(
-            layerwise_lr, teachers[0], student
-        )
-        self.local_modules = local_modules
-        self._local = None
-        if local_modules is not None:
-            from keras_kd.local import LocalModules  # local imports this file
 
-            if not isinstance(local_modules, LocalModules):
-                raise TypeError(
-                    "`local_modules` must be a `keras_kd.LocalModules`, got "
-                    f"{local_modules!r}."
-                )
-            if layerwise_lr is not None:
-                raise ValueError(
-                    "`local_modules` and `layerwise_lr` cannot be combined: "
-                    "local modules train each module under its own tape "
-                    "and do not update layer-wise learning-rate scales."
-                )
-            self._local = local_modules.bind(self)
-            self.local_loss_trackers = self._local.trackers
-
-        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
-        self.term_loss_trackers = [
-            keras.metrics.Mean(name=f"{t.name}_loss") for t in self._terms
-        ]
-        self.diagnostics = self._diagnostics.metrics
-        if all(t.built for t in teachers) and student.built:
-            self.built = True
+    # Read-only views.
 
     @property
     def teacher(self):
-        """The teacher, when there is one (else see `teachers`)."""
+        """The teacher, when there is one (else see `teachers`).
+
+        Raises:
+            ValueError: the distiller has several teachers. (Not an
+                `AttributeError`: PyTorch's `Module` would replace its
+                message.)
+        """
         if len(self.teachers) != 1:
-            raise AttributeError(
+            raise ValueError(
                 f"The distiller '{self.name}' has {len(self.teachers)} "
                 "teachers; use `distiller.teachers`."
             )
@@ -254,17 +283,44 @@ class Distiller(keras.Model):
     @property
     def ensemble(self):
         """How several teachers are combined: `"logits"` or `"losses"`."""
-        return self._taps.teacher.ensemble
+        return self._sides.teachers.ensemble
 
     @property
     def terms(self):
-        """The distillation terms, in order."""
-        return list(self._terms)
+        """The distillation terms, in order (the user's own objects)."""
+        return list(self._terms.user)
+
+    @property
+    def term_names(self):
+        """The name under which each term is logged (`<name>_loss`), in
+        order."""
+        return [b.name for b in self._terms.bound]
+
+    @property
+    def distillation_step(self):
+        """The backend-agnostic step (`keras_kd.step.DistillationStep`)
+        that the trainers run."""
+        return self._step.step
+
+    @property
+    def training_extension(self):
+        """The feature that changes how a step trains (the layer-wise
+        learning-rate state or the local-module plan), or `None`; see
+        `keras_kd.extension`."""
+        if self.layerwise_state is not None:
+            return self.layerwise_state
+        return self.local_plan
+
+    @property
+    def loss_trackers(self):
+        """`{name: Mean}`: the trackers of `student_loss`, of each term's
+        `<name>_loss` and of each extension loss."""
+        return dict(zip(self._tracker_names, self._loss_trackers))
 
     # Construction-time validation and adapters.
 
     def _check_logit_shapes(self):
-        if not any(not t.reads_features for t in self._terms):
+        if all(b.reads_features for b in self._terms.bound):
             return
         try:
             t_shape = tuple(self.teachers[0].output.shape)
@@ -279,22 +335,25 @@ class Distiller(keras.Model):
                 f"{s_shape}; terms on the final outputs need equal shapes."
             )
 
-    def _build_adapters(self, feature_terms):
+    @staticmethod
+    def _build_adapters(feature_terms, teacher_shapes, student_shapes):
+        """A trainable `Dense` adapter on the student side of each feature
+        term whose loss needs equal channel counts that differ."""
         adapters = {}
-        tshapes = self._taps.teacher.feature_shapes
-        sshapes = self._taps.student.feature_shapes
-        for term, t_shape, s_shape in zip(feature_terms, tshapes, sshapes):
+        for bound, t_shape, s_shape in zip(feature_terms, teacher_shapes,
+                                           student_shapes):
             where = (
-                f"term '{term.name}' (teacher layer '{term.teacher_layer}' "
-                f"{t_shape}, student layer '{term.student_layer}' {s_shape})"
+                f"term '{bound.name}' (teacher layer '{bound.teacher_layer}' "
+                f"{t_shape}, student layer '{bound.student_layer}' {s_shape})"
             )
             check_poolable(t_shape, s_shape, where)
-            if term.loss.matches_channels and t_shape[-1] != s_shape[-1]:
+            if bound.loss.matches_channels and t_shape[-1] != s_shape[-1]:
                 adapter = keras.layers.Dense(
-                    t_shape[-1], name=f"{term.name}_adapter"
+                    t_shape[-1], name=f"{bound.name}_adapter"
                 )
                 adapter.build(s_shape)
-                adapters[term.name] = adapter
+                adapters[bound.name] = adapter
+                bound.adapter = adapter
         return adapters
 
     # Keras model API.
@@ -323,6 +382,13 @@ class Distiller(keras.Model):
         trainable = {id(v) for v in self.trainable_weights}
         return [v for v in self.weights if id(v) not in trainable]
 
+    @property
+    def non_trainable_variables(self):
+        """Every other variable of the distiller: the teachers', batch-norm
+        statistics, seed generators, layer-wise scales."""
+        trainable = {id(v) for v in self.trainable_variables}
+        return [v for v in self.variables if id(v) not in trainable]
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
@@ -333,50 +399,18 @@ class Distiller(keras.Model):
         the training and test steps.
         """
         del x, training
-        if y is None or self._compile_loss is None:
+        loss = compat.compiled_loss(self)
+        if y is None or loss is None:
             return ops.zeros((), dtype="float32")
-        return self._compile_loss(y, y_pred, sample_weight)
+        return loss(y, y_pred, sample_weight)
 
-    def _teacher_forward(self, x, augment=False):
-        """The teachers' outputs and tapped features, in inference mode
-        (each on its own augmentation of `x` when `augment`).
-
-        Called outside any gradient tape: nothing of the teacher is recorded.
-        """
-        outputs = self._taps.teacher(x, training=False, augment=augment)
-        return keras.tree.map_structure(ops.stop_gradient, outputs)
-
-    def _student_losses(self, x, y, sample_weight, teacher, training):
-        """One student forward and every loss; returns (total, y_pred,
-        student_loss, term_losses, student_feats)."""
-        teacher_out, teacher_feats = teacher[:2]
-        y_pred, student_feats = self._taps.student(x, training=training)
-
-        student_loss = self.compute_loss(
-            y=y, y_pred=y_pred, sample_weight=sample_weight
-        )
-        total = self.student_loss_weight * student_loss
-        term_losses = []
-        feature_index = 0
-        for term in self._terms:
-            if term.reads_features:
-                t_val = teacher_feats[feature_index]
-                s_val = student_feats[feature_index]
-                feature_index += 1
-                adapter = self.adapters.get(term.name)
-                if adapter is not None:
-                    s_val = adapter(s_val)
-            else:
-                t_val, s_val = teacher_out, y_pred
-            value = ensemble_loss(term.loss, t_val, s_val, sample_weight)
-            term_losses.append(value)
-            total = total + term.weight * ops.cast(value, total.dtype)
-        regularization = self.student.losses
-        if regularization:
-            total = total + _scale_for_replicas(
-                ops.cast(ops.sum(regularization), total.dtype)
-            )
-        return total, y_pred, student_loss, term_losses, student_feats
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Updates the compiled metrics on the student outputs and returns
+        the logs; without labels (`fit(x)`) the compiled metrics are left
+        alone."""
+        if y is None:
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_metrics_result(self):
         """The model's metric values, skipping compiled metrics that have
@@ -392,81 +426,13 @@ class Distiller(keras.Model):
                 logs[metric.name] = result
         return logs
 
-    def _update_trackers(self, x, y, y_pred, sample_weight, total,
-                         student_loss, term_losses):
-        batch = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(
-            _unscale_for_replicas(total), sample_weight=batch
-        )
-        if y is not None:
-            self.student_loss_tracker.update_state(
-                _unscale_for_replicas(student_loss), sample_weight=batch
-            )
-        for tracker, value in zip(self.term_loss_trackers, term_losses):
-            tracker.update_state(
-                _unscale_for_replicas(value), sample_weight=batch
-            )
-        if y is not None:
-            return self.compute_metrics(x, y, y_pred, sample_weight)
-        # Without labels there is no student loss and no compiled metric.
-        trackers = [self._loss_tracker] + self.term_loss_trackers
-        trackers += self._diagnostics.unlabelled_metrics
-        return {m.name: m.result() for m in trackers}
-
-    def train_step(self, data):
-        if self._local is not None:
-            return self._local.train_step(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher = self._teacher_forward(x, augment=True)
-        x_student = apply_augmentation(self._student_augmentation, x)
-        if self.layerwise_state is not None:
-            self.layerwise_state.update_scales(x, self.optimizer.iterations)
-        with tf.GradientTape() as tape:
-            total, y_pred, student_loss, term_losses, student_feats = (
-                self._student_losses(
-                    x_student, y, sample_weight, teacher, training=True
-                )
-            )
-            scaled = self.optimizer.scale_loss(total)
-        self._update_diagnostics(teacher, y_pred, student_feats, y,
-                                 sample_weight)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        self._apply_gradients(gradients, variables)
-        logs = self._update_trackers(
-            x, y, y_pred, sample_weight, total, student_loss, term_losses
-        )
-        if self.layerwise_state is not None:
-            logs = {**logs, **self.layerwise_state.logs()}
-        return logs
-
-    def _apply_gradients(self, gradients, variables):
-        """Applies the gradients of the trained variables (one optimizer,
-        or one per paired layer with `layerwise_lr`)."""
-        if self.layerwise_state is not None:
-            return self.layerwise_state.apply_gradients(
-                self.optimizer, gradients, variables
-            )
-        self.optimizer.apply_gradients(zip(gradients, variables))
-
-    def _update_diagnostics(self, teacher, y_pred, student_feats, y,
-                            sample_weight):
-        """Updates the diagnostic metrics (before the weights change, so
-        that the student's attention maps use the weights of its forward)."""
-        extra = len(self._diagnostics.student_layers)
-        self._diagnostics.update(
-            teacher[2], y_pred, student_feats[len(student_feats) - extra:],
-            y, sample_weight,
-        )
-
     def compile(self, *args, **kwargs):
-        """`keras.Model.compile`; with `layerwise_lr` it also builds one
-        optimizer per paired layer from the compiled optimizer's config."""
+        """`keras.Model.compile`; a training extension (layer-wise learning
+        rates) then builds what it needs from the compiled optimizer."""
         super().compile(*args, **kwargs)
-        if self.layerwise_state is not None:
-            self.layerwise_state.build_optimizers(
-                self.optimizer, self.trainable_variables
-            )
+        extension = self.training_extension
+        if extension is not None:
+            extension.on_compile(self.optimizer, self.trainable_variables)
 
     def compile_from_config(self, config):
         # Keras skips a custom `compile()` when loading; call it here.
@@ -476,30 +442,26 @@ class Distiller(keras.Model):
         ):
             self.optimizer.build(self.trainable_variables)
 
-    def test_step(self, data):
-        if self._local is not None:
-            return self._local.test_step(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher = self._teacher_forward(x)
-        total, y_pred, student_loss, term_losses, student_feats = (
-            self._student_losses(x, y, sample_weight, teacher, training=False)
-        )
-        self._update_diagnostics(teacher, y_pred, student_feats, y,
-                                 sample_weight)
-        return self._update_trackers(
-            x, y, y_pred, sample_weight, total, student_loss, term_losses
-        )
-
     # Export and serialization.
 
     def export_student(self, filepath, verbose=True, **kwargs):
         """Writes the student alone (no teacher, no adapters) as a
         TensorFlow SavedModel with a `serve` endpoint.
 
+        A SavedModel needs TensorFlow installed, whichever backend trains.
+        On JAX and TensorFlow the student is exported by
+        `keras.Model.export`. On PyTorch, Keras' exporter needs `torch_xla`;
+        without it the student is saved as `.keras` and exported by a
+        TensorFlow-backend Python process (its layers must then be built-in
+        Keras layers or registered serializable ones).
+
         Args:
             filepath: directory to write.
             verbose: print a summary of the exported endpoints.
             **kwargs: passed on to `keras.Model.export`.
+
+        Returns:
+            `filepath`.
 
         Example:
 
@@ -507,15 +469,15 @@ class Distiller(keras.Model):
         >>> reloaded = tf.saved_model.load("student_savedmodel")
         >>> reloaded.serve(x)
         """
-        self.student.export(
-            filepath, format="tf_saved_model", verbose=verbose, **kwargs
-        )
-        return filepath
+        from keras_kd.export import export_saved_model
+
+        return export_saved_model(self.student, filepath, verbose=verbose,
+                                  **kwargs)
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
         teachers = [serialize(t) for t in self.teachers]
-        augmentation = self._taps.teacher.augmentations
+        augmentation = self._sides.teachers.augmentations
         if isinstance(augmentation, list):
             augmentation = [serialize(a) for a in augmentation]
         else:
@@ -524,21 +486,15 @@ class Distiller(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "teacher": teachers[0] if len(teachers) == 1 else teachers,
-            "student": keras.saving.serialize_keras_object(self.student),
-            "terms": [
-                keras.saving.serialize_keras_object(t) for t in self._terms
-            ],
+            "student": serialize(self.student),
+            "terms": [serialize(t) for t in self._terms.user],
             "student_loss_weight": self.student_loss_weight,
             "ensemble": self.ensemble,
             "teacher_augmentation": augmentation,
-            "student_augmentation": serialize(self._student_augmentation),
-            "diagnostics": self._diagnostics.get_config(),
-            "layerwise_lr": keras.saving.serialize_keras_object(
-                self.layerwise_lr
-            ),
-            "local_modules": keras.saving.serialize_keras_object(
-                self.local_modules
-            ),
+            "student_augmentation": serialize(self._sides.student_augmentation),
+            "diagnostics": self.diagnostics_feed.get_config(),
+            "layerwise_lr": serialize(self.layerwise_lr),
+            "local_modules": serialize(self.local_modules),
         }
 
     @classmethod
@@ -570,3 +526,29 @@ class Distiller(keras.Model):
                 config["local_modules"], custom_objects=custom_objects
             )
         return cls(**config)
+
+
+def _check_term_names(terms, extension_losses):
+    """Refuses a term name whose log key the distiller uses itself."""
+    own = {"student": "the student's own loss"}
+    own.update((name, "a local module's activation-mapping loss")
+               for name in extension_losses)
+    for term in terms:
+        if term.name in own:
+            raise ValueError(
+                f"The term {term!r} is named '{term.name}', so it would log "
+                f"as '{term.name}_loss', the key of {own[term.name]}. Give "
+                "the term another `name=`."
+            )
+
+
+def _augmentation_layers(teacher_augmentations, student_augmentation):
+    """The distinct Keras-layer augmentations, teachers' then student's."""
+    if not isinstance(teacher_augmentations, list):
+        teacher_augmentations = [teacher_augmentations]
+    layers = []
+    for item in teacher_augmentations + [student_augmentation]:
+        if isinstance(item, keras.layers.Layer) and not any(
+                item is seen for seen in layers):
+            layers.append(item)
+    return layers

@@ -5,7 +5,7 @@ import difflib
 import keras
 
 
-def _graph_endpoints(model, role):
+def graph_endpoints(model, role):
     """The symbolic input and output of a Functional or Sequential model."""
     try:
         inputs, outputs = model.inputs, model.outputs
@@ -74,7 +74,7 @@ class Tap:
         self._extractor = None
         if not self.layer_names:
             return
-        inputs, outputs = _graph_endpoints(model, role)
+        inputs, outputs = graph_endpoints(model, role)
         features = []
         for name in self.layer_names:
             layer = find_layer(model, name, role)

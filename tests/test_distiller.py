@@ -1,12 +1,12 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_kd
 from keras_kd import Distiller, Term
 from keras_kd.losses import KD, AttentionTransfer, FeatureMSE
 
+from backend_utils import BACKEND
 from conftest import NUM_CLASSES, make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -87,7 +87,8 @@ def test_student_runs_forward_once_per_step(data):
     d = compile_(make_distiller())
     bn = d.student.get_layer("s_bn")
     pre_bn = keras.Model(d.student.input, d.student.get_layer("s_stage1").output)
-    batch_mean = np.mean(pre_bn(x, training=False), axis=(0, 1, 2))
+    batch_mean = np.mean(keras.ops.convert_to_numpy(pre_bn(x, training=False)),
+                         axis=(0, 1, 2))
     d.train_on_batch(x, y)
     # momentum 0.5 from a zero moving mean: one update gives 0.5 * mean,
     # two forward passes would give 0.75 * mean.
@@ -165,12 +166,13 @@ def test_fit_without_labels_is_pure_distillation(data):
                    for a, b in zip(before, snapshot(d.student)))
 
 
-def test_jit_compile_matches_eager_graph(data):
+@pytest.mark.backends("tensorflow", "jax")
+def test_jit_compile_matches_eager(data):
     x, y = data
     results = []
     for jit in (False, True):
         keras.utils.set_random_seed(7)
-        d = compile_(make_distiller(), jit_compile=jit)
+        d = compile_(make_distiller(), jit_compile=jit, run_eagerly=not jit)
         d.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
         results.append(d.evaluate(x, y, return_dict=True, verbose=0))
     assert d.jit_compile
@@ -212,13 +214,14 @@ def test_config_round_trip():
 
 
 def test_export_student_only(tmp_path, data):
+    tf = pytest.importorskip("tensorflow")
     x, y = data
     d = compile_(make_distiller())
     d.fit(x, y, epochs=1, batch_size=8, verbose=0)
     path = str(tmp_path / "student")
     d.export_student(path, verbose=False)
     reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(x).numpy(),
+    np.testing.assert_allclose(reloaded.serve(tf.constant(x)).numpy(),
                                d.student.predict(x, verbose=0), atol=1e-5)
     exported = {tuple(v.shape) for v in reloaded.variables}
     assert len(reloaded.variables) == len(d.student.weights)
@@ -226,12 +229,33 @@ def test_export_student_only(tmp_path, data):
     assert adapter_kernel not in exported
 
 
-def test_default_term_and_unique_names():
-    d = Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  terms=[Term(KD()), Term(KD(2.0))])
-    assert [t.name for t in d.terms] == ["kd", "kd_1"]
-    assert [t.name for t in Distiller(make_cnn("t", 8),
-                                      make_cnn("s", 4)).terms] == ["kd"]
+def test_default_term():
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4))
+    assert [t.name for t in d.terms] == ["kd"] == d.term_names
+
+
+def test_terms_keep_their_names_and_log_under_unique_ones(data):
+    x, y = data
+    terms = [Term(KD(1.0)), Term(KD(2.0)), Term(KD(3.0), name="kd_1")]
+    d = compile_(make_distiller(terms=terms))
+    assert [t.name for t in terms] == ["kd", "kd", "kd_1"]  # not renamed
+    assert all(a is b for a, b in zip(d.terms, terms))
+    assert d.term_names == ["kd", "kd_2", "kd_1"]
+    logs = d.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    assert {"kd_loss", "kd_2_loss", "kd_1_loss"} <= set(logs)
+    # Each key holds its own term's value.
+    student = d.student.predict(x, verbose=0)
+    teacher = d.teacher.predict(x, verbose=0)
+    for key, temperature in (("kd_loss", 1.0), ("kd_2_loss", 2.0),
+                             ("kd_1_loss", 3.0)):
+        np.testing.assert_allclose(
+            logs[key], float(KD(temperature)(teacher, student)), rtol=1e-5,
+            err_msg=key)
+
+
+def test_term_named_like_a_builtin_log_is_refused():
+    with pytest.raises(ValueError, match="'student_loss'.*another `name=`"):
+        make_distiller(terms=[Term(KD(), name="student")])
 
 
 def test_sequential_models_can_be_tapped(data):
@@ -307,3 +331,63 @@ def test_bad_arguments():
 
 def test_public_names():
     assert {"Distiller", "Term", "losses"} <= set(dir(keras_kd))
+
+
+def test_augmentation_seeds_advance_once_per_training_step(data):
+    x, y = data
+    teacher_aug = keras_kd.augment.weak(flip=False, seed=3)
+    student_aug = keras_kd.augment.weak(flip=False, seed=4)
+    d = compile_(Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                           teacher_augmentation=teacher_aug,
+                           student_augmentation=student_aug))
+
+    def seeds():
+        return [keras.ops.convert_to_numpy(v).astype("int64")
+                for aug in (teacher_aug, student_aug)
+                for v in aug.non_trainable_variables]
+
+    before = seeds()
+    assert before
+    d.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
+    d.evaluate(x, y, batch_size=8, verbose=0)  # no augmentation
+    after = seeds()
+    # What one call of each augmentation draws.
+    teacher_aug(x[:8], training=True)
+    student_aug(x[:8], training=True)
+    per_call = [b - a for a, b in zip(after, seeds())]
+    assert all(np.any(p) for p in per_call)
+    for a, b, p in zip(before, after, per_call):
+        np.testing.assert_array_equal(b - a, 4 * p)
+
+
+def test_variables_split_into_trained_and_state():
+    d = make_distiller()
+    trained = {id(v) for v in d.trainable_variables}
+    state = {id(v) for v in d.non_trainable_variables}
+    assert not trained & state
+    assert trained | state == {id(v) for v in d.variables}
+    assert {id(v) for v in d.teacher.variables} <= state
+
+
+@pytest.mark.backends("jax", "torch")
+def test_tensorflow_only_features_name_the_backend():
+    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'.*KERAS_"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  local_modules=keras_kd.LocalModules(
+                      split_at=["s_pool"], teacher_layers=["t_pool"]))
+    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  layerwise_lr=keras_kd.LayerwiseLearningRate(
+                      pairs=[("s_stage1", "t_stage1"),
+                             ("s_stage2", "t_stage2")]))
+
+
+def test_export_without_tensorflow_says_what_to_install(tmp_path,
+                                                         monkeypatch):
+    from keras_kd import export
+
+    monkeypatch.setattr(export, "_has", lambda module: False)
+    d = make_distiller()
+    with pytest.raises(ImportError, match="pip install tensorflow"):
+        d.export_student(str(tmp_path / "student"))
+    assert not (tmp_path / "student").exists()

@@ -190,7 +190,7 @@ def test_save_load_with_several_teachers(tmp_path, data):
         teacher_augmentation=[keras_kd.augment.weak(flip=False), None],
         student_augmentation=keras_kd.augment.strong(),
         diagnostics=["top1_agreement", "mutual_information", "ece"]))
-    with pytest.raises(AttributeError, match="2 teachers.*teachers"):
+    with pytest.raises(ValueError, match="2 teachers.*teachers"):
         d.teacher  # noqa: B018
     d.fit(x, y, epochs=1, batch_size=8, verbose=0)
     path = str(tmp_path / "d.keras")

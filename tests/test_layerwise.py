@@ -92,6 +92,7 @@ def test_scales_follow_divergence_within_clip():
     np.testing.assert_allclose(ones, 1.0)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_hessian_vector_products_are_exact():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((3,))
@@ -120,6 +121,7 @@ def test_hessian_vector_products_are_exact():
                                atol=1e-6)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_jacobian_map_matches_closed_form(data):
     x, _ = data
     teacher, student = make_cnn("t", 8), make_cnn("s", 4)
@@ -146,6 +148,7 @@ def test_jacobian_map_matches_closed_form(data):
 
 # Behaviour inside fit.
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_larger_divergence_larger_learning_rate(data):
     """Student = teacher with its stage-2 kernel perturbed: stage 1 agrees
     exactly (divergence 0), stage 2 does not. Each variable moves by its
@@ -192,6 +195,7 @@ def test_larger_divergence_larger_learning_rate(data):
     assert np.abs(step_plain).max() > 0
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_scales_clipped_logged_and_follow_schedule(data):
     x, y = data
     schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5)
@@ -228,6 +232,7 @@ def test_scales_clipped_logged_and_follow_schedule(data):
     assert all(int(o.iterations) == 8 for o in lws.optimizers.values())
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_each_optimizer_owns_its_layer_slots():
     d = make(layerwise())
     lws = d.layerwise_state
@@ -258,6 +263,7 @@ def test_each_optimizer_owns_its_layer_slots():
     assert len(all_slots) == len(set(all_slots))
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_save_load_resumes_identically(tmp_path, data):
     x, y = data
     schedule = keras.optimizers.schedules.ExponentialDecay(0.02, 3, 0.7)
@@ -284,6 +290,7 @@ def test_save_load_resumes_identically(tmp_path, data):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_backup_and_restore_resumes_identically(tmp_path, data):
     x, y = data
     fit = dict(batch_size=16, verbose=0, shuffle=False, epochs=3)
@@ -312,6 +319,7 @@ def test_backup_and_restore_resumes_identically(tmp_path, data):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_xla_matches_graph(data):
     x, y = data
     results = []
@@ -330,6 +338,7 @@ def test_xla_matches_graph(data):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_export_and_teacher_unaffected(tmp_path, data):
     x, y = data
     d = make(layerwise(signal="hessian", update_every=1))
@@ -346,6 +355,7 @@ def test_export_and_teacher_unaffected(tmp_path, data):
     assert len(reloaded.variables) == len(d.student.weights)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_block_scope_takes_layers_up_to_the_pair():
     lw = layerwise(pairs=[("s_pool", "t_pool"), ("s_stage2", "t_stage2")],
                    scope="block")
@@ -361,6 +371,7 @@ def test_block_scope_takes_layers_up_to_the_pair():
     assert rest == {"s_logits"}
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_config_round_trip_and_user_object_untouched():
     lw = layerwise(signal="hessian", update_every=7, min_scale=0.3,
                    max_scale=3.0, p=1, hutchinson_samples=2)
@@ -379,6 +390,7 @@ def test_config_round_trip_and_user_object_untouched():
 
 # Errors before training.
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least two"):
         LayerwiseLearningRate([("s_stage1", "t_stage1")])
@@ -395,6 +407,7 @@ def test_bad_arguments():
         Distiller(make_cnn("t", 8), make_cnn("s", 4), layerwise_lr=PAIRS)
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_model_errors_name_layers():
     t, s = make_cnn("t", 8), make_cnn("s", 4)
     with pytest.raises(ValueError, match="s_stage3.*'s'.*s_stage2"):
@@ -412,6 +425,7 @@ def test_model_errors_name_layers():
             pairs=[("s_stage1", "t_stage1"), ("s_stage2", "t_stage1")]))
 
 
+@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_unsupported_optimizers_rejected_at_compile():
     for optimizer, match in (
             (keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),

@@ -12,6 +12,10 @@ from keras_kd.losses import KD, ActivationMapping, FeatureMSE
 
 from conftest import NUM_CLASSES, make_cnn
 
+# Local modules train on TensorFlow only until their JAX and PyTorch
+# trainers land; the other backends refuse them (see test_distiller.py).
+pytestmark = pytest.mark.backends("tensorflow")
+
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 # make_cnn layers: stage1 -> [bn] -> pool -> stage2 -> gap -> logits.
 SPLITS = ["s_stage1", "s_stage2"]
@@ -48,7 +52,7 @@ MODULE_LAYERS = [["s_stage1"], ["s_pool", "s_stage2"], ["s_gap", "s_logits"]]
 
 def test_modules_cover_the_student_as_a_chain():
     d = make_lakd(batchnorm=False)
-    runner = d._local
+    runner = d.local_plan
     names = [[layer.name for layer in m.layers
               if not isinstance(layer, keras.layers.InputLayer)]
              for m in runner.models]
@@ -65,16 +69,16 @@ def test_modules_cover_the_student_as_a_chain():
 def all_module_losses(d, x, y):
     """Every module's loss in one forward, by the runner's own code path,
     recorded on one persistent tape."""
-    runner = d._local
-    teacher = runner.teacher_stream(x)
+    runner = d.local_plan
+    stream = runner.teacher_stream(x)
     losses = []
     with tf.GradientTape(persistent=True) as tape:
         h = x
-        for k in range(len(runner.models)):
-            teacher.advance(k)
-            out, loss, *_ = runner.module_loss(k, runner.handoff(h), y, None,
-                                               teacher, training=True)
-            losses.append(loss)
+        for k in range(runner.num_modules):
+            stream.advance(k)
+            out, parts = runner.module_losses(
+                k, keras.ops.stop_gradient(h), y, None, stream, training=True)
+            losses.append(parts.total)
             h = out
     return tape, losses
 
@@ -82,7 +86,7 @@ def all_module_losses(d, x, y):
 def test_module_loss_has_exactly_zero_gradient_on_earlier_modules(data):
     x, y = data
     d = compile_(make_lakd())
-    runner = d._local
+    runner = d.local_plan
     tape, losses = all_module_losses(d, x, y)
     for k, loss in enumerate(losses):
         own = tape.gradient(loss, runner.module_variables(k))
@@ -184,7 +188,7 @@ def test_fit_history_losses_and_frozen_teacher(data):
              Term(FeatureMSE(), 0.5, teacher_layer="t_stage2",
                   student_layer="s_pool")]
     d = compile_(make_lakd(terms=terms))
-    assert d._local.feature_terms == [[], [1], []]  # s_pool is in module 2
+    assert d.local_plan.feature_terms == [[], [1], []]  # s_pool is in module 2
     teacher_before = snapshot(d.teacher.weights)
     history = d.fit(x, y, validation_data=(x, y), epochs=1, batch_size=8,
                     verbose=0)
@@ -332,9 +336,9 @@ def test_teacher_runs_in_segments_when_it_is_a_chain(data):
     for segments in (True, False):
         keras.utils.set_random_seed(4)
         d = compile_(make_lakd(batchnorm=False))
-        assert d._local.teacher_segments is not None
+        assert d.local_plan.teacher_segments is not None
         if not segments:
-            d._local.teacher_segments = None  # one teacher forward instead
+            d.local_plan.teacher_segments = None  # one teacher forward instead
         logs.append(d.evaluate(x, y, return_dict=True, verbose=0))
     for key in logs[0]:
         np.testing.assert_allclose(logs[0][key], logs[1][key], rtol=1e-5,
@@ -343,7 +347,7 @@ def test_teacher_runs_in_segments_when_it_is_a_chain(data):
     teacher = residual_student()
     d = compile_(make_lakd(teacher=teacher, split_at=["s_stage1"],
                            teacher_layers=["r_conv2"]))
-    assert d._local.teacher_segments is None
+    assert d.local_plan.teacher_segments is None
     assert np.isfinite(d.train_on_batch(x, y, return_dict=True)["loss"])
 
 
@@ -371,7 +375,7 @@ def test_split_that_is_not_a_chain():
     # Splitting after the merge is a chain.
     d = make_lakd(student=residual_student(), split_at=["r_add"],
                   teacher_layers=["t_stage1"])
-    assert len(d._local.models) == 2
+    assert len(d.local_plan.models) == 2
 
 
 def test_unknown_names_and_wrong_lengths():

@@ -38,15 +38,19 @@ documented where they are made:
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from keras_kd.losses.features import match_spatial
+from keras_kd.extension import GradientRouting
+from keras_kd.layerwise.autodiff import (
+    single_output, hutchinson_diagonals, top_logit_gradients,
+)
+from keras_kd.layerwise.signals import (
+    collapse_channels, divergence_scales, map_divergence,
+)
 from keras_kd.taps import Tap, find_layer
 
 SIGNALS = ("attention", "jacobian", "hessian")
 SCOPES = ("layer", "block")
-_TINY = 1e-30
 
 
 class _Untracked:
@@ -55,283 +59,6 @@ class _Untracked:
 
     def __init__(self, **items):
         self.__dict__.update(items)
-
-
-# Maps, divergence and scales: pure keras.ops functions.
-
-def collapse_channels(signal, p=2):
-    """The per-position map `mean_c |signal|^p` of a channels-last tensor.
-
-    Args:
-        signal: activations (attention), a gradient (Jacobian) or a Hessian
-            diagonal estimate, of shape `(batch, ..., channels)`. Rank-2
-            tensors `(batch, units)` have no spatial axis: every unit is a
-            position and nothing is collapsed.
-        p: power applied to the absolute values.
-
-    Returns:
-        A float32 tensor of shape `(batch, ..., 1)` for rank 3 and 4 inputs,
-        `(batch, units)` for rank 2.
-
-    Example:
-
-    >>> collapse_channels(np.ones((2, 4, 4, 8)), p=2).shape
-    (2, 4, 4, 1)
-    """
-    signal = ops.cast(signal, "float32")
-    values = ops.power(ops.abs(signal), p)
-    if len(signal.shape) >= 3:
-        values = ops.mean(values, axis=-1, keepdims=True)
-    return values
-
-
-def normalize_map(values):
-    """Flatten a non-negative map per sample and scale it to sum to one.
-
-    A sample whose map is all zeros becomes the uniform distribution.
-
-    Args:
-        values: non-negative tensor of shape `(batch, ...)`.
-
-    Returns:
-        A tensor of shape `(batch, positions)` whose rows sum to one.
-    """
-    values = ops.cast(values, "float32")
-    values = ops.reshape(values, (ops.shape(values)[0], -1))
-    total = ops.sum(values, axis=-1, keepdims=True)
-    uniform = ops.ones_like(values) / ops.cast(ops.shape(values)[-1], "float32")
-    return ops.where(total > _TINY, values / ops.maximum(total, _TINY),
-                     uniform)
-
-
-def js_divergence(p, q):
-    """Per-sample Jensen-Shannon divergence of two distributions, in nats.
-
-    `JS(p, q) = KL(p || m) / 2 + KL(q || m) / 2` with `m = (p + q) / 2`;
-    zero entries contribute nothing. The result lies in `[0, ln 2]`.
-
-    Args:
-        p: tensor of shape `(batch, positions)`, rows summing to one.
-        q: tensor of the same shape.
-
-    Returns:
-        A tensor of shape `(batch,)`.
-
-    Example:
-
-    >>> js_divergence(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
-    [0.6931472]  # ln 2
-    """
-    p = ops.cast(p, "float32")
-    q = ops.cast(q, "float32")
-    m = 0.5 * (p + q)
-
-    def kl_to_m(a):
-        ratio = ops.maximum(a, _TINY) / ops.maximum(m, _TINY)
-        return ops.sum(a * ops.log(ratio), axis=-1)
-
-    return 0.5 * kl_to_m(p) + 0.5 * kl_to_m(q)
-
-
-def map_divergence(teacher_map, student_map):
-    """Batch-mean JS divergence of two collapsed maps.
-
-    The larger map is average-pooled to the smaller spatial size first (each
-    size must divide the other), then both are normalized per sample.
-
-    Args:
-        teacher_map: output of `collapse_channels` for the teacher.
-        student_map: output of `collapse_channels` for the student.
-
-    Returns:
-        A float32 scalar.
-    """
-    teacher_map, student_map = match_spatial(teacher_map, student_map)
-    return ops.mean(
-        js_divergence(normalize_map(student_map), normalize_map(teacher_map))
-    )
-
-
-def divergence_scales(divergences, min_scale, max_scale):
-    """`clip(d_l / mean_k d_k, min_scale, max_scale)` for every layer.
-
-    When every divergence is zero (the maps agree everywhere) all scales
-    are one.
-
-    Args:
-        divergences: tensor of shape `(layers,)`, non-negative.
-        min_scale: lower bound of a scale.
-        max_scale: upper bound of a scale.
-
-    Returns:
-        A float32 tensor of shape `(layers,)`.
-
-    Example:
-
-    >>> divergence_scales(np.array([0.1, 0.3]), 0.5, 2.0)
-    [0.5, 1.5]
-    """
-    divergences = ops.cast(divergences, "float32")
-    mean = ops.mean(divergences)
-    ratio = ops.where(
-        mean > _TINY, divergences / ops.maximum(mean, _TINY),
-        ops.ones_like(divergences),
-    )
-    return ops.clip(ratio, min_scale, max_scale)
-
-
-# Gradients with respect to intermediate activations. These use
-# `tf.GradientTape`, like the training step itself.
-
-def _single_output(outputs, role, model):
-    flat = keras.tree.flatten(outputs)
-    if len(flat) != 1:
-        raise ValueError(
-            f"The {role} model '{model.name}' has {len(flat)} outputs; the "
-            "Jacobian and Hessian signals need a single output of shape "
-            "(batch, classes)."
-        )
-    return ops.cast(flat[0], "float32")
-
-
-def _watch_inputs(tape, model, x):
-    """Make the tape record the forward pass even when the model is frozen
-    (its variables are then not watched automatically)."""
-    for leaf in keras.tree.flatten(x):
-        if hasattr(leaf, "dtype") and tf.as_dtype(leaf.dtype).is_floating:
-            tape.watch(leaf)
-    for variable in model.weights:
-        if not variable.trainable and "float" in str(variable.dtype):
-            tape.watch(variable.value)
-
-
-def _class_outputs(outputs, classes):
-    """`outputs[i, classes[i]]` for every sample."""
-    index = ops.expand_dims(ops.cast(classes, "int32"), -1)
-    return ops.squeeze(ops.take_along_axis(outputs, index, axis=-1), -1)
-
-
-def _check_connected(gradients, names, role):
-    for gradient, name in zip(gradients, names):
-        if gradient is None:
-            raise ValueError(
-                f"The output of the {role} model does not depend on its "
-                f"layer '{name}' through differentiable operations, so no "
-                "Jacobian or Hessian map can be computed there. Pair layers "
-                "that lie on the path to the model's output."
-            )
-
-
-def top_logit_gradients(tap, x, classes=None, role="student"):
-    """Gradient of the top logit with respect to tapped activations.
-
-    Args:
-        tap: a `keras_kd.taps.Tap` over the model and its paired layers.
-        x: a batch of inputs.
-        classes: integer class per sample whose logit is differentiated;
-            `None` for the model's own argmax.
-        role: `"teacher"` or `"student"`, for error messages.
-
-    Returns:
-        `(classes, gradients)`: the classes used and one gradient per tapped
-        layer, each shaped like that layer's output.
-    """
-    with tf.GradientTape() as tape:
-        _watch_inputs(tape, tap.model, x)
-        outputs, features = tap(x, training=False)
-        outputs = _single_output(outputs, role, tap.model)
-        if classes is None:
-            classes = ops.stop_gradient(ops.argmax(outputs, axis=-1))
-        target = ops.sum(_class_outputs(outputs, classes))
-    gradients = tape.gradient(target, features)
-    _check_connected(gradients, tap.layer_names, role)
-    return classes, gradients
-
-
-def _cross_entropy_at(outputs, classes):
-    return -ops.sum(_class_outputs(ops.log_softmax(outputs, axis=-1),
-                                   classes))
-
-
-def hessian_vector_products(tap, x, classes, probes, role="student"):
-    """Hessian-vector products of the cross-entropy of `classes` with
-    respect to tapped activations.
-
-    The Hessian is taken jointly over all tapped layers: for probes
-    `v = (v_1, ..., v_L)` the result for layer `l` is `sum_k H_lk v_k`.
-
-    Args:
-        tap: a `keras_kd.taps.Tap` over the model and its paired layers.
-        x: a batch of inputs.
-        classes: integer class per sample.
-        probes: a list with one list per probe, each holding one tensor per
-            tapped layer, shaped like that layer's output (see
-            `rademacher_probes`).
-        role: `"teacher"` or `"student"`, for error messages.
-
-    Returns:
-        One list per probe of one tensor per tapped layer.
-    """
-    with tf.GradientTape(persistent=len(probes) > 1) as outer:
-        with tf.GradientTape() as inner:
-            _watch_inputs(inner, tap.model, x)
-            _watch_inputs(outer, tap.model, x)
-            outputs, features = tap(x, training=False)
-            outputs = _single_output(outputs, role, tap.model)
-            target = _cross_entropy_at(outputs, classes)
-        gradients = inner.gradient(target, features)
-        _check_connected(gradients, tap.layer_names, role)
-        dots = [
-            sum(ops.sum(ops.cast(g, "float32") * v)
-                for g, v in zip(gradients, probe))
-            for probe in probes
-        ]
-    products = [
-        outer.gradient(dot, features,
-                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        for dot in dots
-    ]
-    del outer
-    return products
-
-
-def rademacher_probes(shapes, samples, step, salt):
-    """`samples` lists of +-1 tensors of the given (dynamic) shapes, drawn
-    from a stateless generator seeded by `(step, salt, probe, layer)`."""
-    step = ops.cast(step, "int64")
-    probes = []
-    for k in range(samples):
-        probe = []
-        for index, shape in enumerate(shapes):
-            seed = tf.stack([step, tf.constant(
-                salt * 1_000_003 + k * 1009 + index, tf.int64)])
-            uniform = tf.random.stateless_uniform(shape, seed=seed)
-            probe.append(ops.where(uniform < 0.5, -1.0, 1.0))
-        probes.append(probe)
-    return probes
-
-
-def hutchinson_diagonals(tap, x, classes, samples, step, salt, role):
-    """Hutchinson estimates `mean_k v_k * (H v_k)` of the Hessian diagonal
-    at every tapped layer (see `hessian_vector_products`)."""
-    shapes = tap_shapes(tap, x)
-    probes = rademacher_probes(shapes, samples, step, salt)
-    products = hessian_vector_products(tap, x, classes, probes, role)
-    diagonals = []
-    for index in range(len(shapes)):
-        total = sum(probe[index] * ops.cast(product[index], "float32")
-                    for probe, product in zip(probes, products))
-        diagonals.append(total / float(samples))
-    return diagonals
-
-
-def tap_shapes(tap, x):
-    """Dynamic shapes of the tapped features for the batch `x`."""
-    batch = tf.shape(keras.tree.flatten(x)[0])[0]
-    return [
-        tf.concat([[batch], tf.constant(shape[1:], tf.int32)], axis=0)
-        for shape in tap.feature_shapes
-    ]
 
 
 # The user-facing configuration.
@@ -527,7 +254,7 @@ def _layers_upstream(model, layer):
     return list(sub.layers)
 
 
-class LayerwiseState(keras.layers.Layer):
+class LayerwiseState(keras.layers.Layer, GradientRouting):
     """What a `Distiller` with `layerwise_lr` tracks: one scale and one
     divergence variable per pair (non-trainable, saved with the model) and,
     after `compile`, one optimizer per pair.
@@ -550,8 +277,11 @@ class LayerwiseState(keras.layers.Layer):
             optimizer trains.
     """
 
+    argument = "layerwise_lr"
+
     def __init__(self, config, teacher, student, name="layerwise_lr"):
         super().__init__(name=name)
+        self.check_backend()
         self.config = config
         names = config.student_layers
         teacher_tap = Tap(teacher, config.teacher_layers, "teacher")
@@ -697,6 +427,10 @@ class LayerwiseState(keras.layers.Layer):
 
     # Optimizers.
 
+    def on_compile(self, optimizer, variables):
+        """Builds the per-pair optimizers (see `build_optimizers`)."""
+        self.build_optimizers(optimizer, variables)
+
     def build_optimizers(self, optimizer, trainable_variables):
         """Create one optimizer per pair from `optimizer`'s config and build
         every optimizer on its own variables. Called by `Distiller.compile`.
@@ -794,6 +528,10 @@ class LayerwiseState(keras.layers.Layer):
 
     # Divergences and scales.
 
+    def before_step(self, x, iteration):
+        """Updates the scales before the step's loss (see `update_scales`)."""
+        self.update_scales(x, iteration)
+
     def update_scales(self, x, step):
         """Re-estimate the divergences and scales when `step` is a multiple
         of `update_every`; keep them otherwise. Runs inside the train step
@@ -834,7 +572,7 @@ class LayerwiseState(keras.layers.Layer):
                                              role="student")
         else:
             outputs, _ = taps.teacher(x, training=False)
-            outputs = _single_output(outputs, "teacher", taps.teacher.model)
+            outputs = single_output(outputs, "teacher", taps.teacher.model)
             classes = ops.stop_gradient(ops.argmax(outputs, axis=-1))
             samples = self.config.hutchinson_samples
             teacher = hutchinson_diagonals(taps.teacher, x, classes, samples,
@@ -853,8 +591,9 @@ class LayerwiseState(keras.layers.Layer):
 
 
 def _read(variable):
-    """The current value of a Keras variable as a tensor."""
-    return tf.identity(variable.value)
+    """The current value of a Keras variable as a tensor (a copy, so that a
+    later assignment does not change it)."""
+    return ops.copy(variable.value)
 
 
 def _clip_by_global_norm(gradients, clipnorm):

@@ -1,7 +1,8 @@
-"""Teacher ensembles: several frozen teachers, each with its own
-augmentation, run once per step and combined for the distillation terms."""
+"""The frozen teachers: one or several, each with its own augmentation, run
+once per step in inference mode and combined for the distillation terms."""
 
 import difflib
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -11,6 +12,26 @@ from keras_kd.augment import check_augmentation_shape
 from keras_kd.taps import Tap, find_layer, static_shape
 
 ENSEMBLE_MODES = ("logits", "losses")
+
+
+class TeacherOutputs(NamedTuple):
+    """What the teachers give one step.
+
+    Attributes:
+        outputs: the averaged final output (one teacher, or
+            `ensemble="logits"`), or the list of the teachers' outputs
+            (`ensemble="losses"`).
+        features: per feature term, the teacher feature it reads (one
+            teacher has the layer) or the list of them (several do).
+        mean_logits: the teachers' averaged final output.
+        diagnostic_features: per teacher, the outputs of the extra layers
+            the diagnostics read.
+    """
+
+    outputs: object
+    features: list
+    mean_logits: object
+    diagnostic_features: list
 
 
 def as_teacher_list(teacher):
@@ -187,12 +208,7 @@ class Teachers:
         `augment`).
 
         Returns:
-            `(outputs, features, extras)`: `outputs` is the averaged output
-            (`"logits"` mode or one teacher) or the list of the teachers'
-            outputs (`"losses"` mode); `features` holds, per feature term,
-            the feature (one teacher reads it) or the list of features;
-            `extras` is a dict with `"mean_logits"` (the averaged output) and
-            `"features"` (per teacher, the extra layers' outputs).
+            A `TeacherOutputs`, each tensor with its gradient stopped.
         """
         shared = None
         if augment and self.shared_augmentation:
@@ -222,11 +238,10 @@ class Teachers:
                 tapped[i][self._tap_index(term_index, i)] for i in users
             ]
             features.append(values[0] if len(values) == 1 else values)
-        extras = {
-            "mean_logits": mean,
-            "features": [
-                list(feats[len(feats) - count:]) if count else []
-                for feats, count in zip(tapped, self.extra_counts)
-            ],
-        }
-        return combined, features, extras
+        extras = [
+            list(feats[len(feats) - count:]) if count else []
+            for feats, count in zip(tapped, self.extra_counts)
+        ]
+        return keras.tree.map_structure(
+            ops.stop_gradient,
+            TeacherOutputs(combined, features, mean, extras))

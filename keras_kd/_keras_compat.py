@@ -1,0 +1,35 @@
+"""The few private Keras attributes keras-kd reads, each behind one function.
+
+Keras has no public accessor for these. Each was checked on Keras 3.12 to
+3.15; if a Keras release moves one, only this file changes.
+"""
+
+
+def compiled_loss(model):
+    """The loss object that `model.compile(loss=...)` built (Keras'
+    `CompileLoss`), or `None` before `compile` or without a loss."""
+    return getattr(model, "_compile_loss", None)
+
+
+def producer(tensor):
+    """The operation (layer) that produced a symbolic `KerasTensor`, and the
+    call node of that operation."""
+    history = tensor._keras_history
+    operation = history.operation
+    return operation, operation._inbound_nodes[history.node_index]
+
+
+def node_is_input(node):
+    """Whether a call node is a model input."""
+    return node.is_input
+
+
+def node_inputs(node):
+    """The symbolic tensors a call node consumed."""
+    return node.input_tensors
+
+
+def call_count(layer):
+    """How many times a layer was called on symbolic tensors (the number
+    of its call nodes in the graphs it belongs to)."""
+    return len(layer._inbound_nodes)

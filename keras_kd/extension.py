@@ -1,0 +1,124 @@
+"""How a feature changes the way a training step trains.
+
+Two features do more than add a loss. LAKD local modules train each module
+of the student by its own gradient, and layer-wise learning rates give each
+paired layer its own optimizer. Each plugs into the backend trainers
+(`keras_kd.trainers`) through one of the two small interfaces below; a
+trainer calls only these methods, and the feature never reads the
+distiller's own attributes.
+
+A `Distiller` holds at most one extension, `distiller.training_extension`.
+"""
+
+import keras
+
+
+class TrainingExtension:
+    """The part every extension has.
+
+    Attributes:
+        argument: the `Distiller` argument that enables the feature, for
+            error messages.
+        backends: the Keras backends whose trainer implements it.
+    """
+
+    argument = None
+    backends = ("tensorflow",)
+
+    def check_backend(self):
+        """Raises a `NotImplementedError` when the current Keras backend
+        cannot train with this extension (called at construction)."""
+        backend = keras.backend.backend()
+        if backend in self.backends:
+            return
+        raise NotImplementedError(
+            f"`{self.argument}` trains on the "
+            f"{' and '.join(self.backends)} backend only; Keras is running "
+            f"on '{backend}'. Set the environment variable "
+            f"KERAS_BACKEND={self.backends[0]} before importing Keras to "
+            f"use `{self.argument}`, or leave `{self.argument}` out to "
+            f"train end to end on {backend}."
+        )
+
+    def on_compile(self, optimizer, variables):
+        """Called by `Distiller.compile` once Keras has compiled.
+
+        Args:
+            optimizer: the compiled optimizer.
+            variables: every variable the distiller trains.
+        """
+
+    def logs(self):
+        """Values to add to the training logs of a step."""
+        return {}
+
+
+class GradientRouting(TrainingExtension):
+    """One gradient for the whole student, applied by several optimizers
+    (layer-wise learning rates).
+
+    A training step calls `before_step` on the batch, differentiates the
+    total loss once, then hands the gradients to `apply_gradients`.
+    """
+
+    def before_step(self, x, iteration):
+        """Updates the extension's state (Keras variables) from the batch
+        `x` before the loss is computed.
+
+        Args:
+            x: the batch of inputs.
+            iteration: the compiled optimizer's iteration count.
+        """
+
+    def apply_gradients(self, optimizer, gradients, variables):
+        """Applies `gradients` to `variables` (in the distiller's order)."""
+        raise NotImplementedError
+
+
+class ModuleChain(TrainingExtension):
+    """The student trained as a chain of modules, each by its own loss and
+    its own gradient (LAKD local modules).
+
+    For each module `k` in turn a training step: advances the teacher
+    stream to `k`, runs `module_losses(k, ...)` on the previous module's
+    output with its gradient stopped, differentiates that loss with respect
+    to `module_variables(k)` only, and (on backends that can) releases the
+    module's activations before module `k + 1` starts. The gradients of all
+    modules are applied in one optimizer call at the end.
+
+    Attributes:
+        num_modules: the number of modules.
+        loss_names: names of the extra losses the modules log, each as
+            `<name>_loss` (their values appear in `StepLosses.terms`).
+    """
+
+    num_modules = 0
+    loss_names = ()
+
+    def module_variables(self, k):
+        """The trainable variables module `k` (0-based) updates."""
+        raise NotImplementedError
+
+    def teacher_stream(self, x, sequence=None):
+        """The teacher's outputs for the batch `x`, computed as the modules
+        need them.
+
+        Args:
+            x: the batch of inputs.
+            sequence: `sequence(value, after)` returns `value` computed no
+                earlier than the tensors in `after` (a backend trainer's
+                ordering primitive); `None` for dataflow order.
+
+        Returns:
+            An object whose `advance(k, after)` computes what module `k`
+            needs and returns the tensors it computed.
+        """
+        raise NotImplementedError
+
+    def module_losses(self, k, inputs, y, sample_weight, stream, training):
+        """Runs module `k` on `inputs` and assembles its loss.
+
+        Returns:
+            `(output, losses)`: the module's output and its `StepLosses`.
+        """
+        raise NotImplementedError

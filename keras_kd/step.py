@@ -1,0 +1,265 @@
+"""The loss assembly: from a batch and the teachers' outputs to the total
+loss and its named parts.
+
+Everything here is `keras.ops` and reads or assigns Keras variables only, so
+that every backend trainer (`keras_kd.trainers`) runs the same code and only
+differentiates and applies. The end-to-end step, each LAKD local module and
+the test step compute their losses with `LossAssembly`, so the rule "the
+student loss times its weight, plus each term times its weight, plus the
+regularization losses" is written once.
+"""
+
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from keras_kd.augment import apply_augmentation
+from keras_kd.distribution import scale_for_replicas
+from keras_kd.teachers import ensemble_loss
+
+
+class BoundTerm:
+    """A user's `Term` as one distiller uses it.
+
+    The distiller gives each term a name that is unique among its logs
+    without renaming the user's object, and may own an adapter for it.
+
+    Args:
+        term: the user's `keras_kd.Term` (never modified).
+        name: the name of the term in this distiller's logs
+            (`<name>_loss`).
+        adapter: a layer applied to the student value before the loss
+            (a channel adapter), or `None`.
+    """
+
+    def __init__(self, term, name, adapter=None):
+        self.term = term
+        self.name = name
+        self.adapter = adapter
+
+    @property
+    def loss(self):
+        return self.term.loss
+
+    @property
+    def weight(self):
+        return self.term.weight
+
+    @property
+    def teacher_layer(self):
+        return self.term.teacher_layer
+
+    @property
+    def student_layer(self):
+        return self.term.student_layer
+
+    @property
+    def reads_features(self):
+        return self.term.reads_features
+
+    def __call__(self, teacher_value, student_value, sample_weight=None):
+        """The term's unweighted loss; averaged over teachers when
+        `teacher_value` is a list (one value per teacher)."""
+        if self.adapter is not None:
+            student_value = self.adapter(student_value)
+        return ensemble_loss(self.loss, teacher_value, student_value,
+                             sample_weight)
+
+    def __repr__(self):
+        return f"BoundTerm({self.name!r}, {self.term!r})"
+
+
+def unique_names(terms, reserved=()):
+    """A log name per term: the term's own name, or, when an earlier term
+    (or a reserved name) took it, that name with the first free suffix
+    `_1`, `_2`, ... that no term and no reserved name uses.
+
+    Args:
+        terms: the `Term`s, in order.
+        reserved: names no term may be given automatically.
+
+    Returns:
+        A list of names, one per term, all distinct.
+
+    Example:
+
+    >>> unique_names([Term(KD()), Term(KD()), Term(KD(), name="kd_1")])
+    ['kd', 'kd_2', 'kd_1']
+    """
+    wanted = [term.name for term in terms]
+    taken = set(reserved)
+    names = []
+    for index, name in enumerate(wanted):
+        later = set(wanted[index + 1:])
+        if name in taken:
+            suffix = 1
+            while (f"{name}_{suffix}" in taken
+                   or f"{name}_{suffix}" in later
+                   or f"{name}_{suffix}" in wanted[:index]):
+                suffix += 1
+            name = f"{name}_{suffix}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+class StepLosses(NamedTuple):
+    """The loss of one step (or of one local module) and its parts.
+
+    Attributes:
+        total: the scalar that is differentiated: the weighted student loss,
+            the weighted terms and the regularization losses.
+        student_loss: the compiled student loss (unweighted), or `None` when
+            it is not part of this loss (no labels, or a local module other
+            than the last).
+        terms: `{log name: unweighted value}` for every term in this loss,
+            in order.
+    """
+
+    total: object
+    student_loss: object
+    terms: dict
+
+
+class StudentForward(NamedTuple):
+    """One forward pass of the student.
+
+    Attributes:
+        outputs: the student's final outputs.
+        features: per feature term, the tapped student feature.
+        diagnostic_features: the extra features the diagnostics read.
+    """
+
+    outputs: object
+    features: list
+    diagnostic_features: list
+
+
+class StepOutcome(NamedTuple):
+    """What a step computed: the student's forward pass and its losses."""
+
+    student: StudentForward
+    losses: StepLosses
+
+
+class LossAssembly:
+    """`student_loss_weight * student loss + sum(weight * term) +
+    regularization`, each a mean over the batch.
+
+    Args:
+        student_loss_weight: weight of the compiled student loss.
+        student_loss: a callable `(y, y_pred, sample_weight)` returning the
+            compiled student loss (the distiller's `compute_loss`).
+    """
+
+    def __init__(self, student_loss_weight, student_loss):
+        self.student_loss_weight = student_loss_weight
+        self._student_loss = student_loss
+
+    def __call__(self, pairs, sample_weight=None, y=None, y_pred=None,
+                 regularization=()):
+        """Assembles one loss.
+
+        Args:
+            pairs: a list of `(bound_term, teacher_value, student_value)`.
+            sample_weight: per-sample weights or `None`.
+            y: labels, or `None` (no student loss).
+            y_pred: the student's final outputs when this loss includes the
+                student loss (with labels), else `None`.
+            regularization: the regularization losses to add (those of the
+                layers this loss trains).
+
+        Returns:
+            A `StepLosses`.
+        """
+        total = ops.zeros((), dtype="float32")
+        student_loss = None
+        if y is not None and y_pred is not None:
+            student_loss = self._student_loss(y, y_pred, sample_weight)
+            total = total + self.student_loss_weight * ops.cast(
+                student_loss, "float32")
+        values = {}
+        for bound, teacher_value, student_value in pairs:
+            value = bound(teacher_value, student_value, sample_weight)
+            values[bound.name] = value
+            total = total + bound.weight * ops.cast(value, "float32")
+        if regularization:
+            total = total + scale_for_replicas(
+                ops.cast(ops.sum(regularization), "float32"))
+        return StepLosses(total, student_loss, values)
+
+
+class DistillationStep:
+    """Everything a training or test step computes, for any backend.
+
+    Args:
+        teachers: the `keras_kd.teachers.Teachers`.
+        student_tap: a `keras_kd.taps.Tap` over the student that returns its
+            outputs, the features of the feature terms, then the features
+            of the diagnostics.
+        terms: the `BoundTerm`s, in order.
+        assembly: the `LossAssembly`.
+        student_augmentation: `None` or the student's augmentation.
+        num_diagnostic_features: how many of the student tap's features the
+            diagnostics read (the last ones).
+        regularization: a callable returning the student's regularization
+            losses.
+    """
+
+    def __init__(self, teachers, student_tap, terms, assembly,
+                 student_augmentation=None, num_diagnostic_features=0,
+                 regularization=None):
+        self.teachers = teachers
+        self.student_tap = student_tap
+        self.terms = list(terms)
+        self.assembly = assembly
+        self.student_augmentation = student_augmentation
+        self.num_diagnostic_features = num_diagnostic_features
+        self._regularization = regularization or (lambda: [])
+
+    def teacher_outputs(self, x, augment=False):
+        """The teachers' `TeacherOutputs` on `x`, in inference mode, with
+        their gradients stopped (each teacher on its own augmentation of `x`
+        when `augment`)."""
+        return self.teachers(x, training=False, augment=augment)
+
+    def student_inputs(self, x, augment=False):
+        """`x` as the student sees it (its augmentation when `augment`)."""
+        if not augment:
+            return x
+        return apply_augmentation(self.student_augmentation, x)
+
+    def student_forward(self, x, training):
+        """The student's one forward pass: outputs and tapped features."""
+        outputs, features = self.student_tap(x, training=training)
+        cut = len(features) - self.num_diagnostic_features
+        return StudentForward(outputs, list(features[:cut]),
+                              list(features[cut:]))
+
+    def __call__(self, x, y, sample_weight, teacher, training):
+        """One student forward on `x` and every loss against `teacher` (a
+        `TeacherOutputs`).
+
+        Returns:
+            A `StepOutcome`.
+        """
+        student = self.student_forward(x, training)
+        pairs = []
+        feature = 0
+        for bound in self.terms:
+            if bound.reads_features:
+                pairs.append((bound, teacher.features[feature],
+                              student.features[feature]))
+                feature += 1
+            else:
+                pairs.append((bound, teacher.outputs, student.outputs))
+        losses = self.assembly(
+            pairs, sample_weight, y=y, y_pred=student.outputs,
+            regularization=self._regularization())
+        return StepOutcome(student, losses)
+
+
+def batch_size(x):
+    """The batch size of a (possibly nested) batch of inputs."""
+    return ops.shape(keras.tree.flatten(x)[0])[0]

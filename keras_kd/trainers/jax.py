@@ -1,0 +1,87 @@
+"""The Distiller's trainer on JAX: a stateless `train_step(state, data)`
+built on `jax.value_and_grad`, as Keras' own JAX trainer.
+
+Every piece of state a step changes goes in as a value and comes back as a
+value: the trainable variables (through the optimizer), the non-trainable
+ones (batch-norm moving statistics, the seed generators of augmentation
+layers, layer-wise scales), the optimizer's and the metrics'. Each part of
+the step runs in a `keras.StatelessScope` that maps every variable of the
+distiller to its current value, so nothing is read from, or written to, a
+variable directly; under `jit` such state would be silently frozen.
+"""
+
+import jax
+import keras
+
+from keras_kd.trainers.base import DistillerTrainer
+
+
+class JAXTrainer(DistillerTrainer):
+    """`train_step(state, data)` and `test_step(state, data)` on JAX."""
+
+    def _stateless(self, fn, trainable, non_trainable, metrics=None):
+        """Runs `fn()` with the distiller's variables read from the given
+        values; returns `(fn(), new non-trainable values, new metrics
+        values)` (the metrics `None` when not given)."""
+        variables = self.non_trainable_variables
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += list(zip(variables, non_trainable))
+        if metrics is not None:
+            metric_variables = self.metrics_variables
+            mapping += list(zip(metric_variables, metrics))
+        with keras.StatelessScope(state_mapping=mapping,
+                                  collect_losses=True) as scope:
+            out = fn()
+
+        def current(refs, values):
+            new = [scope.get_current_value(v) for v in refs]
+            return [v if n is None else n for v, n in zip(values, new)]
+
+        non_trainable = current(variables, non_trainable)
+        if metrics is not None:
+            metrics = current(metric_variables, metrics)
+        return out, non_trainable, metrics
+
+    def train_step(self, state, data):
+        trainable, non_trainable, optimizer_values, metrics = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        step = self.distillation_step
+
+        # The teachers and the augmentations, outside differentiation.
+        (teacher, x_student), non_trainable, _ = self._stateless(
+            lambda: (step.teacher_outputs(x, augment=True),
+                     step.student_inputs(x, augment=True)),
+            trainable, non_trainable)
+
+        def loss_fn(trainable, non_trainable):
+            outcome, non_trainable, _ = self._stateless(
+                lambda: step(x_student, y, sample_weight, teacher,
+                             training=True),
+                trainable, non_trainable)
+            mapping = list(zip(self.optimizer.variables, optimizer_values))
+            with keras.StatelessScope(state_mapping=mapping):
+                scaled = self.optimizer.scale_loss(outcome.losses.total)
+            return scaled, (outcome, non_trainable)
+
+        (_, (outcome, non_trainable)), gradients = jax.value_and_grad(
+            loss_fn, has_aux=True)(trainable, non_trainable)
+
+        # Logs from the weights of this step's forward pass.
+        logs, non_trainable, metrics = self._stateless(
+            lambda: self._record(x, y, sample_weight,
+                                 outcome.student.outputs, outcome.losses,
+                                 teacher, outcome.student),
+            trainable, non_trainable, metrics)
+        if self.trainable_variables:
+            trainable, optimizer_values = self.optimizer.stateless_apply(
+                optimizer_values, gradients, trainable)
+        else:
+            self._apply_gradients([], [])  # warns: nothing to train
+        return logs, (trainable, non_trainable, optimizer_values, metrics)
+
+    def test_step(self, state, data):
+        trainable, non_trainable, metrics = state
+        logs, non_trainable, metrics = self._stateless(
+            lambda: self._record_forward(self._forward(data, training=False)),
+            trainable, non_trainable, metrics)
+        return logs, (trainable, non_trainable, metrics)
