@@ -13,6 +13,28 @@ import tensorflow as tf
 from keras_kd.trainers.base import DistillerTrainer
 
 
+def _multi_worker(strategy):
+    """Whether `strategy` spans several workers (TF_CONFIG with more than one
+    chief or worker task)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return False
+    spec = resolver.cluster_spec().as_dict()
+    return len(spec.get("chief", [])) + len(spec.get("worker", [])) > 1
+
+
+def _for_strategy(logs, strategy):
+    """Logs as Keras' multi-worker reduction expects them.
+
+    Keras (checked on 3.12 to 3.15) averages each log over the replicas of
+    a multi-worker strategy with `strategy.reduce("MEAN", value, axis=0)`,
+    which needs an axis 0 (keras-team/keras#20585): each scalar gets one.
+    """
+    if strategy is None or not _multi_worker(strategy):
+        return logs
+    return {k: tf.reshape(v, (1,)) for k, v in logs.items()}
+
+
 def _after(value, after):
     """`value` computed no earlier than the tensors in `after` (graph mode;
     eager execution is already in program order)."""
@@ -45,7 +67,7 @@ class TensorFlowTrainer(DistillerTrainer):
         logs = self._record(x, y, sample_weight, outcome.student.outputs,
                             outcome.losses, teacher, outcome.student)
         self._apply_gradients(gradients, variables)
-        return logs
+        return _for_strategy(logs, self.distribute_strategy)
 
     def _train_modules(self, data):
         """Each module forward and backward under its own tape, in turn;
@@ -68,8 +90,28 @@ class TensorFlowTrainer(DistillerTrainer):
         variables = self.trainable_variables
         self._apply_gradients([run.gradients[id(v)] for v in variables],
                               variables)
-        return logs
+        return _for_strategy(logs, self.distribute_strategy)
 
     def test_step(self, data):
-        return self._stateful_test_step(data)
+        return _for_strategy(self._stateful_test_step(data),
+                             self.distribute_strategy)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (checked on 3.12 to 3.15) reads the shapes of the first
+        # batch by reducing a distributed batch with MEAN across replicas,
+        # which fails under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585). One replica's batch has those shapes.
+        if iterator is not None and self.distribute_strategy is not None:
+            strategy = self.distribute_strategy
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(
+                        value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues)
+                    else value,
+                    next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator,
+                                             data_batch=data_batch)
 
