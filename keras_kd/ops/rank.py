@@ -122,13 +122,30 @@ def _long_run_correction(sorted_rows, positions, n, reach):
     equal values, and only computed in that case."""
     if n <= reach + 1:
         return ops.zeros_like(positions)
-    return ops.cond(
+    return _cond(
         _has_run_longer_than(sorted_rows, reach + 1),
         lambda: _average_tied_positions(sorted_rows, positions, n)
         - positions
         - _tie_offsets(sorted_rows, reach),
         lambda: ops.zeros_like(positions),
     )
+
+
+def _cond(pred, true_fn, false_fn):
+    """`keras.ops.cond`, except that under JAX a predicate whose value is
+    known (outside `jax.jit`) picks its branch in Python. `jax.lax.cond`
+    traces and compiles both branches again on every eager call (new
+    closures each time), about a second per call on CPU."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        try:
+            taken = bool(pred)
+        except jax.errors.ConcretizationTypeError:  # traced under jit
+            pass
+        else:
+            return true_fn() if taken else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
 
 
 def _average_tied_positions(sorted_rows, positions, n):
