@@ -54,7 +54,7 @@ def kd_loss(teacher_logits, student_logits, temperature=4.0, standardize=False):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     if standardize:
         teacher_logits = standardize_logits(teacher_logits)
         student_logits = standardize_logits(student_logits)

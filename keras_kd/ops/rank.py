@@ -193,6 +193,7 @@ def exact_rank(x, axis=-1):
     >>> np.asarray(exact_rank(np.array([0.5, -1.0, 0.5, 3.0])))
     array([2.5, 1. , 2.5, 4. ])
     """
+    x = ops.convert_to_tensor(x)  # NumPy input: torch cannot stop its gradient
     rows, n, undo = _to_rows(ops.stop_gradient(x), axis)
     sorted_rows, permutation = sort_rows(rows)
     ranks = _tied_ranks_of_sorted(sorted_rows, n)
