@@ -432,8 +432,9 @@ def _window_brackets(sorted_rows, inverse_strength, window):
             # The same factors (max with 0 changes nothing), but not the
             # same expression: a compiler that merged the running products
             # with the forward pass's would keep every one of them in memory
-            # between the passes.
-            up, down = steps(ops.maximum(factors, 0.0))
+            # between the passes. (`relu`, not `maximum(factors, 0.0)`: on
+            # torch Keras computes `maximum` of float64 tensors in float32.)
+            up, down = steps(ops.relu(factors))
             g = ops.pad(upstream, [[0, 0], [w, w]])
             # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
             g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]
