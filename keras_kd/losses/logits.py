@@ -22,6 +22,7 @@ def standardize_logits(logits, epsilon=1e-7):
     Returns:
         A tensor of the same shape as `logits`.
     """
+    logits = ops.convert_to_tensor(logits)  # NumPy minus a torch tensor fails
     num_classes = ops.shape(logits)[-1]
     mean = ops.mean(logits, axis=-1, keepdims=True)
     correction = ops.sqrt(
