@@ -352,7 +352,7 @@ def test_losses_compile_with_xla(logits):
                                float(loss(t, s, sample_weight=w)), rtol=1e-5)
 
 
-@pytest.mark.backends("tensorflow")  # JAX compiles for static shapes only
+@pytest.mark.backends("tensorflow")  # only TF traces unknown sizes
 def test_value_losses_accept_a_dynamic_number_of_classes(logits):
     # Only the rank losses need a static class axis (for the sort).
     import tensorflow as tf
@@ -444,7 +444,7 @@ def test_value_losses_in_half_precision(dtype):
                                    to_numpy(full), rtol=2e-2)
 
 
-@pytest.mark.backends("tensorflow")  # JAX compiles for static shapes only
+@pytest.mark.backends("tensorflow")  # only TF traces unknown sizes
 def test_entropy_weights_with_a_dynamic_number_of_classes(logits):
     import tensorflow as tf
 

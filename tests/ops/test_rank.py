@@ -261,7 +261,7 @@ def test_repeated_infinities_are_ties_not_nan():
         np.testing.assert_allclose(ranks, expected, atol=1e-4)
 
 
-@pytest.mark.backends("tensorflow")  # JAX compiles for static shapes only
+@pytest.mark.backends("tensorflow")  # only TF traces unknown sizes
 def test_soft_rank_compiles_with_xla_and_dynamic_batch():
     import tensorflow as tf
 
