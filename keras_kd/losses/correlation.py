@@ -135,7 +135,7 @@ def pearson_loss(teacher_logits, student_logits, temperature=1.0):
     Returns:
         A tensor of shape `(batch,)` with values in `[0, 2]`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     return 1.0 - _probability_correlation(
         _softened(student_logits, temperature),
         _softened(teacher_logits, temperature),
@@ -177,7 +177,7 @@ def intra_class_loss(
     Returns:
         A scalar tensor.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     p_t = _softened(teacher_logits, temperature)
     p_s = _softened(student_logits, temperature)
     if sample_weight is None:
@@ -256,7 +256,7 @@ def _spearman_in_order(teacher_logits, student_ranks, order):
     and the teacher's exact ranks gathered into that order. The correlation
     is unchanged when both vectors are permuted alike, and gathering the
     teacher's ranks is cheaper than un-sorting the soft ranks."""
-    teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
+    teacher_ranks = exact_rank(teacher_logits, axis=-1)  # no gradient
     teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
     # Ranks of n entries, exact or soft, always have mean (n + 1) / 2.
     mean_rank = 0.5 * (student_ranks.shape[-1] + 1)
@@ -316,7 +316,7 @@ def entropy_weights(teacher_logits, temperature=1.0):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
     return _normalized_entropy(ops.exp(log_p), log_p)
 
@@ -378,7 +378,7 @@ def cmkd_loss(
         A tensor of shape `(batch,)`.
     """
     _check_hard_samples(hard_samples)
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     teacher_logits, student_logits, dtype = _rank_precision(
         teacher_logits, student_logits
     )
