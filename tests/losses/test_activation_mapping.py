@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from backend_utils import jit
 from backend_utils import value_and_grad
-from grad_utils import evaluate
-from grad_utils import value_and_grad_fn
+from backend_utils import evaluate
+from backend_utils import value_and_grad_fn
 from keras import ops
 
 from keras_kd.losses import ActivationMapping, FeatureMSE

@@ -7,9 +7,9 @@ from backend_utils import BACKEND
 from backend_utils import jit
 from backend_utils import to_numpy
 from backend_utils import value_and_grad
-from grad_utils import evaluate
-from grad_utils import float64_context
-from grad_utils import value_and_grad_fn
+from backend_utils import evaluate
+from backend_utils import float64_context
+from backend_utils import value_and_grad_fn
 from keras import ops
 
 from keras_kd.losses.correlation import CMKD

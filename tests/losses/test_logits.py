@@ -4,8 +4,8 @@ import pytest
 from backend_utils import jit
 from backend_utils import to_numpy
 from backend_utils import value_and_grad
-from grad_utils import evaluate
-from grad_utils import value_and_grad_fn
+from backend_utils import evaluate
+from backend_utils import value_and_grad_fn
 from keras import ops
 
 from keras_kd.losses import KD

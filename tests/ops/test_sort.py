@@ -7,9 +7,9 @@ import scipy.stats
 from backend_utils import BACKEND
 from backend_utils import jit
 from backend_utils import to_numpy
-from grad_utils import evaluate
-from grad_utils import float64_context
-from grad_utils import value_and_grad_fn
+from backend_utils import evaluate
+from backend_utils import float64_context
+from backend_utils import value_and_grad_fn
 from keras import ops
 
 import keras_kd.ops.sort as sort_module
