@@ -771,9 +771,11 @@ class CMKD(_BatchCoupledLoss):
 
     CMKD (Niu et al., 2024, arXiv:2410.06561) combines a Pearson-based and a
     Spearman-based loss whose weights change per sample with the difficulty
-    of the sample, measured by the entropy of the teacher's output. The
-    paper's full text was not available, so this class implements the
-    library's own reading of the abstract (`docs/losses/cmkd.md`):
+    of the sample, measured by the entropy of the teacher's output. That is
+    all the source the project has (a summary of the paper written from its
+    abstract) says about the loss; its full text was not available. The
+    formulas below are the library's own reading (`docs/losses/cmkd.md`
+    lists what comes from the source and what does not):
 
         w_i   = H(p_t,i) / log C                 (in [0, 1], no gradient)
         L_P,i = 1 - rho(p_s,i, p_t,i)  [+ intra_weight * DIST intra term]
@@ -786,9 +788,9 @@ class CMKD(_BatchCoupledLoss):
     are exact (it needs no gradient); the student's are
     `keras_kd.ops.rank.soft_rank` (sort once, sigmoid comparisons with
     `window` sorted neighbours on each side, O(C (log C + window))).
-    `standardize=True` adds the z-score normalisation step the paper
-    mentions: both logits become `(z - mean) / (std * sqrt(C / (C - 1)) +
-    1e-7)` per sample before everything else (weights included); a base
+    `standardize=True` adds a z-score step (the library's option, not from
+    the source): both logits become `(z - mean) / (std * sqrt(C / (C - 1))
+    + 1e-7)` per sample before everything else (weights included); a base
     temperature around 2 is then usual.
 
     As for `SpearmanCorrelation`, the loss of a student identical to its
