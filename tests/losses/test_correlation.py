@@ -20,6 +20,7 @@ from keras_kd.losses.correlation import cmkd_loss
 from keras_kd.losses.correlation import dist_loss
 from keras_kd.losses.correlation import entropy_weights
 from keras_kd.losses.correlation import intra_class_loss
+from keras_kd.losses.correlation import pearson_correlation
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
 from keras_kd.losses.logits import standardize_logits
@@ -396,6 +397,114 @@ def test_constant_student_rows_get_bounded_gradients(logits, compiled):
         value, grad = value_and_gradient(loss, compiled)(t, s)
         assert np.isfinite(value) and np.isfinite(grad).all(), name
         assert np.abs(grad).max() < 1e3, (name, np.abs(grad).max())
+
+
+# A zero-initialized head at batch sizes and class counts where rounding
+# leaves a residue in the centred constant rows: TensorFlow's softmax in
+# eager mode (p - 1/C, about 1e-9) and the batch mean of B equal
+# probabilities (DIST's intra-class term, eager and XLA). The guard used to
+# test for exactly 0, so these rows got the teacher's direction divided by
+# the residue or the 1e-8 floor.
+ZERO_HEAD_BATCHES = (1, 2, 3, 5, 6, 8, 13, 16, 32, 64)
+ZERO_HEAD_CLASSES = (3, 7, 10, 12, 16, 17, 100)
+ZERO_HEAD_LOSSES = {
+    "DIST": lambda: DIST(),
+    "PearsonCorrelation(temperature=4)": lambda: PearsonCorrelation(
+        temperature=4.0),
+    "SpearmanCorrelation": lambda: SpearmanCorrelation(),
+    "CMKD": lambda: CMKD(),
+}
+# Bound on B * max |d loss / d student logits| (the gradient of the sum of
+# the per-sample losses, so that it does not shrink with B). A row counted
+# as constant has norm 1, so the correlation's gradient is the other row's
+# unit direction, then scaled by tau^2 and the softmax or soft-rank
+# Jacobian. Over this grid, with the fix, the largest values are 69
+# (CMKD), 17 (SpearmanCorrelation), 9 (DIST) and 0.07 (PearsonCorrelation);
+# with the residue they were 2e3 to 3e7.
+ZERO_HEAD_BOUND = 100.0
+
+
+def zero_head_gradients(names, batch, classes, jit):
+    """`{name: gradient}` of each loss in `names` with respect to all-zero
+    student logits, for a standard normal teacher of shape
+    `(batch, classes)`; one XLA program for all of them with `jit`."""
+    losses = [ZERO_HEAD_LOSSES[name]() for name in names]
+    rng = np.random.default_rng(1000 * batch + classes)
+    t = tf.constant(rng.standard_normal((batch, classes)), tf.float32)
+
+    def run(a, b):
+        grads = []
+        for loss in losses:
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                value = loss(a, b)
+            grads.append(tape.gradient(value, b))
+        return grads
+
+    if jit:
+        run = tf.function(run, jit_compile=True)
+    return dict(zip(names, run(t, tf.zeros((batch, classes)))))
+
+
+def assert_zero_head_gradients_bounded(grads, batch, classes, mode):
+    for name, grad in grads.items():
+        grad = np.asarray(grad)
+        where = f"{name}, B={batch}, C={classes}, {mode}"
+        assert np.isfinite(grad).all(), where
+        peak = batch * np.abs(grad).max()
+        assert peak < ZERO_HEAD_BOUND, f"{where}: B * max|grad| = {peak:.3g}"
+
+
+@pytest.mark.parametrize("classes", ZERO_HEAD_CLASSES)
+def test_zero_head_gradients_bounded_eager(classes):
+    # The whole grid for DIST and Pearson; the two rank losses (about ten
+    # times slower per call, and per-sample: the batch size only adds rows)
+    # at two batch sizes.
+    for batch in ZERO_HEAD_BATCHES:
+        names = ["DIST", "PearsonCorrelation(temperature=4)"]
+        if batch in (13, 64):
+            names += ["SpearmanCorrelation", "CMKD"]
+        grads = zero_head_gradients(names, batch, classes, jit=False)
+        assert_zero_head_gradients_bounded(grads, batch, classes, "eager")
+
+
+# Each shape is an XLA compilation (about 1 s for DIST and Pearson, several
+# for the rank losses on a 2-core CPU): every class count once, batch
+# sizes from 1 to 64, and the rank losses at one of the shapes.
+ZERO_HEAD_XLA_CASES = [
+    (1, 3), (3, 7), (8, 10), (8, 12), (16, 16), (13, 17), (64, 100),
+]
+
+
+@pytest.mark.parametrize("batch, classes", ZERO_HEAD_XLA_CASES)
+def test_zero_head_gradients_bounded_xla(batch, classes):
+    names = ["DIST", "PearsonCorrelation(temperature=4)"]
+    if (batch, classes) == (8, 10):
+        names += ["SpearmanCorrelation", "CMKD"]
+    grads = zero_head_gradients(names, batch, classes, jit=True)
+    assert_zero_head_gradients_bounded(grads, batch, classes, "XLA")
+
+
+def test_correlation_counts_only_rounding_level_spread_as_constant():
+    # The constant-row test is relative to the values and near rounding
+    # level: a row of probabilities whose spread is 1e-4 of its values
+    # (about 50 times the threshold at 12 classes) is still correlated as
+    # it is, while the same row with a spread of one float32 step is 0.
+    rng = np.random.default_rng(7)
+    teacher = rng.normal(size=(1, C))
+    base = np.full((1, C), 1.0 / C)
+    direction = rng.normal(size=(1, C))
+    direction -= direction.mean()
+    small = (base + 1e-4 / C * direction).astype("float32")
+    expected = scipy.stats.pearsonr(
+        small[0].astype("float64"), teacher[0])[0]
+    actual = pearson_correlation(small, teacher.astype("float32"))
+    np.testing.assert_allclose(actual, [expected], rtol=1e-3)
+    ulp = np.spacing(np.float32(1.0 / C))
+    residue = (base + ulp * np.sign(direction)).astype("float32")
+    np.testing.assert_allclose(
+        pearson_correlation(residue, teacher.astype("float32")), [0.0],
+        atol=1e-5)
 
 
 @pytest.mark.parametrize("classes", [20, 300])
