@@ -9,8 +9,9 @@ import keras_kd
 from keras_kd import Distiller, LocalModules, Term
 from keras_kd.losses import KD, ActivationMapping, FeatureMSE
 
-from backend_utils import BACKEND, value_and_grad
-from conftest import NUM_CLASSES, make_cnn
+from backend_utils import value_and_grad
+from conftest import NUM_CLASSES, assert_augmented_once_per_training_step
+from conftest import make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 # make_cnn layers: stage1 -> [bn] -> pool -> stage2 -> gap -> logits.
@@ -478,19 +479,5 @@ def test_augmentations_apply_in_training_steps_only(data, teachers):
         local_modules=LocalModules(SPLITS, TEACHER)))
     # One teacher still runs segment by segment, after its augmentation.
     assert (d.local_plan.teacher_segments is not None) == (teachers == 1)
-
-    def seeds():
-        return [keras.ops.convert_to_numpy(v).astype("int64")
-                for aug in (teacher_aug, student_aug)
-                for v in aug.non_trainable_variables]
-
-    before = seeds()
-    d.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
-    d.evaluate(x, y, batch_size=8, verbose=0)
-    after = seeds()
-    teacher_aug(x[:8], training=True)
-    student_aug(x[:8], training=True)
-    per_call = [b - a for a, b in zip(after, seeds())]
-    assert all(np.any(p) for p in per_call)
-    for a, b, p in zip(before, after, per_call):
-        np.testing.assert_array_equal(b - a, 4 * p)
+    assert_augmented_once_per_training_step(
+        d, [teacher_aug, student_aug], x, y)
