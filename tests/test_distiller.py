@@ -359,10 +359,6 @@ def test_variables_split_into_trained_and_state():
 def test_tensorflow_only_features_name_the_backend():
     with pytest.raises(NotImplementedError, match=f"'{BACKEND}'.*KERAS_"):
         Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  local_modules=keras_kd.LocalModules(
-                      split_at=["s_pool"], teacher_layers=["t_pool"]))
-    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'"):
-        Distiller(make_cnn("t", 8), make_cnn("s", 4),
                   layerwise_lr=keras_kd.LayerwiseLearningRate(
                       pairs=[("s_stage1", "t_stage1"),
                              ("s_stage2", "t_stage2")]))

@@ -63,6 +63,8 @@ def pearson_correlation(a, b, axis=-1, epsilon=EPSILON):
         The correlations, with `axis` removed.
     """
 
+    a, b = ops.convert_to_tensor(a), ops.convert_to_tensor(b)
+
     def centre(x):
         return x - ops.mean(x, axis=axis, keepdims=True)
 

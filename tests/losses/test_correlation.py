@@ -424,26 +424,24 @@ ZERO_HEAD_LOSSES = {
 ZERO_HEAD_BOUND = 100.0
 
 
-def zero_head_gradients(names, batch, classes, jit):
+def zero_head_gradients(names, batch, classes, compiled):
     """`{name: gradient}` of each loss in `names` with respect to all-zero
     student logits, for a standard normal teacher of shape
-    `(batch, classes)`; one XLA program for all of them with `jit`."""
+    `(batch, classes)`; one XLA program for all of them when `compiled`
+    (on backends that have XLA)."""
     losses = [ZERO_HEAD_LOSSES[name]() for name in names]
     rng = np.random.default_rng(1000 * batch + classes)
-    t = tf.constant(rng.standard_normal((batch, classes)), tf.float32)
+    t = rng.standard_normal((batch, classes)).astype("float32")
+    gradients = [value_and_grad_fn(lambda b, loss=loss: loss(t, b))
+                 for loss in losses]
 
-    def run(a, b):
-        grads = []
-        for loss in losses:
-            with tf.GradientTape() as tape:
-                tape.watch(b)
-                value = loss(a, b)
-            grads.append(tape.gradient(value, b))
-        return grads
+    def run(b):
+        return [g(b)[1][0] for g in gradients]
 
-    if jit:
-        run = tf.function(run, jit_compile=True)
-    return dict(zip(names, run(t, tf.zeros((batch, classes)))))
+    if compiled:
+        run = jit(run)
+    grads = run(ops.zeros((batch, classes)))
+    return dict(zip(names, evaluate(grads)))
 
 
 def assert_zero_head_gradients_bounded(grads, batch, classes, mode):
@@ -460,11 +458,18 @@ def test_zero_head_gradients_bounded_eager(classes):
     # The whole grid for DIST and Pearson; the two rank losses (about ten
     # times slower per call, and per-sample: the batch size only adds rows)
     # at two batch sizes.
-    for batch in ZERO_HEAD_BATCHES:
+    # On JAX, where each eager op is an XLA program compiled for its
+    # shape (several seconds per batch size here), DIST and Pearson at the
+    # batch size where TensorFlow left the largest residue (8); the XLA
+    # test below covers the other shapes and the rank losses.
+    batches = ZERO_HEAD_BATCHES
+    if BACKEND == "jax":
+        batches = (8,)
+    for batch in batches:
         names = ["DIST", "PearsonCorrelation(temperature=4)"]
-        if batch in (13, 64):
+        if batch in (13, 64) and BACKEND != "jax":
             names += ["SpearmanCorrelation", "CMKD"]
-        grads = zero_head_gradients(names, batch, classes, jit=False)
+        grads = zero_head_gradients(names, batch, classes, compiled=False)
         assert_zero_head_gradients_bounded(grads, batch, classes, "eager")
 
 
@@ -481,7 +486,7 @@ def test_zero_head_gradients_bounded_xla(batch, classes):
     names = ["DIST", "PearsonCorrelation(temperature=4)"]
     if (batch, classes) == (8, 10):
         names += ["SpearmanCorrelation", "CMKD"]
-    grads = zero_head_gradients(names, batch, classes, jit=True)
+    grads = zero_head_gradients(names, batch, classes, compiled=True)
     assert_zero_head_gradients_bounded(grads, batch, classes, "XLA")
 
 
