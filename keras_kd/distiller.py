@@ -64,7 +64,7 @@ class Distiller(Trainer, keras.Model):
 
     The distiller trains on the TensorFlow, JAX and PyTorch backends, through
     the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
-    (local modules and layer-wise learning rates: TensorFlow only, for now).
+    (layer-wise learning rates: TensorFlow only, for now).
 
     Several teachers form an ensemble (see `keras_kd.teachers.Teachers`):
     terms on the final outputs compare the student with the teachers'
