@@ -398,7 +398,7 @@ def main(argv=None):
 
     print("\nTargets: chunked / unchunked peak extra memory <= 0.25, step "
           "time <= 1.2.")
-    print("In benchmarks/gpu.sh: part lm_memory 150 \"$python\" "
+    print("In benchmarks/gpu.sh: part lm_memory 120 \"$python\" "
           "benchmarks/lm_memory.py --backend jax --repeats 1 --rounds 10")
     return 0
 

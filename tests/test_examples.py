@@ -13,8 +13,8 @@ nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 NOTEBOOKS = sorted(glob.glob(os.path.join(EXAMPLES, "*.ipynb")))
-# Their features (local modules, layer-wise rates) train on TensorFlow only.
-TENSORFLOW_ONLY = {"local_modules.ipynb", "layerwise_learning_rates.ipynb"}
+# Its feature (layer-wise learning rates) trains on TensorFlow only.
+TENSORFLOW_ONLY = {"layerwise_learning_rates.ipynb"}
 # Notebooks that need an optional extra: the module they import.
 NEEDS = {"language_models.ipynb": "keras_hub"}
 
