@@ -4,10 +4,12 @@
 #                        and vs keras.distillation (both students)
 #   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
 #   3. memory.py         LAKD peak memory and step time vs end-to-end KD
+#   4. lm_memory.py      token-level divergence, chunked vs unchunked: peak
+#                        extra memory and step time at B=4, T=1024, V=32000
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit so
-# the whole run ends within 8 minutes; a part that runs out prints so.
+# the whole run ends within 10 minutes; a part that runs out prints so.
 #
 # Usage: bash benchmarks/gpu.sh [output folder]   (default: gpu_results)
 set -uo pipefail
@@ -47,3 +49,5 @@ part step_overhead 180 "$python" benchmarks/step_overhead.py --backend jax \
 part losses 180 "$python" benchmarks/losses.py
 part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
   --split blocks --repeats 1 --steps 4
+part lm_memory 120 "$python" benchmarks/lm_memory.py --backend jax \
+  --repeats 1 --rounds 10

@@ -33,3 +33,16 @@ def call_count(layer):
     """How many times a layer was called on symbolic tensors (the number
     of its call nodes in the graphs it belongs to)."""
     return len(layer._inbound_nodes)
+
+
+def keras_mask(tensor):
+    """The Keras mask a tensor carries (`_keras_mask`, set by layers such as
+    `Embedding(mask_zero=True)` and propagated to a functional model's
+    outputs), or `None`. Keras 3.12 to 3.15 keep it as an attribute, or in a
+    table keyed by the tensor's id where the tensor takes no attribute
+    (JAX arrays); `keras.src.backend.get_keras_mask` reads both."""
+    try:
+        from keras.src.backend import get_keras_mask
+    except ImportError:  # pragma: no cover - a Keras that moved it
+        return getattr(tensor, "_keras_mask", None)
+    return get_keras_mask(tensor)

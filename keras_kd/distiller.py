@@ -306,20 +306,34 @@ class Distiller(Trainer, keras.Model):
     # Construction-time validation and adapters.
 
     def _check_logit_shapes(self):
-        if all(b.reads_features for b in self._terms.bound):
+        output_terms = [b for b in self._terms.bound if not b.reads_features]
+        if not output_terms:
             return
         try:
             t_shape = tuple(self.teachers[0].output.shape)
             s_shape = tuple(self.student.output.shape)
         except (AttributeError, ValueError):
             return  # Subclassed models: shapes are only known at run time.
+        teacher, student = self.teachers[0].name, self.student.name
+        # A loss that knows how it compares the outputs (the divergences:
+        # vocabulary sizes, LM heads, `vocab_mapping`) checks them itself.
+        checks = [getattr(b.loss, "check_shapes", None) for b in output_terms]
+        for check in checks:
+            if check is not None:
+                check(t_shape, s_shape, teacher, student)
+        if all(check is not None for check in checks):
+            return
         if t_shape[1:] != s_shape[1:]:
+            where = (f"The teacher '{teacher}' outputs shape {t_shape} but "
+                     f"the student '{student}' outputs shape {s_shape}")
+            if len(t_shape) == len(s_shape) and t_shape[:-1] == s_shape[:-1]:
+                where += (f": vocabularies (last axis) of {t_shape[-1]} and "
+                          f"{s_shape[-1]} entries. For one tokenizer with "
+                          "padded embedding tables, use a divergence with "
+                          "`vocab_mapping='truncate'` (e.g. "
+                          "`keras_kd.losses.ForwardKL`)")
             raise ValueError(
-                f"The teacher '{self.teachers[0].name}' outputs shape "
-                f"{t_shape} "
-                f"but the student '{self.student.name}' outputs shape "
-                f"{s_shape}; terms on the final outputs need equal shapes."
-            )
+                f"{where}; terms on the final outputs need equal shapes.")
 
     @staticmethod
     def _build_adapters(feature_terms, teacher_shapes, student_shapes):

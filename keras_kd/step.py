@@ -115,11 +115,15 @@ class StepLosses(NamedTuple):
             than the last).
         terms: `{log name: unweighted value}` for every term in this loss,
             in order.
+        term_weights: `{log name: weight}` for the terms whose value weighs
+            more than the batch size in an epoch's mean (the token-mean
+            divergences: their token count), or `None`.
     """
 
     total: object
     student_loss: object
     terms: dict
+    term_weights: dict = None
 
 
 class StudentForward(NamedTuple):
@@ -179,15 +183,20 @@ class LossAssembly:
             student_loss = self._student_loss(y, y_pred, sample_weight)
             total = total + self.student_loss_weight * ops.cast(
                 student_loss, "float32")
-        values = {}
+        values, log_weights = {}, {}
         for bound, teacher_value, student_value in pairs:
             value = bound(teacher_value, student_value, sample_weight)
             values[bound.name] = value
             total = total + bound.weight * ops.cast(value, "float32")
+            log_weight = getattr(bound.loss, "log_weight", None)
+            if log_weight is not None:
+                log_weight = log_weight(student_value, sample_weight)
+            if log_weight is not None:
+                log_weights[bound.name] = log_weight
         if regularization:
             total = total + scale_for_replicas(
                 ops.cast(ops.sum(regularization), "float32"))
-        return StepLosses(total, student_loss, values)
+        return StepLosses(total, student_loss, values, log_weights or None)
 
 
 class DistillationStep:

@@ -1,6 +1,7 @@
 """Execute every example notebook top to bottom at a small size."""
 
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +15,8 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 NOTEBOOKS = sorted(glob.glob(os.path.join(EXAMPLES, "*.ipynb")))
 # Its feature (layer-wise learning rates) trains on TensorFlow only.
 TENSORFLOW_ONLY = {"layerwise_learning_rates.ipynb"}
+# Notebooks that need an optional extra: the module they import.
+NEEDS = {"language_models.ipynb": "keras_hub"}
 
 
 def test_examples_exist():
@@ -24,6 +27,9 @@ def test_examples_exist():
 def test_notebook_runs(path, tmp_path, monkeypatch):
     if os.path.basename(path) in TENSORFLOW_ONLY and BACKEND != "tensorflow":
         pytest.skip("the notebook's feature trains on TensorFlow only")
+    needed = NEEDS.get(os.path.basename(path))
+    if needed and importlib.util.find_spec(needed) is None:
+        pytest.skip(f"the notebook needs {needed}, which is not installed")
     # The kernel inherits the environment, so it runs on this backend.
     monkeypatch.setenv("KERAS_BACKEND", BACKEND)
     monkeypatch.setenv("KERAS_KD_SMALL", "1")

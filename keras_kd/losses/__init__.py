@@ -3,6 +3,15 @@
 
 from keras_kd.losses.activation_mapping import ActivationMapping
 from keras_kd.losses.base import DistillationLoss
+from keras_kd.losses.divergences import (
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewKL,
+    TokenDivergence,
+    TopKDistribution,
+    top_k_distribution,
+)
 from keras_kd.losses.features import AttentionTransfer, FeatureMSE
 from keras_kd.losses.logits import KD
 from keras_kd.losses.correlation import (

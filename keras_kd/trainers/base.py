@@ -66,10 +66,11 @@ def merge_losses(parts):
     total = sum(part.total for part in parts)
     student_loss = next((p.student_loss for p in parts
                          if p.student_loss is not None), None)
-    terms = {}
+    terms, weights = {}, {}
     for part in parts:
         terms.update(part.terms)
-    return StepLosses(total, student_loss, terms)
+        weights.update(part.term_weights or {})
+    return StepLosses(total, student_loss, terms, weights or None)
 
 
 class DistillerTrainer:
@@ -188,9 +189,12 @@ class DistillerTrainer:
         if losses.student_loss is not None:
             trackers["student"].update_state(
                 unscale_for_replicas(losses.student_loss), sample_weight=n)
+        # A token-mean term weighs by its token count, so that its epoch
+        # value is the mean over the epoch's tokens.
+        weights = losses.term_weights or {}
         for name, value in losses.terms.items():
             trackers[name].update_state(unscale_for_replicas(value),
-                                        sample_weight=n)
+                                        sample_weight=weights.get(name, n))
         if teacher is not None and self.diagnostics_feed.metrics:
             self.diagnostics_feed.update(
                 teacher, y_pred, student.diagnostic_features, y,
