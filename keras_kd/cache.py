@@ -621,7 +621,10 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
             `(x, y[, sample_weight])`; labels are ignored). A dataset must
             yield the same samples in the same order every time it is read:
             no shuffling.
-        batch_size: batch size of the teachers' forward passes over arrays.
+        batch_size: batch size of the teachers' forward passes over arrays;
+            the training batch size gives outputs equal, bit for bit, to
+            those of the live teachers in a step (convolutions round
+            differently at other batch sizes).
         top_k: `None` stores the outputs at full precision (training from
             them is exactly training with the live teachers). An integer
             `k` stores, per sample (and per teacher with

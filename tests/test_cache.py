@@ -111,6 +111,22 @@ def test_shuffled_cache_stays_aligned_with_its_samples(data):
     assert max_difference(live.student, wrong.student) > 1e-4
 
 
+def test_student_augmentation_with_a_cache(data):
+    """The student augments its inputs alone: with equally seeded
+    augmentations, the cached and the live distillers train alike."""
+    x, y = data
+    teacher, student = make_cnn("t", 8), make_cnn("s", 4)
+    cache = cache_of(teacher, x)
+    models = []
+    for fit_x in (x, cache.inputs(x)):
+        d = distiller(teacher, student, [Term(KD())],
+                      student_augmentation=keras_kd.augment.weak(
+                          flip=False, seed=4))
+        d.fit(fit_x, y, batch_size=BATCH, shuffle=False, verbose=0)
+        models.append(d.student)
+    assert max_difference(*models) <= 1e-6
+
+
 @pytest.mark.parametrize("ensemble", ["logits", "losses"])
 def test_ensemble_cache_trains_as_the_live_teachers(data, ensemble):
     x, y = data
