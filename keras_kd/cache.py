@@ -535,7 +535,9 @@ class _Appender:
     """An array grown one batch at a time along its first axis: chunks in
     memory, or a `.npy` file whose header is rewritten with the final length
     at the end (NumPy writes headers with room for the first dimension to
-    grow)."""
+    grow). The file is written under a temporary name and renamed when
+    complete, so that a memory map of an older file of that name (a cache
+    being overwritten) keeps its data."""
 
     def __init__(self, path, dtype, row_shape):
         self.path = path
@@ -545,7 +547,7 @@ class _Appender:
         self.chunks = []
         self.file = None
         if path is not None:
-            self.file = open(path, "wb")
+            self.file = open(path + ".partial", "wb")
             self._write_header()
             self.header_size = self.file.tell()
 
@@ -574,11 +576,13 @@ class _Appender:
         if self.file.tell() != self.header_size:  # pragma: no cover
             raise RuntimeError(f"The header of {self.path} changed size.")
         self.file.close()
+        os.replace(self.path + ".partial", self.path)
         return np.load(self.path, mmap_mode="r")
 
     def abort(self):
         if self.file is not None:
             self.file.close()
+            os.remove(self.path + ".partial")
 
 
 def _top_k(outputs, k):
@@ -928,7 +932,10 @@ class TeacherCache:
         manifest = json.loads(json.dumps(self.manifest))
         for index, (key, array) in enumerate(self.arrays.items()):
             name = _file_name(key, index)
-            np.save(os.path.join(directory, name), np.asarray(array))
+            target = os.path.join(directory, name)
+            with open(target + ".partial", "wb") as f:
+                np.save(f, np.asarray(array))
+            os.replace(target + ".partial", target)
             manifest["arrays"][key]["file"] = name
         with open(path, "w") as f:
             json.dump(manifest, f, indent=1)

@@ -381,6 +381,24 @@ def test_on_disk_cache_survives_a_process_restart(data, tmp_path):
     from_disk.fit(disk.dataset(x, y, batch_size=BATCH, shuffle=False),
                   shuffle=False, verbose=0)
     assert max_difference(from_memory.student, from_disk.student) <= 1e-6
+    # Overwriting leaves memory maps of the old files intact.
+    before = np.array(disk.arrays["outputs"])
+    cache_of(make_cnn("t", 8), x, directory=tmp_path / "full",
+             overwrite=True)
+    np.testing.assert_array_equal(disk.arrays["outputs"], before)
+    assert TeacherCache.load(tmp_path / "full").tag != disk.tag
+
+    # An interrupted build leaves no cache to open, and no partial file.
+    def interrupted():
+        yield x[:8]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_of(teacher, interrupted(), directory=tmp_path / "cut")
+    assert os.listdir(tmp_path / "cut") == []
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        TeacherCache.load(tmp_path / "cut")
+
     # `save` writes an in-memory cache; the same arrays come back.
     saved = memory.save(tmp_path / "saved")
     np.testing.assert_array_equal(saved.arrays["outputs"],
