@@ -1071,7 +1071,8 @@ class TeacherCache:
         Args:
             x: the samples the cache was built on, in the same order: NumPy
                 arrays or memory maps (or a dict or list of them).
-            y, sample_weight: optional arrays, one row per sample.
+            y: optional labels, one row per sample.
+            sample_weight: optional sample weights, one per sample.
             batch_size: samples per batch.
             shuffle: draw a new order of the samples every epoch.
             seed: seed of the shuffling.
