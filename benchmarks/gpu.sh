@@ -4,10 +4,12 @@
 #                        and vs keras.distillation (both students)
 #   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
 #   3. memory.py         LAKD peak memory and step time vs end-to-end KD
+#   4. teacher_cache.py  an epoch distilled from a teacher cache vs the
+#                        student alone (and live teacher, cache build, size)
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit so
-# the whole run ends within 8 minutes; a part that runs out prints so.
+# the whole run ends within 10 minutes; a part that runs out prints so.
 #
 # Usage: bash benchmarks/gpu.sh [output folder]   (default: gpu_results)
 set -uo pipefail
@@ -47,3 +49,4 @@ part step_overhead 180 "$python" benchmarks/step_overhead.py --backend jax \
 part losses 180 "$python" benchmarks/losses.py
 part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
   --split blocks --repeats 1 --steps 4
+part teacher_cache 120 "$python" benchmarks/teacher_cache.py

@@ -2,7 +2,7 @@
 epoch of the student trained alone (issue 14).
 
 For a CNN teacher about four times the student's size (widths doubled:
-4.0x the parameters, about 4x the multiply-adds) this measures, on one
+3.9x the parameters, about 4x the multiply-adds) this measures, on one
 process and one data set of random 32x32x3 images with 100 classes:
 
   (s) one epoch of the student trained alone on the labels (its own
@@ -16,9 +16,10 @@ process and one data set of random 32x32x3 images with 100 classes:
 each as one `fit(..., epochs=1)` call (so each includes Keras' per-call
 set-up of the data, the same for all), plus, once:
 
-  - the one-time cost of building each cache (the first build includes
-    compiling the teacher's inference function; the second does not),
-    in seconds and in student epochs;
+  - the one-time cost of building each cache, twice, in seconds and in
+    student epochs: each build is one `cache_teacher_outputs` call, which
+    compiles the teacher's inference function anew; the first build also
+    pays the process's first use of these shapes;
   - the size of each cache on disk (all files of its directory).
 
 The distiller's terms read final outputs only: `0.5 * cross-entropy +
@@ -218,8 +219,8 @@ def main(argv=None):
     full_dir = os.path.join(root, "full")
     top_dir = os.path.join(root, f"top{args.top_k}")
     try:
-        # The one-time cost: the first build compiles the teacher's
-        # inference function, the second reuses nothing but the process.
+        # The one-time cost: each build compiles the teacher's inference
+        # function (a new one per call); the second reuses the process.
         build = {}
         for label, kwargs in (("full", {}), (f"top-{args.top_k}",
                                              {"top_k": args.top_k})):
@@ -279,7 +280,8 @@ def main(argv=None):
             cpu, labels)
         print()
         student_epoch = statistics.median(wall["s"])
-        print("building the cache (one time; first includes compiling):")
+        print("building the cache (one time; each build compiles the "
+              "teacher's inference function, the first in a fresh process):")
         for label, (times, _) in build.items():
             print(f"  {label:<8} first {times[0]:.2f} s, again "
                   f"{times[1]:.2f} s = {times[1] / student_epoch:.2f} "
