@@ -6,15 +6,23 @@
 #   3. memory.py         LAKD peak memory and step time vs end-to-end KD
 #   4. lm_memory.py      token-level divergence, chunked vs unchunked: peak
 #                        extra memory and step time at B=4, T=1024, V=32000
+#   5. teacher_cache.py  an epoch distilled from a teacher cache vs the
+#                        student alone (and live teacher, cache build, size)
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
-# benchmarks/README.md, "GPU figures"). Each part has its own time limit so
-# the whole run ends within 10 minutes; a part that runs out prints so.
+# benchmarks/README.md, "GPU figures"). Each part has its own time limit; a
+# part that runs out prints so. Parts 1-3 end within 8 minutes; all parts
+# take up to 12, more than one 10-minute device command: name the parts to
+# run, e.g. `bash benchmarks/gpu.sh out step_overhead losses lakd_memory`,
+# then `bash benchmarks/gpu.sh out lm_memory teacher_cache`.
 #
-# Usage: bash benchmarks/gpu.sh [output folder]   (default: gpu_results)
+# Usage: bash benchmarks/gpu.sh [output folder [part ...]]
+#        (default: gpu_results, every part)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_results}"
+shift $(( $# > 0 ? 1 : 0 ))
+selected=" $* "
 mkdir -p "$out"
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 python=${PYTHON:-python3}
@@ -37,6 +45,9 @@ PY
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ "$selected" != "  " ] && [[ "$selected" != *" $name "* ]]; then
+    return 0
+  fi
   echo "== $name (limit ${limit}s): $*" | tee "$out/$name.txt"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
@@ -51,3 +62,4 @@ part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
   --split blocks --repeats 1 --steps 4
 part lm_memory 120 "$python" benchmarks/lm_memory.py --backend jax \
   --repeats 1 --rounds 10
+part teacher_cache 120 "$python" benchmarks/teacher_cache.py

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_kd import _keras_compat as compat
+from keras_kd import cache as teacher_cache
 from keras_kd import losses as kd_losses
 from keras_kd.augment import check_augmentation, check_augmentation_shape
 from keras_kd.diagnostics import Diagnostics
@@ -359,8 +360,33 @@ class Distiller(Trainer, keras.Model):
     # Keras model API.
 
     def call(self, inputs, training=None):
-        """Runs the student."""
-        return self.student(inputs, training=training)
+        """Runs the student (on the inputs alone when they carry a teacher
+        cache)."""
+        return self.student(teacher_cache.model_inputs(inputs),
+                            training=training)
+
+    # Data that carries a teacher cache (`keras_kd.cache`) is checked
+    # against the teachers before Keras runs a step.
+
+    def fit(self, *args, **kwargs):
+        args, kwargs = teacher_cache.check_call(
+            self, "fit", args, kwargs)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        args, kwargs = teacher_cache.check_call(
+            self, "evaluate", args, kwargs)
+        return super().evaluate(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        args, kwargs = teacher_cache.check_call(
+            self, "train_on_batch", args, kwargs)
+        return super().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        args, kwargs = teacher_cache.check_call(
+            self, "test_on_batch", args, kwargs)
+        return super().test_on_batch(*args, **kwargs)
 
     @property
     def trainable_weights(self):

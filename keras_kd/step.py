@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_kd.augment import apply_augmentation
+from keras_kd.cache import CacheReader, model_inputs
 from keras_kd.distribution import scale_for_replicas
 from keras_kd.teachers import ensemble_loss
 
@@ -226,15 +227,23 @@ class DistillationStep:
         self.student_augmentation = student_augmentation
         self.num_diagnostic_features = num_diagnostic_features
         self._regularization = regularization or (lambda: [])
+        self.cache_reader = CacheReader(
+            teachers, [t for t in self.terms if t.reads_features])
 
     def teacher_outputs(self, x, augment=False):
         """The teachers' `TeacherOutputs` on `x`, in inference mode, with
         their gradients stopped (each teacher on its own augmentation of `x`
-        when `augment`)."""
+        when `augment`); read from the batch, with no teacher run, when `x`
+        carries a teacher cache (`keras_kd.cache`)."""
+        cached = self.cache_reader(x, augment=augment)
+        if cached is not None:
+            return cached
         return self.teachers(x, training=False, augment=augment)
 
     def student_inputs(self, x, augment=False):
-        """`x` as the student sees it (its augmentation when `augment`)."""
+        """`x` as the student sees it (without a teacher cache it may
+        carry; its augmentation when `augment`)."""
+        x = model_inputs(x)
         if not augment:
             return x
         return apply_augmentation(self.student_augmentation, x)
