@@ -11,6 +11,7 @@ that differentiates and applies is picked at import from `keras_kd.trainers`.
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd import _keras_compat as compat
 from keras_kd import losses as kd_losses
 from keras_kd.augment import check_augmentation, check_augmentation_shape
@@ -154,12 +155,14 @@ class Distiller(Trainer, keras.Model):
                 "`local_modules` must be a `keras_kd.LocalModules`, got "
                 f"{local_modules!r}."
             )
+        student_loss_weight = _checks.non_negative(
+            "student_loss_weight", student_loss_weight)
         self._check_extensions(teachers, layerwise_lr, local_modules,
                                teacher_augmentation, student_augmentation,
                                diagnostics)
         self.teachers = teachers
         self.student = student
-        self.student_loss_weight = float(student_loss_weight)
+        self.student_loss_weight = student_loss_weight
 
         # The distiller's own log names: the user's Terms are not renamed.
         extra_losses = list(local_modules.loss_names) if local_modules else []

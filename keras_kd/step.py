@@ -147,6 +147,10 @@ class LossAssembly:
     """`student_loss_weight * student loss + sum(weight * term) +
     regularization`, each a mean over the batch.
 
+    A part whose weight is 0 is computed and logged but left out of the
+    total, so that its value (even NaN) cannot reach the total or the
+    gradient.
+
     Args:
         student_loss_weight: weight of the compiled student loss.
         student_loss: a callable `(y, y_pred, sample_weight)` returning the
@@ -177,13 +181,15 @@ class LossAssembly:
         student_loss = None
         if y is not None and y_pred is not None:
             student_loss = self._student_loss(y, y_pred, sample_weight)
-            total = total + self.student_loss_weight * ops.cast(
-                student_loss, "float32")
+            if self.student_loss_weight:
+                total = total + self.student_loss_weight * ops.cast(
+                    student_loss, "float32")
         values = {}
         for bound, teacher_value, student_value in pairs:
             value = bound(teacher_value, student_value, sample_weight)
             values[bound.name] = value
-            total = total + bound.weight * ops.cast(value, "float32")
+            if bound.weight:
+                total = total + bound.weight * ops.cast(value, "float32")
         if regularization:
             total = total + scale_for_replicas(
                 ops.cast(ops.sum(regularization), "float32"))

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_kd import _checks
+
 
 @keras.saving.register_keras_serializable(package="keras_kd")
 class Term:
@@ -48,9 +50,7 @@ class Term:
                 f"teacher_layer={teacher_layer!r}, "
                 f"student_layer={student_layer!r}."
             )
-        weight = float(weight)
-        if weight < 0:
-            raise ValueError(f"`weight` must be >= 0, got {weight}.")
+        weight = _checks.non_negative("weight", weight)
         self.loss = loss
         self.weight = weight
         self.teacher_layer = teacher_layer

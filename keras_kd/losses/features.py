@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 
 
@@ -139,6 +140,7 @@ class AttentionTransfer(DistillationLoss):
         reduction="sum_over_batch_size", dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        _checks.positive("p", p)
         self.p = p
 
     def call(self, teacher_output, student_output):
