@@ -23,7 +23,7 @@ from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
 from keras_kd.step import unique_names
 from keras_kd.taps import Tap
 from keras_kd.teachers import Teachers, as_teacher_list
-from keras_kd.teachers import check_teacher_outputs
+from keras_kd.teachers import check_teacher_outputs, check_teachers_apart
 from keras_kd.term import Term
 from keras_kd.trainers import Trainer
 
@@ -140,6 +140,7 @@ class Distiller(Trainer, keras.Model):
             raise TypeError(
                 f"`student` must be a `keras.Model`, got {student!r}."
             )
+        check_teachers_apart(teachers, student)
         if terms is None:
             terms = [Term(kd_losses.KD())]
         terms = list(terms)

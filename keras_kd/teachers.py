@@ -49,6 +49,62 @@ def as_teacher_list(teacher):
     return teachers
 
 
+def _nested_layers(model):
+    """`model` and every layer inside it, following `layers` of nested
+    models."""
+    found, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        if any(layer is seen for seen in found):
+            continue
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", None) or [])
+    return found
+
+
+def check_teachers_apart(teachers, student):
+    """Raises a `ValueError` when the student is a teacher, or shares a
+    layer or a variable with one: training the student would then train
+    that teacher too. Layers without weights (an input layer, an
+    activation) may be shared.
+
+    Args:
+        teachers: the list of teacher models.
+        student: the student model.
+    """
+    student_layers = {id(layer): layer for layer in _nested_layers(student)}
+    student_variables = {id(v): v for v in student.weights}
+    several = len(teachers) > 1
+    for index, teacher in enumerate(teachers):
+        which = (f"teacher {index} '{teacher.name}'" if several
+                 else f"teacher '{teacher.name}'")
+        if teacher is student:
+            raise ValueError(
+                f"The student '{student.name}' is also the {which}: the "
+                "teacher must be a separate, frozen model, or training the "
+                "student would train it. Pass a copy (e.g. "
+                "`keras.models.clone_model(model)` with "
+                "`set_weights(model.get_weights())`) as the teacher."
+            )
+        shared = next((layer for layer in _nested_layers(teacher)
+                       if id(layer) in student_layers and layer.weights),
+                      None)
+        if shared is not None:
+            raise ValueError(
+                f"The student '{student.name}' and the {which} share the "
+                f"layer '{shared.name}'; training the student would train "
+                "the teacher. Build the student from its own layers."
+            )
+        variable = next((v for v in teacher.weights
+                         if id(v) in student_variables), None)
+        if variable is not None:
+            raise ValueError(
+                f"The student '{student.name}' and the {which} share the "
+                f"variable '{variable.path}'; training the student would "
+                "train the teacher. Build the student from its own layers."
+            )
+
+
 def check_teacher_outputs(teachers):
     """Raises a `ValueError` naming the first teacher whose output shape
     differs from the first teacher's."""

@@ -125,3 +125,56 @@ def test_weight_zero_parts_cannot_poison_the_total(data):
     assert math.isnan(history["student_loss"][0])
     assert np.isfinite(history["loss"][0])
     assert all(np.isfinite(w).all() for w in weights_of(d.student))
+
+
+# 5. The teacher is never trained.
+
+def test_student_that_is_a_teacher_is_refused():
+    model = make_cnn("m", 4)
+    with pytest.raises(ValueError, match="student 'm' is also the teacher"):
+        Distiller(model, model)
+    with pytest.raises(ValueError, match=(
+            "student 'm' is also the teacher 1 'm'")):
+        Distiller([make_cnn("t", 8), model], model)
+
+
+def test_student_sharing_a_layer_or_variable_with_a_teacher_is_refused():
+    teacher = make_cnn("t", 8)
+    shared = teacher.get_layer("t_logits")
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Conv2D(16, 3, name="s_conv")(inputs)
+    student = keras.Model(
+        inputs, shared(keras.layers.GlobalAveragePooling2D()(features)),
+        name="s")
+    with pytest.raises(ValueError, match=(
+            "student 's' and the teacher 't' share the layer 't_logits'")):
+        Distiller(teacher, student)
+
+    class Tied(keras.layers.Layer):
+        """Multiplies by another layer's kernel (a shared variable)."""
+
+        def __init__(self, kernel, **kwargs):
+            super().__init__(**kwargs)
+            self.kernel = kernel
+
+        def call(self, x):
+            return ops.matmul(x, self.kernel)
+
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(16, 3)(inputs))
+    student = keras.Model(inputs, Tied(shared.kernel)(h), name="s2")
+    assert not any(layer is shared for layer in student.layers)
+    with pytest.raises(ValueError, match=(
+            "student 's2' and the teacher 't' share the variable "
+            "'t_logits/kernel'")):
+        Distiller(teacher, student)
+
+
+def test_a_shared_input_layer_is_allowed():
+    teacher = make_cnn("t", 8)
+    h = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(4, 3)(teacher.input))
+    student = keras.Model(teacher.input, keras.layers.Dense(NUM_CLASSES)(h),
+                          name="s")
+    Distiller(teacher, student)
