@@ -19,6 +19,8 @@ from keras_kd.diagnostics import Diagnostics
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
 from keras_kd.losses.features import check_poolable
+from keras_kd.outputs import describe, output_names, outputs_as_list
+from keras_kd.outputs import symbolic_outputs
 from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
 from keras_kd.step import unique_names
 from keras_kd.taps import Tap
@@ -172,8 +174,13 @@ class Distiller(Trainer, keras.Model):
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
         self._terms = _Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
-
         check_teacher_outputs(teachers)
+        for b in bound:
+            if not b.reads_features:
+                b.bind_outputs(teachers, student)
+
+        if diagnostics:
+            _check_single_outputs(teachers, student)
         self.diagnostics_feed = Diagnostics(
             diagnostics, teachers, student,
             reserved=["loss", "student_loss"]
@@ -200,7 +207,6 @@ class Distiller(Trainer, keras.Model):
             teacher_side.augmentations, student_augmentation)
         self._sides = _Untracked(teachers=teacher_side,
                                  student_augmentation=student_augmentation)
-        self._check_logit_shapes()
         self.adapters = self._build_adapters(
             feature_terms, teacher_side.feature_shapes,
             student_tap.feature_shapes)
@@ -301,6 +307,19 @@ class Distiller(Trainer, keras.Model):
         return [b.name for b in self._terms.bound]
 
     @property
+    def output_names(self):
+        """The student's output names, so that `compile` handles a
+        multi-output student as Keras handles a multi-output model (a loss
+        dict keyed by output name; per-output losses logged as
+        `<output>_loss`). Only Functional and Sequential students have
+        them."""
+        names = getattr(self.student, "output_names", None)
+        if not names:
+            raise AttributeError(
+                f"The student '{self.student.name}' has no output names.")
+        return list(names)
+
+    @property
     def distillation_step(self):
         """The backend-agnostic step (`keras_kd.step.DistillationStep`)
         that the trainers run."""
@@ -322,22 +341,6 @@ class Distiller(Trainer, keras.Model):
         return dict(zip(self._tracker_names, self._loss_trackers))
 
     # Construction-time validation and adapters.
-
-    def _check_logit_shapes(self):
-        if all(b.reads_features for b in self._terms.bound):
-            return
-        try:
-            t_shape = tuple(self.teachers[0].output.shape)
-            s_shape = tuple(self.student.output.shape)
-        except (AttributeError, ValueError):
-            return  # Subclassed models: shapes are only known at run time.
-        if t_shape[1:] != s_shape[1:]:
-            raise ValueError(
-                f"The teacher '{self.teachers[0].name}' outputs shape "
-                f"{t_shape} "
-                f"but the student '{self.student.name}' outputs shape "
-                f"{s_shape}; terms on the final outputs need equal shapes."
-            )
 
     @staticmethod
     def _build_adapters(feature_terms, teacher_shapes, student_shapes):
@@ -530,6 +533,21 @@ class Distiller(Trainer, keras.Model):
                 config["local_modules"], custom_objects=custom_objects
             )
         return cls(**config)
+
+
+def _check_single_outputs(teachers, student):
+    """The diagnostics compare the models' logits: refuses a model with
+    several outputs."""
+    for role, model in [("teacher", t) for t in teachers] + [
+            ("student", student)]:
+        outputs = symbolic_outputs(model)
+        if outputs is not None and len(outputs_as_list(outputs)) > 1:
+            raise ValueError(
+                f"`diagnostics` compare the models' logits, but the {role} "
+                f"'{model.name}' has several outputs "
+                f"({describe(outputs, output_names(model, outputs))}); "
+                "leave `diagnostics` out for multi-output models."
+            )
 
 
 def _check_term_names(terms, extension_losses):

@@ -16,6 +16,7 @@ from keras import ops
 
 from keras_kd.augment import apply_augmentation
 from keras_kd.distribution import scale_for_replicas
+from keras_kd.outputs import OutputChoice, check_same_shape
 from keras_kd.teachers import ensemble_loss
 
 
@@ -23,7 +24,9 @@ class BoundTerm:
     """A user's `Term` as one distiller uses it.
 
     The distiller gives each term a name that is unique among its logs
-    without renaming the user's object, and may own an adapter for it.
+    without renaming the user's object, and may own an adapter for it. A
+    term on the final outputs also knows which output of each model it
+    reads (`bind_outputs`).
 
     Args:
         term: the user's `keras_kd.Term` (never modified).
@@ -37,6 +40,67 @@ class BoundTerm:
         self.term = term
         self.name = name
         self.adapter = adapter
+        self.teacher_choices = []
+        self.student_choice = None
+
+    def bind_outputs(self, teachers, student):
+        """Resolves the term's `teacher_output` and `student_output`
+        against the models (a term on the final outputs).
+
+        Raises:
+            ValueError: where the models' outputs are known, an output
+                choice that names no output, a multi-output model without
+                a choice, or chosen outputs of different shapes.
+        """
+        several = len(teachers) > 1
+        self.teacher_choices = [
+            OutputChoice(teacher, self.term.teacher_output,
+                         f"teacher {i}" if several else "teacher",
+                         "teacher_output", self.name)
+            for i, teacher in enumerate(teachers)
+        ]
+        self.student_choice = OutputChoice(
+            student, self.term.student_output, "student", "student_output",
+            self.name)
+        self._check_shapes(self.teacher_choices[0].shape,
+                           self.student_choice.shape)
+
+    def final_outputs(self, teacher_outputs, student_outputs, per_teacher):
+        """The teacher and student outputs this term compares, chosen
+        among the models' outputs; checks their shapes (at trace time, so
+        subclassed models get the error at the first batch).
+
+        Args:
+            teacher_outputs: the teachers' combined outputs, or, when
+                `per_teacher`, the list of each teacher's outputs.
+            student_outputs: the student's outputs.
+            per_teacher: whether `teacher_outputs` has one entry per
+                teacher (`ensemble="losses"`).
+
+        Returns:
+            `(teacher_value, student_value)`; `teacher_value` is a list
+            (one per teacher) when `per_teacher`.
+        """
+        if per_teacher:
+            teacher_value = [choice(o) for choice, o in
+                             zip(self.teacher_choices, teacher_outputs)]
+            reference = teacher_value[0]
+        else:
+            teacher_value = reference = self.teacher_choices[0](
+                teacher_outputs)
+        student_value = self.student_choice(student_outputs)
+        self._check_shapes(tuple(reference.shape),
+                           tuple(student_value.shape))
+        return teacher_value, student_value
+
+    def _check_shapes(self, teacher_shape, student_shape):
+        check_same_shape(
+            teacher_shape, student_shape,
+            f"The teacher '{self.teacher_choices[0].model_name}' outputs "
+            f"shape {teacher_shape} but the student "
+            f"'{self.student_choice.model_name}' outputs shape "
+            f"{student_shape}; the term '{self.name}' compares final "
+            "outputs, which need equal shapes.")
 
     @property
     def loss(self):
@@ -259,7 +323,9 @@ class DistillationStep:
                               student.features[feature]))
                 feature += 1
             else:
-                pairs.append((bound, teacher.outputs, student.outputs))
+                pairs.append((bound,) + bound.final_outputs(
+                    teacher.outputs, student.outputs,
+                    self.teachers.per_teacher))
         losses = self.assembly(
             pairs, sample_weight, y=y, y_pred=student.outputs,
             regularization=self._regularization())

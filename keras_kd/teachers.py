@@ -9,7 +9,9 @@ from keras import ops
 
 from keras_kd.augment import apply_augmentation, check_augmentation
 from keras_kd.augment import check_augmentation_shape
-from keras_kd.taps import Tap, find_layer, static_shape
+from keras_kd.outputs import describe, outputs_as_list, same_shape
+from keras_kd.outputs import symbolic_outputs
+from keras_kd.taps import Tap, find_layer
 
 ENSEMBLE_MODES = ("logits", "losses")
 
@@ -105,20 +107,53 @@ def check_teachers_apart(teachers, student):
             )
 
 
-def check_teacher_outputs(teachers):
-    """Raises a `ValueError` naming the first teacher whose output shape
-    differs from the first teacher's."""
-    shapes = [static_shape(t, "outputs") for t in teachers]
-    known = [(t, s) for t, s in zip(teachers, shapes) if s is not None]
-    if not known:
+def _outputs_text(outputs):
+    if isinstance(outputs, (list, tuple, dict)):
+        return f"[{describe(outputs, _keys(outputs))}]"
+    return f"shape {tuple(outputs.shape)}"
+
+
+def _keys(outputs):
+    return list(outputs) if isinstance(outputs, dict) else None
+
+
+def _same_outputs(a, b):
+    """Whether two teachers' outputs have the same structure (kind,
+    count, dict keys) and shapes, position by position."""
+    if type(a) is not type(b) and not (
+            isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))):
+        return False
+    if _keys(a) != _keys(b):
+        return False
+    a, b = outputs_as_list(a), outputs_as_list(b)
+    return len(a) == len(b) and all(
+        same_shape(tuple(x.shape), tuple(y.shape)) for x, y in zip(a, b))
+
+
+def check_teacher_outputs(teachers, outputs=None):
+    """Raises a `ValueError` naming the first teacher whose outputs
+    differ in structure or shape from the first teacher's.
+
+    Args:
+        teachers: the teacher models.
+        outputs: per teacher, its computed outputs (at the first batch), or
+            `None` to check the symbolic outputs of the teachers whose
+            outputs are known before they run.
+    """
+    if outputs is None:
+        outputs = [symbolic_outputs(t) for t in teachers]
+    known = [(i, t, o) for i, (t, o) in enumerate(zip(teachers, outputs))
+             if o is not None]
+    if len(known) < 2:
         return
-    reference, ref_shape = known[0]
-    for index, (teacher, shape) in enumerate(zip(teachers, shapes)):
-        if shape is not None and shape[1:] != ref_shape[1:]:
+    _, reference, ref_outputs = known[0]
+    for index, teacher, value in known[1:]:
+        if not _same_outputs(ref_outputs, value):
             raise ValueError(
-                f"Teacher {index} '{teacher.name}' outputs shape {shape} but "
-                f"teacher '{reference.name}' outputs shape {ref_shape}; the "
-                "teachers of an ensemble must produce outputs of equal shape."
+                f"Teacher {index} '{teacher.name}' outputs "
+                f"{_outputs_text(value)} but teacher '{reference.name}' "
+                f"outputs {_outputs_text(ref_outputs)}; the teachers of an "
+                "ensemble must produce outputs of equal shape."
             )
 
 
@@ -215,6 +250,13 @@ class Teachers:
             in enumerate(zip(feature_terms, self.term_teachers))
         ]
 
+    @property
+    def per_teacher(self):
+        """Whether `TeacherOutputs.outputs` holds one entry per teacher
+        (several teachers, `ensemble="losses"`) rather than one combined
+        output."""
+        return self.ensemble == "losses" and len(self.teachers) > 1
+
     def _resolve(self, term):
         users = [i for i, t in enumerate(self.teachers)
                  if _teacher_has_layer(t, term.teacher_layer)]
@@ -283,10 +325,13 @@ class Teachers:
         if len(outputs) == 1:
             mean = outputs[0]
         else:
-            mean = ops.mean(ops.stack(outputs), axis=0)
-        combined = mean if (
-            self.ensemble == "logits" or len(outputs) == 1
-        ) else outputs
+            # Checked on static shapes: at the first batch (trace) for
+            # teachers whose outputs are only known when they run.
+            check_teacher_outputs(self.teachers, outputs)
+            mean = keras.tree.map_structure(
+                lambda *values: ops.mean(ops.stack(values), axis=0),
+                *outputs)
+        combined = outputs if self.per_teacher else mean
 
         features = []
         for term_index, users in enumerate(self.term_teachers):

@@ -68,6 +68,164 @@ def weights_of(model):
     return [to_numpy(v) for v in model.weights]
 
 
+# 1. Multi-output models.
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_multi_output_model_without_an_output_choice_is_refused(as_dict):
+    teacher, student = two_headed("t", as_dict), two_headed("s", as_dict)
+    with pytest.raises(ValueError, match=(
+            r"teacher 't' has 2 outputs \(.*'cls' \(None, 3\).*'box' "
+            r"\(None, 4\).*term 'kd'.*`teacher_output=`")):
+        Distiller(teacher, student)
+    with pytest.raises(ValueError, match=(
+            r"student 's' has 2 outputs.*`student_output=`")):
+        Distiller(teacher, student, terms=[Term(KD(), teacher_output="cls")])
+    # A single-output student with a multi-output teacher needs a choice
+    # on the teacher side only.
+    single = keras.Model(student.input, pick(student.output, "cls"))
+    Distiller(teacher, single, terms=[Term(KD(), teacher_output="cls")])
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_terms_read_the_chosen_outputs(as_dict):
+    x, y = small_data()
+    teacher, student = two_headed("t", as_dict), two_headed("s", as_dict)
+    d = Distiller(teacher, student, terms=[
+        Term(KD(), teacher_output="cls", student_output=0),
+        Term(FeatureMSE(), teacher_output=1, student_output="box"),
+    ])
+    # The compiled loss keeps Keras' handling of several outputs: a dict
+    # keyed by output name, one `<output>_loss` each.
+    d.compile(optimizer=keras.optimizers.SGD(0.01),
+              loss={"cls": SCCE, "box": "mse"})
+    labels = {"cls": y, "box": np.zeros((len(x), 4), "float32")}
+    if not as_dict:
+        labels = [labels["cls"], labels["box"]]
+    logs = d.evaluate(x, labels, batch_size=len(x), return_dict=True,
+                      verbose=0)
+    t_out, s_out = teacher(x), student(x)
+    np.testing.assert_allclose(
+        logs["kd_loss"],
+        to_numpy(KD()(pick(t_out, "cls"), pick(s_out, "cls"))), rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["feature_mse_loss"],
+        to_numpy(FeatureMSE()(pick(t_out, "box"), pick(s_out, "box"))),
+        rtol=1e-5)
+    assert {"cls_loss", "box_loss", "student_loss"} <= set(logs)
+    history = d.fit(x, labels, epochs=1, batch_size=8, verbose=0).history
+    assert all(np.isfinite(v[-1]) for v in history.values())
+    d.fit(x, epochs=1, batch_size=8, verbose=0)  # pure distillation
+
+
+@pytest.mark.parametrize("ensemble", ["logits", "losses"])
+def test_multi_output_teacher_ensemble(ensemble):
+    x, _ = small_data()
+    teachers = [two_headed("t1", True), two_headed("t2", True)]
+    student = two_headed("s", True)
+    d = Distiller(teachers, student, ensemble=ensemble,
+                  terms=[Term(KD(), teacher_output="cls",
+                              student_output="cls")])
+    d.compile(optimizer=keras.optimizers.SGD(0.01))
+    logs = d.evaluate(x, batch_size=len(x), return_dict=True, verbose=0)
+    t_cls = [to_numpy(t(x)["cls"]) for t in teachers]
+    s_cls = student(x)["cls"]
+    if ensemble == "logits":
+        expected = to_numpy(KD()(np.mean(t_cls, axis=0), s_cls))
+    else:
+        expected = np.mean([to_numpy(KD()(t, s_cls)) for t in t_cls])
+    np.testing.assert_allclose(logs["kd_loss"], expected, rtol=1e-5)
+    d.fit(x, epochs=1, batch_size=8, verbose=0)
+    with pytest.raises(ValueError, match="Teacher 1 't3' outputs"):
+        Distiller([teachers[0], two_headed("t3", False)], student,
+                  terms=[Term(KD(), teacher_output="cls",
+                              student_output="cls")])
+
+
+def test_output_choices_are_checked():
+    teacher, student = two_headed("t"), two_headed("s")
+    with pytest.raises(ValueError, match=(
+            r"student 's' has no output 'nope' \(`student_output` of the "
+            r"term 'kd'\); its outputs are: 'cls' \(None, 3\)")):
+        Distiller(teacher, student, terms=[
+            Term(KD(), teacher_output="cls", student_output="nope")])
+    with pytest.raises(ValueError, match="teacher 't' has no output 2 "):
+        Distiller(teacher, student, terms=[
+            Term(KD(), teacher_output=2, student_output=0)])
+    with pytest.raises(ValueError, match=(
+            r"teacher 't' outputs shape \(None, 3\) but the student 's' "
+            r"outputs shape \(None, 4\); the term 'kd'")):
+        Distiller(teacher, student, terms=[
+            Term(KD(), teacher_output="cls", student_output="box")])
+    with pytest.raises(TypeError, match="`teacher_output` must be"):
+        Term(KD(), teacher_output=1.0)
+    with pytest.raises(ValueError, match="feature term reads"):
+        Term(FeatureMSE(), teacher_layer="a", student_layer="b",
+             teacher_output="cls")
+
+
+def test_output_choice_in_config():
+    term = Term(KD(), teacher_output="cls", student_output=1)
+    again = Term.from_config(term.get_config())
+    assert (again.teacher_output, again.student_output) == ("cls", 1)
+    assert "teacher_output='cls'" in repr(term)
+
+
+def test_distillation_losses_expect_tensors():
+    t = np.ones((2, 3), "float32")
+    with pytest.raises(ValueError, match=(
+            r"FeatureMSE expects a tensor as the student output, got a "
+            r"list of 2.*teacher_output")):
+        FeatureMSE()(t, [t, t])
+    with pytest.raises(ValueError, match=(
+            "KD expects a tensor as the student output, got a dict of 1")):
+        KD()(t, {"a": t})
+    with pytest.raises(ValueError, match="as the teacher output"):
+        KD()((t, t), t)
+    assert float(to_numpy(KD()(t, t))) == pytest.approx(0.0)
+
+
+# 2. Subclassed models: shapes known at the first batch.
+
+def test_subclassed_shape_mismatch_is_named_at_the_first_batch():
+    x = np.zeros((8, 6), "float32")
+    teacher = Subclassed(3, "sub_t")
+    student = Subclassed(5, "sub_s")
+    d = Distiller(teacher, student)  # shapes unknown here
+    d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=(
+            r"teacher 'sub_t' outputs shape \(.*3\) but the student 'sub_s' "
+            r"outputs shape \(.*5\); the term 'kd'")):
+        d.fit(x, epochs=1, batch_size=4, verbose=0)
+
+
+def test_subclassed_ensemble_mismatch_is_named_at_the_first_batch():
+    x = np.zeros((8, 6), "float32")
+    d = Distiller([Subclassed(3, "a"), Subclassed(5, "b")],
+                  Subclassed(3, "s"))
+    d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=(
+            r"Teacher 1 'b' outputs shape \(.*5\) but teacher 'a' outputs "
+            r"shape \(.*3\)")):
+        d.fit(x, epochs=1, batch_size=4, verbose=0)
+
+
+def test_subclassed_multi_output_needs_a_choice_at_the_first_batch():
+    x = np.zeros((8, 6), "float32")
+    d = Distiller(Subclassed(3, "t", heads=2), Subclassed(3, "s"))
+    d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="teacher 't' has 2 outputs"):
+        d.fit(x, epochs=1, batch_size=4, verbose=0)
+    d = Distiller(Subclassed(3, "t", heads=2), Subclassed(3, "s"),
+                  terms=[Term(KD(), teacher_output=1)])
+    d.compile(optimizer="sgd")
+    d.fit(x, epochs=1, batch_size=4, verbose=0)
+    d = Distiller(Subclassed(3, "t", heads=2), Subclassed(3, "s"),
+                  terms=[Term(KD(), teacher_output="cls")])
+    d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="teacher 't' has no output 'cls'"):
+        d.fit(x, epochs=1, batch_size=4, verbose=0)
+
+
 # 4. Numbers.
 
 BAD = [math.nan, math.inf, -math.inf]

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_kd.outputs import is_tensor_like
+
 
 class DistillationLoss(keras.losses.Loss):
     """A Keras `Loss` that compares a teacher output with a student output.
@@ -29,6 +31,24 @@ class DistillationLoss(keras.losses.Loss):
 
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """`loss(teacher_output, student_output, sample_weight=None)`.
+
+        Raises:
+            ValueError: an output is a list or a dict (the outputs of a
+                multi-output model) rather than one tensor.
+        """
+        for role, value in (("teacher", y_true), ("student", y_pred)):
+            if not is_tensor_like(value):
+                raise ValueError(
+                    f"{type(self).__name__} expects a tensor as the {role} "
+                    f"output, got a {type(value).__name__} of "
+                    f"{len(value)}. For a multi-output model, pick one "
+                    "output with `Term(..., teacher_output=..., "
+                    "student_output=...)`."
+                )
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, teacher_output, student_output):  # pragma: no cover
         raise NotImplementedError(
