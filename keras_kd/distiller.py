@@ -63,7 +63,12 @@ class Distiller(Trainer, keras.Model):
     the student outputs, the diagnostics, and their `val_` forms. Terms keep
     the names the user gave them; when two share a name, the distiller logs
     the later one under the first free `<name>_<k>` (the `Term` object is not
-    renamed; `distiller.term_names` lists the log names).
+    renamed; `distiller.term_names` lists the log names). A term whose log
+    would take a key of the distiller or of the compiled loss (a term named
+    `student`, like a local module's loss, or like an output of a
+    multi-output student) is refused with a `ValueError`, and so, at the
+    first batch, are any other two logs with one key (e.g. a compiled metric
+    named like a term's `<name>_loss`).
 
     The distiller trains on the TensorFlow, JAX and PyTorch backends, through
     the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
@@ -169,8 +174,10 @@ class Distiller(Trainer, keras.Model):
 
         # The distiller's own log names: the user's Terms are not renamed.
         extra_losses = list(local_modules.loss_names) if local_modules else []
-        _check_term_names(terms, extra_losses)
-        names = unique_names(terms, reserved=["student"] + extra_losses)
+        output_losses = _output_loss_names(student)
+        _check_term_names(terms, extra_losses, output_losses)
+        names = unique_names(
+            terms, reserved=["student"] + extra_losses + output_losses)
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
         self._terms = _Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
@@ -184,7 +191,7 @@ class Distiller(Trainer, keras.Model):
         self.diagnostics_feed = Diagnostics(
             diagnostics, teachers, student,
             reserved=["loss", "student_loss"]
-            + [f"{n}_loss" for n in names + extra_losses],
+            + [f"{n}_loss" for n in names + extra_losses + output_losses],
         )
         teacher_side = Teachers(
             teachers, feature_terms, ensemble=ensemble,
@@ -427,10 +434,18 @@ class Distiller(Trainer, keras.Model):
             if not getattr(metric, "built", True):
                 continue
             result = metric.result()
-            if isinstance(result, dict):
-                logs.update(result)
-            else:
-                logs[metric.name] = result
+            if not isinstance(result, dict):
+                result = {metric.name: result}
+            for key, value in result.items():
+                if key in logs:
+                    raise ValueError(
+                        f"Two logs of the distiller '{self.name}' are named "
+                        f"'{key}' (a term's `<name>_loss`, a compiled metric "
+                        "or loss, or a diagnostic); one would hide the "
+                        "other in the history. Rename the term, the metric "
+                        "or the diagnostic."
+                    )
+                logs[key] = value
         return logs
 
     def compile(self, *args, **kwargs):
@@ -535,6 +550,16 @@ class Distiller(Trainer, keras.Model):
         return cls(**config)
 
 
+def _output_loss_names(student):
+    """The names `<name>_loss` under which Keras logs the compiled loss
+    of each output of a multi-output student (empty for one output, or
+    when the outputs are only known at run time)."""
+    outputs = symbolic_outputs(student)
+    if outputs is None or len(outputs_as_list(outputs)) < 2:
+        return []
+    return list(output_names(student, outputs) or [])
+
+
 def _check_single_outputs(teachers, student):
     """The diagnostics compare the models' logits: refuses a model with
     several outputs."""
@@ -550,11 +575,14 @@ def _check_single_outputs(teachers, student):
             )
 
 
-def _check_term_names(terms, extension_losses):
-    """Refuses a term name whose log key the distiller uses itself."""
+def _check_term_names(terms, extension_losses, output_losses=()):
+    """Refuses a term name whose log key the distiller or the compiled
+    student loss uses itself."""
     own = {"student": "the student's own loss"}
     own.update((name, "a local module's activation-mapping loss")
                for name in extension_losses)
+    own.update((name, f"the compiled student loss on its output '{name}'")
+               for name in output_losses)
     for term in terms:
         if term.name in own:
             raise ValueError(

@@ -226,6 +226,33 @@ def test_subclassed_multi_output_needs_a_choice_at_the_first_batch():
         d.fit(x, epochs=1, batch_size=4, verbose=0)
 
 
+# 3. Names.
+
+def test_term_named_like_a_compiled_output_loss_is_refused():
+    teacher, student = two_headed("t"), two_headed("s")
+    with pytest.raises(ValueError, match=(
+            "named 'box', so it would log as 'box_loss', the key of the "
+            "compiled student loss on its output 'box'")):
+        Distiller(teacher, student, terms=[
+            Term(FeatureMSE(), teacher_output="box", student_output="box",
+                 name="box")])
+
+
+def test_a_log_name_used_twice_is_refused(data):
+    x, y = data
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4))
+    d.compile(optimizer="sgd", loss=SCCE,
+              metrics=[keras.metrics.SparseCategoricalAccuracy(
+                  name="kd_loss")])
+    with pytest.raises(ValueError, match="Two logs .* named 'kd_loss'"):
+        d.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  diagnostics=[TopOneAgreement(name="accuracy")])
+    d.compile(optimizer="sgd", loss=SCCE, metrics=["accuracy"])
+    with pytest.raises(ValueError, match="named 'accuracy'"):
+        d.fit(x, y, epochs=1, batch_size=16, verbose=0)
+
+
 # 4. Numbers.
 
 BAD = [math.nan, math.inf, -math.inf]
