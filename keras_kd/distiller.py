@@ -185,6 +185,9 @@ class Distiller(Trainer, keras.Model):
         for b in bound:
             if not b.reads_features:
                 b.bind_outputs(teachers, student)
+                _check_loss_shapes(
+                    b, b.teacher_choices[0].shape, b.student_choice.shape,
+                    f"term '{b.name}' (final outputs)")
 
         if diagnostics:
             _check_single_outputs(teachers, student)
@@ -352,7 +355,8 @@ class Distiller(Trainer, keras.Model):
     @staticmethod
     def _build_adapters(feature_terms, teacher_shapes, student_shapes):
         """A trainable `Dense` adapter on the student side of each feature
-        term whose loss needs equal channel counts that differ."""
+        term whose loss needs equal channel counts that differ (a plain
+        `keras.losses.Loss` counts as needing them)."""
         adapters = {}
         for bound, t_shape, s_shape in zip(feature_terms, teacher_shapes,
                                            student_shapes):
@@ -361,7 +365,18 @@ class Distiller(Trainer, keras.Model):
                 f"{t_shape}, student layer '{bound.student_layer}' {s_shape})"
             )
             check_poolable(t_shape, s_shape, where)
-            if bound.loss.matches_channels and t_shape[-1] != s_shape[-1]:
+            _check_loss_shapes(bound, t_shape, s_shape, where)
+            if not isinstance(bound.loss, kd_losses.DistillationLoss) and \
+                    tuple(t_shape[1:-1]) != tuple(s_shape[1:-1]):
+                raise ValueError(
+                    f"The loss {type(bound.loss).__name__} of {where} is a "
+                    "plain `keras.losses.Loss`, which compares the features "
+                    "element by element: their spatial sizes must be equal "
+                    "(the distillation losses of `keras_kd.losses` pool the "
+                    "larger map instead)."
+                )
+            if getattr(bound.loss, "matches_channels", True) and \
+                    t_shape[-1] != s_shape[-1]:
                 adapter = keras.layers.Dense(
                     t_shape[-1], name=f"{bound.name}_adapter"
                 )
@@ -548,6 +563,14 @@ class Distiller(Trainer, keras.Model):
                 config["local_modules"], custom_objects=custom_objects
             )
         return cls(**config)
+
+
+def _check_loss_shapes(bound, teacher_shape, student_shape, where):
+    """The term's loss check of the shapes it compares, when both are
+    known (a plain `keras.losses.Loss` has none)."""
+    check = getattr(bound.loss, "check_shapes", None)
+    if check is not None and None not in (teacher_shape, student_shape):
+        check(teacher_shape, student_shape, where)
 
 
 def _output_loss_names(student):

@@ -363,3 +363,52 @@ def test_a_shared_input_layer_is_allowed():
     student = keras.Model(teacher.input, keras.layers.Dense(NUM_CLASSES)(h),
                           name="s")
     Distiller(teacher, student)
+
+
+# 6. Features.
+
+def test_attention_transfer_on_vectors_is_refused():
+    with pytest.raises(ValueError, match=(
+            r"spatial axis.*teacher layer 't_gap'.*shape \(None, 16\).*"
+            r"identically 0")):
+        Distiller(make_cnn("t", 8), make_cnn("s", 8), terms=[
+            Term(AttentionTransfer(), teacher_layer="t_gap",
+                 student_layer="s_gap")])
+    with pytest.raises(ValueError, match=r"term 'attention_transfer' \(final"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 8),
+                  terms=[Term(AttentionTransfer())])
+    v = np.ones((2, 5), "float32")
+    with pytest.raises(ValueError, match="spatial axis"):
+        AttentionTransfer()(v, v)
+
+
+def test_plain_keras_loss_as_feature_term(data):
+    x, y = data
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=[
+        Term(keras.losses.MeanSquaredError(), teacher_layer="t_stage2",
+             student_layer="s_stage2")])
+    # Channel counts differ (16 vs 8): an adapter, as for FeatureMSE.
+    assert list(d.adapters) == ["mean_squared_error"]
+    d.compile(optimizer=keras.optimizers.SGD(0.01), loss=SCCE)
+    history = d.fit(x, y, epochs=1, batch_size=16, verbose=0).history
+    assert np.isfinite(history["mean_squared_error_loss"][0])
+    with pytest.raises(ValueError, match=(
+            "MeanSquaredError of term .* plain `keras.losses.Loss`.*spatial "
+            "sizes must be equal")):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=[
+            Term(keras.losses.MeanSquaredError(), teacher_layer="t_stage1",
+                 student_layer="s_stage2")])
+
+
+def test_a_layer_called_twice_cannot_be_tapped():
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(1, 3, padding="same", name="s_twice")
+    h = conv(conv(inputs))
+    outputs = keras.layers.Dense(NUM_CLASSES)(
+        keras.layers.GlobalAveragePooling2D()(h))
+    student = keras.Model(inputs, outputs, name="s")
+    with pytest.raises(ValueError, match=(
+            "Layer 's_twice' is called 2 times in the student model 's'")):
+        Distiller(make_cnn("t", 8), student, terms=[
+            Term(FeatureMSE(), teacher_layer="t_stage1",
+                 student_layer="s_twice")])

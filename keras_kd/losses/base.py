@@ -24,7 +24,8 @@ class DistillationLoss(keras.losses.Loss):
             features with the same number of channels (last axis). The
             `Distiller` then inserts a trainable adapter on the student side
             when they differ. Losses that only compare channel-free summaries
-            (attention maps, logits) set it to `False`.
+            (attention maps, logits) set it to `False`. A plain
+            `keras.losses.Loss` used in a `Term` is treated as `True`.
     """
 
     matches_channels = True
@@ -49,6 +50,18 @@ class DistillationLoss(keras.losses.Loss):
                     "student_output=...)`."
                 )
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def check_shapes(self, teacher_shape, student_shape, where):
+        """Raises a `ValueError` when the loss cannot compare inputs of
+        these shapes; the `Distiller` calls it when it is built, for every
+        term whose shapes are known. Accepts any shapes by default.
+
+        Args:
+            teacher_shape: the static shape of the teacher value.
+            student_shape: the static shape of the student value.
+            where: the term and layers, for the message.
+        """
+        del teacher_shape, student_shape, where
 
     def call(self, teacher_output, student_output):  # pragma: no cover
         raise NotImplementedError(
