@@ -14,7 +14,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_kd.augment import apply_augmentation
+from keras_kd.augment import apply_checked
 from keras_kd.distribution import scale_for_replicas
 from keras_kd.outputs import OutputChoice, check_same_shape
 from keras_kd.teachers import ensemble_loss
@@ -298,7 +298,8 @@ class DistillationStep:
         """`x` as the student sees it (its augmentation when `augment`)."""
         if not augment:
             return x
-        return apply_augmentation(self.student_augmentation, x)
+        return apply_checked(self.student_augmentation, x,
+                             "The student augmentation")
 
     def student_forward(self, x, training):
         """The student's one forward pass: outputs and tapped features."""

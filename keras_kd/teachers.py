@@ -7,7 +7,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_kd.augment import apply_augmentation, check_augmentation
+from keras_kd.augment import apply_checked, check_augmentation
 from keras_kd.augment import check_augmentation_shape
 from keras_kd.outputs import describe, outputs_as_list, same_shape
 from keras_kd.outputs import symbolic_outputs
@@ -310,7 +310,8 @@ class Teachers:
         """
         shared = None
         if augment and self.shared_augmentation:
-            shared = apply_augmentation(self.augmentations, x)
+            shared = apply_checked(self.augmentations, x,
+                                   "The teachers' augmentation")
         outputs, tapped = [], []
         for index, tap in enumerate(self._taps):
             if not augment:
@@ -318,7 +319,10 @@ class Teachers:
             elif self.shared_augmentation:
                 x_in = shared
             else:
-                x_in = apply_augmentation(self.augmentations[index], x)
+                x_in = apply_checked(
+                    self.augmentations[index], x,
+                    f"The augmentation of the teacher "
+                    f"'{self.teachers[index].name}'")
             out, feats = tap(x_in, training=training)
             outputs.append(out)
             tapped.append(feats)

@@ -412,3 +412,62 @@ def test_a_layer_called_twice_cannot_be_tapped():
         Distiller(make_cnn("t", 8), student, terms=[
             Term(FeatureMSE(), teacher_layer="t_stage1",
                  student_layer="s_twice")])
+
+
+# 7. Smaller ones.
+
+def test_untrainable_distiller_warns_like_keras(data):
+    x, y = data
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4))
+    d.compile(optimizer="sgd", loss=SCCE)
+    d.trainable = False
+    before = weights_of(d.student)
+    with pytest.warns(UserWarning, match="no trainable variables"):
+        d.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    for a, b in zip(before, weights_of(d.student)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_split_at_an_input_layer_is_named():
+    from keras_kd.local.graph import split_chain
+
+    student = make_cnn("s", 4)
+    with pytest.raises(ValueError, match=(
+            "'s_input' in `split_at` is an input layer of the student 's'")):
+        split_chain(student, ["s_input", "s_stage2"], "student", "split_at")
+
+
+def crop(x):
+    return x[:, 1:-1, 1:-1, :]
+
+
+def halve(x):
+    return x[::2]
+
+
+@pytest.mark.parametrize("augmentation, what", [
+    (crop, "The student augmentation 'crop'"),
+    (halve, "The student augmentation 'halve'"),
+])
+def test_augmentation_that_changes_the_batch_is_named(data, augmentation,
+                                                      what):
+    x, _ = data
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4),
+                  student_augmentation=augmentation)
+    d.compile(optimizer="sgd")
+    # In a TensorFlow graph the batch size is checked when the batch runs
+    # (a TensorFlow error carrying the same message).
+    expected = Exception if BACKEND == "tensorflow" else ValueError
+    with pytest.raises(expected, match=re.escape(what) + ".*keep the batch"):
+        d.fit(x, epochs=1, batch_size=16, verbose=0)
+
+
+def test_teacher_augmentation_that_changes_the_shape_names_the_teacher(data):
+    x, _ = data
+    d = Distiller([make_cnn("t1", 8), make_cnn("t2", 8)], make_cnn("s", 4),
+                  teacher_augmentation=[None, crop])
+    d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=(
+            r"augmentation of the teacher 't2' 'crop' maps a batch of shape "
+            r"\(.*8, 8, 1\) to \(.*6, 6, 1\)")):
+        d.fit(x, epochs=1, batch_size=16, verbose=0)
