@@ -471,3 +471,174 @@ def test_teacher_augmentation_that_changes_the_shape_names_the_teacher(data):
             r"augmentation of the teacher 't2' 'crop' maps a batch of shape "
             r"\(.*8, 8, 1\) to \(.*6, 6, 1\)")):
         d.fit(x, epochs=1, batch_size=16, verbose=0)
+
+
+# 8. NaN in the data.
+
+def test_terminate_on_nan_stops_at_a_nan_teacher(data):
+    x, y = data
+    teacher = make_cnn("t", 8)
+    kernel, bias = teacher.get_layer("t_logits").get_weights()
+    teacher.get_layer("t_logits").set_weights(
+        [kernel, np.full_like(bias, np.nan)])
+    d = Distiller(teacher, make_cnn("s", 4))
+    d.compile(optimizer="sgd", loss=SCCE)
+    history = d.fit(x, y, epochs=3, batch_size=8, verbose=0,
+                    callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert len(history.history["loss"]) == 1
+    assert math.isnan(history.history["loss"][0])
+    assert "TerminateOnNaN" in (DOCS / "troubleshooting.md").read_text()
+    assert "troubleshooting.md" in (DOCS / "index.md").read_text()
+
+
+# The documented list of construction-time errors matches the code.
+
+def _tied_student(teacher):
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(16, 3)(inputs))
+    return keras.Model(inputs, teacher.get_layer("t_logits")(h), name="s")
+
+
+def _called_twice():
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(1, 3, padding="same", name="s_twice")
+    h = keras.layers.GlobalAveragePooling2D()(conv(conv(inputs)))
+    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(h), name="s")
+
+
+def _subclassed():
+    model = Subclassed(NUM_CLASSES, "sub")
+    model(np.zeros((1, 8, 8, 1), "float32"))
+    return model
+
+
+def _feature(teacher_layer, student_layer, loss=None, **models):
+    return Distiller(
+        models.get("teacher", make_cnn("t", 8)),
+        models.get("student", make_cnn("s", 4)),
+        terms=[Term(loss or FeatureMSE(), teacher_layer=teacher_layer,
+                    student_layer=student_layer)])
+
+
+def _cnn(**kwargs):
+    return make_cnn("t", 8, **kwargs), make_cnn("s", 4)
+
+
+# The start of each documented item (after the error type), and a call that
+# raises it.
+DOCUMENTED_ERRORS = {
+    "a `teacher` (or an item": lambda: Distiller("t", make_cnn("s", 4)),
+    "an item of `terms`": lambda: Distiller(*_cnn(), terms=[KD()]),
+    "a `student_loss_weight` that is not a number":
+        lambda: Distiller(*_cnn(), student_loss_weight="high"),
+    "an augmentation that is neither":
+        lambda: Distiller(*_cnn(), student_augmentation="strong"),
+    "a `local_modules` that is not":
+        lambda: Distiller(*_cnn(), local_modules="local"),
+    "an empty list of teachers": lambda: Distiller([], make_cnn("s", 4)),
+    "the student passed as the teacher": lambda: _same_model(),
+    "a student that shares a layer": lambda: _shared_layer(),
+    "a `student_loss_weight` that is negative":
+        lambda: Distiller(*_cnn(), student_loss_weight=math.nan),
+    "an `ensemble` other than":
+        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
+                          make_cnn("s", 4), ensemble="mean"),
+    "a list of teacher augmentations":
+        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
+                          make_cnn("s", 4), teacher_augmentation=[None]),
+    "`layerwise_lr` or `local_modules` with several teachers":
+        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
+                          make_cnn("s", 4), local_modules=_local()),
+    "`local_modules` together with `layerwise_lr`":
+        lambda: Distiller(*_cnn(), local_modules=_local(),
+                          layerwise_lr=LayerwiseLearningRate(
+                              [("s_stage1", "t_stage1"),
+                               ("s_stage2", "t_stage2")])),
+    "`local_modules` with an augmentation":
+        lambda: Distiller(*_cnn(), local_modules=_local(),
+                          student_augmentation=crop),
+    "a term whose log name":
+        lambda: Distiller(*_cnn(), terms=[Term(KD(), name="student")]),
+    "a term on the final outputs of a multi-output model":
+        lambda: Distiller(two_headed("t"), two_headed("s")),
+    "a `teacher_output` or `student_output` that names":
+        lambda: Distiller(two_headed("t"), two_headed("s"), terms=[
+            Term(KD(), teacher_output="cls", student_output="bbox")]),
+    "final outputs (the chosen ones) of different shapes":
+        lambda: Distiller(make_cnn("t", 8, classes=3), make_cnn("s", 4)),
+    "teachers of an ensemble whose outputs differ":
+        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4, classes=3)],
+                          make_cnn("s", 4)),
+    "a layer name not in the model": lambda: _feature("t_stage9", "s_stage1"),
+    "a feature term on a subclassed model":
+        lambda: _feature("t_stage1", "dense", student=_subclassed()),
+    "a layer to read that is called more than once":
+        lambda: _feature("t_stage1", "s_twice", student=_called_twice()),
+    "features of different ranks": lambda: _feature("t_gap", "s_stage1"),
+    "features read by one term from several teachers": lambda: Distiller(
+        [make_cnn("t", 8), make_cnn("t", 6)], make_cnn("s", 4), terms=[
+            Term(FeatureMSE(), teacher_layer="t_stage2",
+                 student_layer="s_stage2")]),
+    "a plain `keras.losses.Loss` feature term": lambda: _feature(
+        "t_stage1", "s_stage2", keras.losses.MeanSquaredError()),
+    "`AttentionTransfer` on values without a spatial axis":
+        lambda: _feature("t_gap", "s_gap", AttentionTransfer()),
+    "a Keras-layer augmentation that changes":
+        lambda: Distiller(*_cnn(),
+                          student_augmentation=keras.layers.RandomCrop(6, 6)),
+    "diagnostics with a multi-output": lambda: Distiller(
+        two_headed("t"), two_headed("s"),
+        terms=[Term(KD(), teacher_output=0, student_output=0)],
+        diagnostics=["top1_agreement"]),
+    "a diagnostic named like": lambda: Distiller(
+        *_cnn(), diagnostics=[TopOneAgreement(name="kd_loss")]),
+    "an `AttentionIoU` diagnostic": lambda: Distiller(
+        *_cnn(), diagnostics=[keras_kd.metrics.AttentionIoU()]),
+    "a `MutualInformation` diagnostic": lambda: Distiller(
+        *_cnn(), diagnostics=[keras_kd.metrics.MutualInformation(
+            num_classes=3)]),
+    "`layerwise_lr` or `local_modules` on a backend other than":
+        lambda: Distiller(*_cnn(), local_modules=_local()),
+}
+
+
+def _same_model():
+    model = make_cnn("s", 4)
+    return Distiller(model, model)
+
+
+def _shared_layer():
+    teacher = make_cnn("t", 8)
+    return Distiller(teacher, _tied_student(teacher))
+
+
+def _local():
+    return keras_kd.LocalModules(split_at=["s_stage1"],
+                                 teacher_layers=["t_stage1"])
+
+
+def documented_errors():
+    """`[(error type, text)]` of the list in docs/api.md."""
+    text = (DOCS / "api.md").read_text()
+    section = text.split("### Errors raised at construction", 1)[1]
+    section = section.split("\n#", 1)[0]
+    return re.findall(r"^- `(\w+)`: (.+)$", section, flags=re.MULTILINE)
+
+
+ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError,
+               "NotImplementedError": NotImplementedError}
+
+
+def test_every_documented_construction_error_is_raised():
+    items = documented_errors()
+    assert len(items) == len(DOCUMENTED_ERRORS)
+    for error, text in items:
+        keys = [k for k in DOCUMENTED_ERRORS if text.startswith(k)]
+        assert len(keys) == 1, text
+        if error == "NotImplementedError" and BACKEND == "tensorflow":
+            continue  # what other backends refuse runs on TensorFlow
+        with pytest.raises(ERROR_TYPES[error]) as raised:
+            DOCUMENTED_ERRORS[keys[0]]()
+        assert type(raised.value) is ERROR_TYPES[error], (text, raised.value)
+        keras.backend.clear_session()
