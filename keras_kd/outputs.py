@@ -79,7 +79,6 @@ class OutputChoice:
         self.role = role
         self.argument = argument
         self.term_name = term_name
-        self._model = model
         outputs = symbolic_outputs(model)
         self.names = None if outputs is None else output_names(model, outputs)
         self.shape = None
@@ -94,10 +93,11 @@ class OutputChoice:
         """The chosen output among `outputs` (the model's outputs, symbolic
         or computed)."""
         values = outputs_as_list(outputs)
-        names = self.names
-        if isinstance(outputs, dict) or names is None or (
-                len(names) != len(values)):
-            names = output_names(self._model, outputs)
+        # A dict names its outputs itself; a list has the names found when
+        # the Distiller was built (none for a subclassed model).
+        names = list(outputs) if isinstance(outputs, dict) else self.names
+        if names is not None and len(names) != len(values):
+            names = None
         if self.which is None:
             if len(values) == 1:
                 return values[0]

@@ -9,7 +9,8 @@ from keras import ops
 
 from keras_kd.augment import apply_checked, check_augmentation
 from keras_kd.augment import check_augmentation_shape
-from keras_kd.outputs import describe, outputs_as_list, same_shape
+from keras_kd.outputs import describe, is_tensor_like, outputs_as_list
+from keras_kd.outputs import same_shape
 from keras_kd.outputs import symbolic_outputs
 from keras_kd.taps import Tap, find_layer
 
@@ -118,16 +119,21 @@ def _keys(outputs):
 
 
 def _same_outputs(a, b):
-    """Whether two teachers' outputs have the same structure (kind,
-    count, dict keys) and shapes, position by position."""
-    if type(a) is not type(b) and not (
-            isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))):
+    """Whether two teachers' outputs have the same structure (one tensor,
+    a list of as many, or a dict with the same keys) and shapes."""
+    if isinstance(a, dict) != isinstance(b, dict) or (
+            is_tensor_like(a) != is_tensor_like(b)):
         return False
-    if _keys(a) != _keys(b):
-        return False
-    a, b = outputs_as_list(a), outputs_as_list(b)
-    return len(a) == len(b) and all(
-        same_shape(tuple(x.shape), tuple(y.shape)) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return False
+        pairs = [(a[key], b[key]) for key in a]
+    else:
+        a, b = outputs_as_list(a), outputs_as_list(b)
+        if len(a) != len(b):
+            return False
+        pairs = zip(a, b)
+    return all(same_shape(tuple(x.shape), tuple(y.shape)) for x, y in pairs)
 
 
 def check_teacher_outputs(teachers, outputs=None):
