@@ -178,6 +178,8 @@ class Distiller(Trainer, keras.Model):
         _check_term_names(terms, extra_losses, output_losses)
         names = unique_names(
             terms, reserved=["student"] + extra_losses + output_losses)
+        _check_validation_keys(
+            terms, names, ["student"] + extra_losses + output_losses)
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
         self._terms = _Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
@@ -612,6 +614,21 @@ def _check_term_names(terms, extension_losses, output_losses=()):
                 f"The term {term!r} is named '{term.name}', so it would log "
                 f"as '{term.name}_loss', the key of {own[term.name]}. Give "
                 "the term another `name=`."
+            )
+
+
+def _check_validation_keys(terms, names, other_losses):
+    """Refuses a term whose log `<name>_loss` is the validation form
+    (`val_<key>`) of another training log, such as a term named `val`
+    (`val_loss`, the validation total)."""
+    keys = {"loss"} | {f"{n}_loss" for n in list(names) + list(other_losses)}
+    for term, name in zip(terms, names):
+        key = f"{name}_loss"
+        if key.startswith("val_") and key[len("val_"):] in keys:
+            raise ValueError(
+                f"The term {term!r} would log as '{key}', the key of the "
+                f"validation value of '{key[len('val_'):]}'. Give the term "
+                "another `name=`."
             )
 
 

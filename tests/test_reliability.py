@@ -238,6 +238,15 @@ def test_term_named_like_a_compiled_output_loss_is_refused():
                  name="box")])
 
 
+def test_term_named_like_a_validation_log_is_refused():
+    with pytest.raises(ValueError, match="'val_loss', the key of the "
+                                         "validation value of 'loss'"):
+        Distiller(*_cnn(), terms=[Term(KD(), name="val")])
+    with pytest.raises(ValueError, match="'val_kd_loss'.*of 'kd_loss'"):
+        Distiller(*_cnn(), terms=[Term(KD()), Term(KD(), name="val_kd")])
+    Distiller(*_cnn(), terms=[Term(KD(), name="val_kd")])  # no clash
+
+
 def test_a_log_name_used_twice_is_refused(data):
     x, y = data
     d = Distiller(make_cnn("t", 8), make_cnn("s", 4))
@@ -558,8 +567,10 @@ DOCUMENTED_ERRORS = {
     "`local_modules` with an augmentation":
         lambda: Distiller(*_cnn(), local_modules=_local(),
                           student_augmentation=crop),
-    "a term whose log name":
+    "a term whose log name is the distiller's":
         lambda: Distiller(*_cnn(), terms=[Term(KD(), name="student")]),
+    "a term whose log name is the validation form": lambda: Distiller(
+        *_cnn(), terms=[Term(KD(), name="val")]),
     "a term on the final outputs of a multi-output model":
         lambda: Distiller(two_headed("t"), two_headed("s")),
     "a `teacher_output` or `student_output` that names":
