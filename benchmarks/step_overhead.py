@@ -1,4 +1,4 @@
-"""Per-step overhead of `keras_kd.Distiller` (TensorFlow backend, XLA).
+"""Per-step overhead of `keras_kd.Distiller` (XLA, TensorFlow or JAX).
 
 For a CNN teacher and two students (a small one and one of the teacher's
 size) this measures, on one fixed batch:
@@ -17,7 +17,11 @@ Every train step (a, b's student part, c) is driven the same way: the
 model's compiled `train_function` is called directly on the batch (the
 path `train_on_batch` takes, without its per-call metric reset and log
 conversion), and each timed block of steps ends by reading the last loss
-back to the host. All models use `jit_compile=True`.
+back to the host. All models use `jit_compile=True`. On JAX the compiled
+`train_function` is stateless: each runner threads its own state (every
+variable's value) from step to step, as `fit` does, and the teacher's
+forward is a `jax.jit` of the extractor's `stateless_call` with its weights
+passed in.
 
 The machine may be noisy, so the configurations are timed round-robin (the
 order rotates every round) for many short rounds after a warm-up. For wall
@@ -31,12 +35,16 @@ in the optimized XLA program of one step (forward and gradient
 separately); this shows what work each step does, whatever the noise.
 
 Usage:
+    python benchmarks/step_overhead.py --backend jax   # on JAX (default:
+                                                  # KERAS_BACKEND, else
+                                                  # tensorflow)
     python benchmarks/step_overhead.py            # full run (~5 min on 2
                                                   # loaded cores, ~2.3 of
                                                   # them XLA compilation)
     python benchmarks/step_overhead.py --quick    # smoke run (~2.5 min,
                                                   # nearly all compilation)
     python benchmarks/step_overhead.py --hlo      # + convolution counts
+                                                  # (TensorFlow only)
 """
 
 import argparse
@@ -47,13 +55,33 @@ import statistics
 import sys
 import time
 
+def _backend_from_argv(argv):
+    """The `--backend` value, read before Keras is imported (Keras picks
+    its backend at import)."""
+    for index, arg in enumerate(argv):
+        if arg == "--backend" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if _backend_from_argv(sys.argv[1:]):
+    os.environ["KERAS_BACKEND"] = _backend_from_argv(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
+
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf  # noqa: E402
+elif BACKEND == "jax":
+    import jax  # noqa: E402
+else:
+    sys.exit(f"step_overhead.py runs on tensorflow or jax, not {BACKEND}")
 
 import keras_kd  # noqa: E402
 
@@ -179,6 +207,12 @@ def build_teacher_forward(teacher, prefix):
     extractor = keras.Model(
         teacher.input, [teacher.output, teacher.get_layer(t_layer).output]
     )
+    if BACKEND == "jax":
+        trainable = [v.value for v in extractor.trainable_variables]
+        non_trainable = [v.value for v in extractor.non_trainable_variables]
+        stateless = jax.jit(lambda tv, ntv, x: extractor.stateless_call(
+            tv, ntv, x, training=False)[0])
+        return lambda x: stateless(trainable, non_trainable, x)
 
     @tf.function(jit_compile=True)
     def forward(x):
@@ -191,22 +225,37 @@ def build_teacher_forward(teacher, prefix):
 
 class TrainSteps:
     """Runs `n` train steps of a compiled model on one fixed batch through
-    its `train_function`, and waits for the result."""
+    its `train_function`, and waits for the result. On JAX the function is
+    stateless and the runner threads the model's state through it."""
 
     def __init__(self, model, x, y):
         self.model = model
         self.data = [(x, y)]
         model.make_train_function()
+        self.state = None
+        if BACKEND == "jax":
+            model.optimizer.build(model.trainable_variables)
+            self.state = (
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                [v.value for v in model.optimizer.variables],
+                [v.value for v in model.metrics_variables],
+            )
+
+    def _step(self):
+        if BACKEND == "jax":
+            logs, self.state = self.model.train_function(
+                self.state, iter(self.data))
+            return logs
+        return self.model.train_function(self.data)
 
     def warm_up(self):
-        logs = self.model.train_function(self.data)
-        return {k: float(v) for k, v in logs.items()}
+        return {k: float(v) for k, v in self._step().items()}
 
     def __call__(self, n):
-        fn = self.model.train_function
         for _ in range(n):
-            logs = fn(self.data)
-        logs["loss"].numpy()
+            logs = self._step()
+        np.asarray(logs["loss"])
 
 
 class ForwardSteps:
@@ -220,7 +269,7 @@ class ForwardSteps:
     def __call__(self, n):
         for _ in range(n):
             out = self.fn(self.x)
-        out[0].numpy()
+        np.asarray(out[0])
 
 
 def time_round_robin(runners, rounds, steps):
@@ -324,10 +373,13 @@ def print_table(title, rows):
 
 
 def main(argv=None):
-    # Every model has its own train function; TF warns about "retracing"
-    # when it sees several of them. Harmless here.
-    tf.get_logger().setLevel("ERROR")
+    if BACKEND == "tensorflow":
+        # Every model has its own train function; TF warns about
+        # "retracing" when it sees several of them. Harmless here.
+        tf.get_logger().setLevel("ERROR")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("tensorflow", "jax"),
+                        help="Keras backend (read before Keras is imported)")
     parser.add_argument("--quick", action="store_true",
                         help="very short smoke run (small models, 2 rounds)")
     parser.add_argument("--batch", type=int, default=None,
@@ -341,6 +393,8 @@ def main(argv=None):
     parser.add_argument("--hlo", action="store_true",
                         help="also count convolutions in each compiled step")
     args = parser.parse_args(argv)
+    if args.hlo and BACKEND != "tensorflow":
+        parser.error("--hlo counts convolutions of TensorFlow XLA programs")
     quick = args.quick
     batch = args.batch or (16 if quick else 64)
     rounds = args.rounds or (2 if quick else 48)
@@ -355,16 +409,20 @@ def main(argv=None):
         teacher_widths, teacher_blocks = (16, 32, 64), 2
         small_widths, small_blocks = (8, 16, 32), 1
 
-    print(f"python {platform.python_version()}, tensorflow {tf.__version__}, "
+    engine = (f"tensorflow {tf.__version__}" if BACKEND == "tensorflow"
+              else f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"python {platform.python_version()}, {engine}, "
           f"keras {keras.__version__}, keras_kd {keras_kd.__version__}, "
-          f"backend {keras.backend.backend()}, {os.cpu_count()} CPUs")
+          f"backend {BACKEND}, {os.cpu_count()} CPUs")
     print(f"batch {batch}, 32x32x3 inputs, {num_classes} classes; "
           f"{rounds} rounds x {steps} steps per config (round-robin), "
           f"{warmup} warm-up steps; jit_compile=True everywhere")
 
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal((batch, 32, 32, 3), "float32"))
-    y = tf.constant(rng.integers(0, num_classes, (batch,)), "int64")
+    x = keras.ops.convert_to_tensor(
+        rng.standard_normal((batch, 32, 32, 3), "float32"))
+    y = keras.ops.convert_to_tensor(
+        rng.integers(0, num_classes, (batch,)), "int32")
 
     teacher = make_cnn("t", teacher_widths, teacher_blocks, num_classes, 1)
     students = {

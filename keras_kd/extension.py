@@ -99,8 +99,8 @@ class ModuleChain(TrainingExtension):
         """The trainable variables module `k` (0-based) updates."""
         raise NotImplementedError
 
-    def teacher_stream(self, x, sequence=None):
-        """The teacher's outputs for the batch `x`, computed as the modules
+    def teacher_stream(self, x, sequence=None, augment=False):
+        """The teachers' outputs for the batch `x`, computed as the modules
         need them.
 
         Args:
@@ -108,6 +108,8 @@ class ModuleChain(TrainingExtension):
             sequence: `sequence(value, after)` returns `value` computed no
                 earlier than the tensors in `after` (a backend trainer's
                 ordering primitive); `None` for dataflow order.
+            augment: whether the teachers see their augmentations (training
+                steps).
 
         Returns:
             An object whose `advance(k, after)` computes what module `k`
@@ -115,10 +117,18 @@ class ModuleChain(TrainingExtension):
         """
         raise NotImplementedError
 
+    def diagnostic_inputs(self, stream, y_pred, features):
+        """After the last module: `(TeacherOutputs, StudentForward)` for
+        the diagnostics, from the stream, the last output and the merged
+        `diagnostic_features` of the modules."""
+        raise NotImplementedError
+
     def module_losses(self, k, inputs, y, sample_weight, stream, training):
         """Runs module `k` on `inputs` and assembles its loss.
 
         Returns:
-            `(output, losses)`: the module's output and its `StepLosses`.
+            `(output, losses, diagnostic_features)`: the module's output,
+            its `StepLosses`, and `{layer name: feature}` for the
+            diagnostics.
         """
         raise NotImplementedError

@@ -112,7 +112,8 @@ def attention_transfer_loss(teacher_feature, student_feature, p=2):
     """
     check_spatial(teacher_feature.shape, student_feature.shape,
                   "attention transfer")
-    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature = ops.stop_gradient(
+        ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
         teacher_feature, student_feature
     )
@@ -126,7 +127,8 @@ def feature_mse_loss(teacher_feature, student_feature):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature = ops.stop_gradient(
+        ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
         teacher_feature, student_feature
     )

@@ -7,10 +7,31 @@ and the next module starts only once the previous module's gradients exist
 first.
 """
 
-import keras
 import tensorflow as tf
 
-from keras_kd.trainers.base import DistillerTrainer
+from keras_kd.trainers.base import DistillerTrainer, unpack
+
+
+def _multi_worker(strategy):
+    """Whether `strategy` spans several workers (TF_CONFIG with more than one
+    chief or worker task)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return False
+    spec = resolver.cluster_spec().as_dict()
+    return len(spec.get("chief", [])) + len(spec.get("worker", [])) > 1
+
+
+def _for_strategy(logs, strategy):
+    """Logs as Keras' multi-worker reduction expects them.
+
+    Keras (checked on 3.12 to 3.15) averages each log over the replicas of
+    a multi-worker strategy with `strategy.reduce("MEAN", value, axis=0)`,
+    which needs an axis 0 (keras-team/keras#20585): each scalar gets one.
+    """
+    if strategy is None or not _multi_worker(strategy):
+        return logs
+    return {k: tf.reshape(v, (1,)) for k, v in logs.items()}
 
 
 def _after(value, after):
@@ -29,7 +50,7 @@ class TensorFlowTrainer(DistillerTrainer):
     def train_step(self, data):
         if self._module_chain() is not None:
             return self._train_modules(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = unpack(data)
         step = self.distillation_step
         teacher = step.teacher_outputs(x, augment=True)
         x_student = step.student_inputs(x, augment=True)
@@ -45,7 +66,7 @@ class TensorFlowTrainer(DistillerTrainer):
         logs = self._record(x, y, sample_weight, outcome.student.outputs,
                             outcome.losses, teacher, outcome.student)
         self._apply_gradients(gradients, variables)
-        return logs
+        return _for_strategy(logs, self.distribute_strategy)
 
     def _train_modules(self, data):
         """Each module forward and backward under its own tape, in turn;
@@ -54,22 +75,41 @@ class TensorFlowTrainer(DistillerTrainer):
 
         def differentiate(k, run):
             with tf.GradientTape() as tape:
-                output, losses = run()
-                scaled = self.optimizer.scale_loss(losses.total)
+                module = run()
+                scaled = self.optimizer.scale_loss(module.losses.total)
             gradients = tape.gradient(scaled, chain.module_variables(k))
             del tape  # releases this module's activations
-            return output, losses, gradients
+            return module, gradients
 
         run = self._modules_forward(data, training=True, sequence=_after,
                                     differentiate=differentiate)
-        logs = self._record(run.x, run.y, run.sample_weight, run.y_pred,
-                            run.losses)
+        logs = self._record_modules(run)
         # In the distiller's variable order, as the optimizer was built.
         variables = self.trainable_variables
         self._apply_gradients([run.gradients[id(v)] for v in variables],
                               variables)
-        return logs
+        return _for_strategy(logs, self.distribute_strategy)
 
     def test_step(self, data):
-        return self._stateful_test_step(data)
+        return _for_strategy(self._stateful_test_step(data),
+                             self.distribute_strategy)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (checked on 3.12 to 3.15) reads the shapes of the first
+        # batch by reducing a distributed batch with MEAN across replicas,
+        # which fails under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585). One replica's batch has those shapes.
+        if iterator is not None and self.distribute_strategy is not None:
+            strategy = self.distribute_strategy
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(
+                        value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues)
+                    else value,
+                    next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator,
+                                             data_batch=data_batch)
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU figure of keras-kd in one command, on the JAX backend:
+#   1. step_overhead.py  distiller step vs teacher inference + student step,
+#                        and vs keras.distillation (both students)
+#   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
+#   3. memory.py         LAKD peak memory and step time vs end-to-end KD
+# Made for a GPU machine that has JAX but no TensorFlow and no registry
+# access: what it needs beyond JAX travels as wheels in .whl/ (see
+# benchmarks/README.md, "GPU figures"). Each part has its own time limit so
+# the whole run ends within 8 minutes; a part that runs out prints so.
+#
+# Usage: bash benchmarks/gpu.sh [output folder]   (default: gpu_results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu_results}"
+mkdir -p "$out"
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+python=${PYTHON:-python3}
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/keras_kd_site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/keras_kd_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+"$python" - <<'PY' 2>&1 | tee "$out/environment.txt"
+import platform, jax, keras, keras_kd
+print("python", platform.python_version(), "| jax", jax.__version__,
+      "| keras", keras.__version__, "| keras_kd", keras_kd.__version__)
+print("devices:", jax.devices())
+PY
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*" | tee "$out/$name.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
+}
+
+part step_overhead 180 "$python" benchmarks/step_overhead.py --backend jax \
+  --rounds 24
+part losses 180 "$python" benchmarks/losses.py
+part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
+  --split blocks --repeats 1 --steps 4
