@@ -524,20 +524,33 @@ def _subclassed():
 
 def _feature(teacher_layer, student_layer, loss=None, **models):
     return Distiller(
-        models.get("teacher", make_cnn("t", 8)),
-        models.get("student", make_cnn("s", 4)),
+        models.get("teacher", _model("t", 8)),
+        models.get("student", _model("s", 4)),
         terms=[Term(loss or FeatureMSE(), teacher_layer=teacher_layer,
                     student_layer=student_layer)])
 
 
 def _cnn(**kwargs):
-    return make_cnn("t", 8, **kwargs), make_cnn("s", 4)
+    return _model("t", 8, **kwargs), _model("s", 4)
+
+
+_MODELS = {}
+
+
+def _model(prefix, width, **kwargs):
+    """`make_cnn(prefix, width, **kwargs)`, built once per test: the
+    construction errors below leave the models unchanged, and building a
+    model is most of their cost."""
+    key = (prefix, width, tuple(sorted(kwargs.items())))
+    if key not in _MODELS:
+        _MODELS[key] = make_cnn(prefix, width, **kwargs)
+    return _MODELS[key]
 
 
 # The start of each documented item (after the error type), and a call that
 # raises it.
 DOCUMENTED_ERRORS = {
-    "a `teacher` (or an item": lambda: Distiller("t", make_cnn("s", 4)),
+    "a `teacher` (or an item": lambda: Distiller("t", _model("s", 4)),
     "an item of `terms`": lambda: Distiller(*_cnn(), terms=[KD()]),
     "a `student_loss_weight` that is not a number":
         lambda: Distiller(*_cnn(), student_loss_weight="high"),
@@ -545,28 +558,23 @@ DOCUMENTED_ERRORS = {
         lambda: Distiller(*_cnn(), student_augmentation="strong"),
     "a `local_modules` that is not":
         lambda: Distiller(*_cnn(), local_modules="local"),
-    "an empty list of teachers": lambda: Distiller([], make_cnn("s", 4)),
+    "an empty list of teachers": lambda: Distiller([], _model("s", 4)),
     "the student passed as the teacher": lambda: _same_model(),
     "a student that shares a layer": lambda: _shared_layer(),
     "a `student_loss_weight` that is negative":
         lambda: Distiller(*_cnn(), student_loss_weight=math.nan),
     "an `ensemble` other than":
-        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
-                          make_cnn("s", 4), ensemble="mean"),
+        lambda: Distiller([_model("a", 4), _model("b", 4)],
+                          _model("s", 4), ensemble="mean"),
     "a list of teacher augmentations":
-        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
-                          make_cnn("s", 4), teacher_augmentation=[None]),
-    "`layerwise_lr` or `local_modules` with several teachers":
-        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4)],
-                          make_cnn("s", 4), local_modules=_local()),
+        lambda: Distiller([_model("a", 4), _model("b", 4)],
+                          _model("s", 4), teacher_augmentation=[None]),
+    "`layerwise_lr` with several teachers":
+        lambda: Distiller([_model("a", 4), _model("b", 4)],
+                          _model("s", 4), layerwise_lr=_layerwise()),
     "`local_modules` together with `layerwise_lr`":
         lambda: Distiller(*_cnn(), local_modules=_local(),
-                          layerwise_lr=LayerwiseLearningRate(
-                              [("s_stage1", "t_stage1"),
-                               ("s_stage2", "t_stage2")])),
-    "`local_modules` with an augmentation":
-        lambda: Distiller(*_cnn(), local_modules=_local(),
-                          student_augmentation=crop),
+                          layerwise_lr=_layerwise()),
     "a term whose log name is the distiller's":
         lambda: Distiller(*_cnn(), terms=[Term(KD(), name="student")]),
     "a term whose log name is the validation form": lambda: Distiller(
@@ -577,10 +585,10 @@ DOCUMENTED_ERRORS = {
         lambda: Distiller(two_headed("t"), two_headed("s"), terms=[
             Term(KD(), teacher_output="cls", student_output="bbox")]),
     "final outputs (the chosen ones) of different shapes":
-        lambda: Distiller(make_cnn("t", 8, classes=3), make_cnn("s", 4)),
+        lambda: Distiller(_model("t", 8, classes=3), _model("s", 4)),
     "teachers of an ensemble whose outputs differ":
-        lambda: Distiller([make_cnn("a", 4), make_cnn("b", 4, classes=3)],
-                          make_cnn("s", 4)),
+        lambda: Distiller([_model("a", 4), _model("b", 4, classes=3)],
+                          _model("s", 4)),
     "a layer name not in the model": lambda: _feature("t_stage9", "s_stage1"),
     "a feature term on a subclassed model":
         lambda: _feature("t_stage1", "dense", student=_subclassed()),
@@ -588,7 +596,7 @@ DOCUMENTED_ERRORS = {
         lambda: _feature("t_stage1", "s_twice", student=_called_twice()),
     "features of different ranks": lambda: _feature("t_gap", "s_stage1"),
     "features read by one term from several teachers": lambda: Distiller(
-        [make_cnn("t", 8), make_cnn("t", 6)], make_cnn("s", 4), terms=[
+        [_model("t", 8), _model("t", 6)], _model("s", 4), terms=[
             Term(FeatureMSE(), teacher_layer="t_stage2",
                  student_layer="s_stage2")]),
     "a plain `keras.losses.Loss` feature term": lambda: _feature(
@@ -609,19 +617,24 @@ DOCUMENTED_ERRORS = {
     "a `MutualInformation` diagnostic": lambda: Distiller(
         *_cnn(), diagnostics=[keras_kd.metrics.MutualInformation(
             num_classes=3)]),
-    "`layerwise_lr` or `local_modules` on a backend other than":
-        lambda: Distiller(*_cnn(), local_modules=_local()),
+    "`layerwise_lr` on a backend other than":
+        lambda: Distiller(*_cnn(), layerwise_lr=_layerwise()),
 }
 
 
 def _same_model():
-    model = make_cnn("s", 4)
+    model = _model("s", 4)
     return Distiller(model, model)
 
 
 def _shared_layer():
-    teacher = make_cnn("t", 8)
+    teacher = _model("t", 8)
     return Distiller(teacher, _tied_student(teacher))
+
+
+def _layerwise():
+    return LayerwiseLearningRate([("s_stage1", "t_stage1"),
+                                  ("s_stage2", "t_stage2")])
 
 
 def _local():
@@ -642,6 +655,7 @@ ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError,
 
 
 def test_every_documented_construction_error_is_raised():
+    _MODELS.clear()
     items = documented_errors()
     assert len(items) == len(DOCUMENTED_ERRORS)
     for error, text in items:
@@ -652,4 +666,4 @@ def test_every_documented_construction_error_is_raised():
         with pytest.raises(ERROR_TYPES[error]) as raised:
             DOCUMENTED_ERRORS[keys[0]]()
         assert type(raised.value) is ERROR_TYPES[error], (text, raised.value)
-        keras.backend.clear_session()
+    _MODELS.clear()
