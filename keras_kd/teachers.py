@@ -310,9 +310,12 @@ class Teachers:
     def augment(self, x, index=0):
         """`x` as teacher `index` sees it in a training step (its
         augmentation, or the shared one)."""
-        augmentation = (self.augmentations if self.shared_augmentation
-                        else self.augmentations[index])
-        return apply_augmentation(augmentation, x)
+        if self.shared_augmentation:
+            return apply_checked(self.augmentations, x,
+                                 "The teachers' augmentation")
+        return apply_checked(
+            self.augmentations[index], x,
+            f"The augmentation of the teacher '{self.teachers[index].name}'")
 
     def __call__(self, x, training=False, augment=False):
         """Runs every teacher on `x` (its own augmentation of `x` when
@@ -323,8 +326,7 @@ class Teachers:
         """
         shared = None
         if augment and self.shared_augmentation:
-            shared = apply_checked(self.augmentations, x,
-                                   "The teachers' augmentation")
+            shared = self.augment(x)
         outputs, tapped = [], []
         for index, tap in enumerate(self._taps):
             if not augment:
@@ -332,10 +334,7 @@ class Teachers:
             elif self.shared_augmentation:
                 x_in = shared
             else:
-                x_in = apply_checked(
-                    self.augmentations[index], x,
-                    f"The augmentation of the teacher "
-                    f"'{self.teachers[index].name}'")
+                x_in = self.augment(x, index)
             out, feats = tap(x_in, training=training)
             outputs.append(out)
             tapped.append(feats)
