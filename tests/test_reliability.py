@@ -596,7 +596,7 @@ DOCUMENTED_ERRORS = {
         lambda: _feature("t_stage1", "s_twice", student=_called_twice()),
     "features of different ranks": lambda: _feature("t_gap", "s_stage1"),
     "features read by one term from several teachers": lambda: Distiller(
-        [_model("t", 8), _model("t", 6)], _model("s", 4), terms=[
+        [_model("t", 8), _model("t", 4)], _model("s", 4), terms=[
             Term(FeatureMSE(), teacher_layer="t_stage2",
                  student_layer="s_stage2")]),
     "a plain `keras.losses.Loss` feature term": lambda: _feature(
