@@ -238,6 +238,21 @@ def test_term_named_like_a_compiled_output_loss_is_refused():
                  name="box")])
 
 
+def test_term_named_like_a_built_in_log_is_refused():
+    with pytest.raises(ValueError, match=(
+            "named 'student', so it would log as 'student_loss', the key "
+            "of the student's own loss")):
+        Distiller(*_cnn(), terms=[Term(KD(), name="student")])
+    with pytest.raises(ValueError, match=(
+            "named 'local_1', so it would log as 'local_1_loss', the key of "
+            "a local module's activation-mapping loss")):
+        Distiller(*_cnn(), terms=[Term(KD(), name="local_1")],
+                  local_modules=_local())
+    # Without local modules the name is free.
+    d = Distiller(*_cnn(), terms=[Term(KD(), name="local_1")])
+    assert d.term_names == ["local_1"]
+
+
 def test_term_named_like_a_validation_log_is_refused():
     with pytest.raises(ValueError, match="'val_loss', the key of the "
                                          "validation value of 'loss'"):
