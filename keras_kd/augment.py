@@ -140,6 +140,74 @@ def apply_augmentation(augmentation, x):
     return augmentation(x)
 
 
+def augmentation_name(augmentation):
+    """The name of an augmentation, for messages: a layer's `name`, a
+    function's `__name__`, or the callable's class name."""
+    if isinstance(augmentation, keras.layers.Layer):
+        return augmentation.name
+    return getattr(augmentation, "__name__", type(augmentation).__name__)
+
+
+def apply_checked(augmentation, x, what):
+    """`apply_augmentation`, refusing an augmentation that changes the
+    batch size or the shape of the inputs (the teachers and the student
+    would then see different batches, or inputs the model was not built
+    for).
+
+    The shapes are compared where they are static, that is when the step is
+    traced, at the first batch, on every backend. In a TensorFlow graph the
+    batch size is not static; it is then checked by an assertion when the
+    batch runs (not under XLA, where assertions are dropped).
+
+    Args:
+        augmentation: a Keras layer, a callable, or `None`.
+        x: a batch of inputs.
+        what: the owner of the augmentation, for the message (e.g. `"the
+            student augmentation"`).
+
+    Raises:
+        ValueError: the augmented batch has another static shape.
+    """
+    out = apply_augmentation(augmentation, x)
+    if augmentation is None:
+        return out
+    before, after = keras.tree.flatten(x), keras.tree.flatten(out)
+    shapes = ([tuple(t.shape) for t in before],
+              [tuple(t.shape) for t in after])
+    message = (
+        f"{what} '{augmentation_name(augmentation)}' maps a batch of shape "
+        f"{_show(shapes[0])} to {_show(shapes[1])}; an augmentation must "
+        "keep the batch size and the input shape."
+    )
+    if len(before) != len(after) or not all(
+        len(a) == len(b) and all(
+            i is None or j is None or i == j for i, j in zip(a, b))
+        for a, b in zip(*shapes)
+    ):
+        raise ValueError(message)
+    if any(a[0] is None or b[0] is None for a, b in zip(*shapes)):
+        out = _assert_same_batch(before, after, out, message)
+    return out
+
+
+def _show(shapes):
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _assert_same_batch(before, after, out, message):
+    """`out`, computed after a run-time check that each augmented input
+    keeps its batch size (TensorFlow graphs, where it is not static)."""
+    if keras.backend.backend() != "tensorflow":
+        return out
+    import tensorflow as tf
+
+    checks = [tf.debugging.assert_equal(tf.shape(a)[0], tf.shape(b)[0],
+                                        message=message)
+              for a, b in zip(before, after)]
+    with tf.control_dependencies(checks):
+        return tf.nest.map_structure(tf.identity, out)
+
+
 def _batches(data, batch_size):
     """Yields `(x, y)` NumPy batches from a `(x, y)` tuple or an iterable of
     `(x, y)` batches (e.g. a `tf.data.Dataset`)."""

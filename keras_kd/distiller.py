@@ -11,6 +11,7 @@ that differentiates and applies is picked at import from `keras_kd.trainers`.
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd import _keras_compat as compat
 from keras_kd import cache as teacher_cache
 from keras_kd import losses as kd_losses
@@ -19,11 +20,13 @@ from keras_kd.diagnostics import Diagnostics
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
 from keras_kd.losses.features import check_poolable
+from keras_kd.outputs import describe, output_names, outputs_as_list
+from keras_kd.outputs import symbolic_outputs
 from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
 from keras_kd.step import unique_names
 from keras_kd.taps import Tap
 from keras_kd.teachers import Teachers, as_teacher_list
-from keras_kd.teachers import check_teacher_outputs
+from keras_kd.teachers import check_teacher_outputs, check_teachers_apart
 from keras_kd.term import Term
 from keras_kd.trainers import Trainer
 
@@ -61,7 +64,12 @@ class Distiller(Trainer, keras.Model):
     the student outputs, the diagnostics, and their `val_` forms. Terms keep
     the names the user gave them; when two share a name, the distiller logs
     the later one under the first free `<name>_<k>` (the `Term` object is not
-    renamed; `distiller.term_names` lists the log names).
+    renamed; `distiller.term_names` lists the log names). A term whose log
+    would take a key of the distiller or of the compiled loss (a term named
+    `student`, like a local module's loss, or like an output of a
+    multi-output student) is refused with a `ValueError`, and so, at the
+    first batch, are any other two logs with one key (e.g. a compiled metric
+    named like a term's `<name>_loss`).
 
     The distiller trains on the TensorFlow, JAX and PyTorch backends, through
     the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
@@ -140,6 +148,7 @@ class Distiller(Trainer, keras.Model):
             raise TypeError(
                 f"`student` must be a `keras.Model`, got {student!r}."
             )
+        check_teachers_apart(teachers, student)
         if terms is None:
             terms = [Term(kd_losses.KD())]
         terms = list(terms)
@@ -155,24 +164,38 @@ class Distiller(Trainer, keras.Model):
                 "`local_modules` must be a `keras_kd.LocalModules`, got "
                 f"{local_modules!r}."
             )
+        student_loss_weight = _checks.non_negative(
+            "student_loss_weight", student_loss_weight)
         self._check_extensions(teachers, layerwise_lr, local_modules)
         self.teachers = teachers
         self.student = student
-        self.student_loss_weight = float(student_loss_weight)
+        self.student_loss_weight = student_loss_weight
 
         # The distiller's own log names: the user's Terms are not renamed.
         extra_losses = list(local_modules.loss_names) if local_modules else []
-        _check_term_names(terms, extra_losses)
-        names = unique_names(terms, reserved=["student"] + extra_losses)
+        output_losses = _output_loss_names(student)
+        _check_term_names(terms, extra_losses, output_losses)
+        names = unique_names(
+            terms, reserved=["student"] + extra_losses + output_losses)
+        _check_validation_keys(
+            terms, names, ["student"] + extra_losses + output_losses)
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
         self._terms = _Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
-
         check_teacher_outputs(teachers)
+        for b in bound:
+            if not b.reads_features:
+                b.bind_outputs(teachers, student)
+                _check_loss_shapes(
+                    b, b.teacher_choices[0].shape, b.student_choice.shape,
+                    f"term '{b.name}' (final outputs)")
+
+        if diagnostics:
+            _check_single_outputs(teachers, student)
         self.diagnostics_feed = Diagnostics(
             diagnostics, teachers, student,
             reserved=["loss", "student_loss"]
-            + [f"{n}_loss" for n in names + extra_losses],
+            + [f"{n}_loss" for n in names + extra_losses + output_losses],
         )
         teacher_side = Teachers(
             teachers, feature_terms, ensemble=ensemble,
@@ -195,7 +218,6 @@ class Distiller(Trainer, keras.Model):
             teacher_side.augmentations, student_augmentation)
         self._sides = _Untracked(teachers=teacher_side,
                                  student_augmentation=student_augmentation)
-        self._check_logit_shapes()
         self.adapters = self._build_adapters(
             feature_terms, teacher_side.feature_shapes,
             student_tap.feature_shapes)
@@ -284,6 +306,19 @@ class Distiller(Trainer, keras.Model):
         return [b.name for b in self._terms.bound]
 
     @property
+    def output_names(self):
+        """The student's output names, so that `compile` handles a
+        multi-output student as Keras handles a multi-output model (a loss
+        dict keyed by output name; per-output losses logged as
+        `<output>_loss`). Only Functional and Sequential students have
+        them."""
+        names = getattr(self.student, "output_names", None)
+        if not names:
+            raise AttributeError(
+                f"The student '{self.student.name}' has no output names.")
+        return list(names)
+
+    @property
     def distillation_step(self):
         """The backend-agnostic step (`keras_kd.step.DistillationStep`)
         that the trainers run."""
@@ -306,40 +341,11 @@ class Distiller(Trainer, keras.Model):
 
     # Construction-time validation and adapters.
 
-    def _check_logit_shapes(self):
-        output_terms = [b for b in self._terms.bound if not b.reads_features]
-        if not output_terms:
-            return
-        try:
-            t_shape = tuple(self.teachers[0].output.shape)
-            s_shape = tuple(self.student.output.shape)
-        except (AttributeError, ValueError):
-            return  # Subclassed models: shapes are only known at run time.
-        teacher, student = self.teachers[0].name, self.student.name
-        # A loss that knows how it compares the outputs (the divergences:
-        # vocabulary sizes, LM heads, `vocab_mapping`) checks them itself.
-        checks = [getattr(b.loss, "check_shapes", None) for b in output_terms]
-        for check in checks:
-            if check is not None:
-                check(t_shape, s_shape, teacher, student)
-        if all(check is not None for check in checks):
-            return
-        if t_shape[1:] != s_shape[1:]:
-            where = (f"The teacher '{teacher}' outputs shape {t_shape} but "
-                     f"the student '{student}' outputs shape {s_shape}")
-            if len(t_shape) == len(s_shape) and t_shape[:-1] == s_shape[:-1]:
-                where += (f": vocabularies (last axis) of {t_shape[-1]} and "
-                          f"{s_shape[-1]} entries. For one tokenizer with "
-                          "padded embedding tables, use a divergence with "
-                          "`vocab_mapping='truncate'` (e.g. "
-                          "`keras_kd.losses.ForwardKL`)")
-            raise ValueError(
-                f"{where}; terms on the final outputs need equal shapes.")
-
     @staticmethod
     def _build_adapters(feature_terms, teacher_shapes, student_shapes):
         """A trainable `Dense` adapter on the student side of each feature
-        term whose loss needs equal channel counts that differ."""
+        term whose loss needs equal channel counts that differ (a plain
+        `keras.losses.Loss` counts as needing them)."""
         adapters = {}
         for bound, t_shape, s_shape in zip(feature_terms, teacher_shapes,
                                            student_shapes):
@@ -348,7 +354,18 @@ class Distiller(Trainer, keras.Model):
                 f"{t_shape}, student layer '{bound.student_layer}' {s_shape})"
             )
             check_poolable(t_shape, s_shape, where)
-            if bound.loss.matches_channels and t_shape[-1] != s_shape[-1]:
+            _check_loss_shapes(bound, t_shape, s_shape, where)
+            if not isinstance(bound.loss, kd_losses.DistillationLoss) and \
+                    tuple(t_shape[1:-1]) != tuple(s_shape[1:-1]):
+                raise ValueError(
+                    f"The loss {type(bound.loss).__name__} of {where} is a "
+                    "plain `keras.losses.Loss`, which compares the features "
+                    "element by element: their spatial sizes must be equal "
+                    "(the distillation losses of `keras_kd.losses` pool the "
+                    "larger map instead)."
+                )
+            if getattr(bound.loss, "matches_channels", True) and \
+                    t_shape[-1] != s_shape[-1]:
                 adapter = keras.layers.Dense(
                     t_shape[-1], name=f"{bound.name}_adapter"
                 )
@@ -446,10 +463,18 @@ class Distiller(Trainer, keras.Model):
             if not getattr(metric, "built", True):
                 continue
             result = metric.result()
-            if isinstance(result, dict):
-                logs.update(result)
-            else:
-                logs[metric.name] = result
+            if not isinstance(result, dict):
+                result = {metric.name: result}
+            for key, value in result.items():
+                if key in logs:
+                    raise ValueError(
+                        f"Two logs of the distiller '{self.name}' are named "
+                        f"'{key}' (a term's `<name>_loss`, a compiled metric "
+                        "or loss, or a diagnostic); one would hide the "
+                        "other in the history. Rename the term, the metric "
+                        "or the diagnostic."
+                    )
+                logs[key] = value
         return logs
 
     def compile(self, *args, **kwargs):
@@ -554,17 +579,68 @@ class Distiller(Trainer, keras.Model):
         return cls(**config)
 
 
-def _check_term_names(terms, extension_losses):
-    """Refuses a term name whose log key the distiller uses itself."""
+def _check_loss_shapes(bound, teacher_shape, student_shape, where):
+    """The term's loss check of the shapes it compares, when both are
+    known (a plain `keras.losses.Loss` has none)."""
+    check = getattr(bound.loss, "check_shapes", None)
+    if check is not None and None not in (teacher_shape, student_shape):
+        check(teacher_shape, student_shape, where)
+
+
+def _output_loss_names(student):
+    """The names `<name>_loss` under which Keras logs the compiled loss
+    of each output of a multi-output student (empty for one output, or
+    when the outputs are only known at run time)."""
+    outputs = symbolic_outputs(student)
+    if outputs is None or len(outputs_as_list(outputs)) < 2:
+        return []
+    return list(output_names(student, outputs) or [])
+
+
+def _check_single_outputs(teachers, student):
+    """The diagnostics compare the models' logits: refuses a model with
+    several outputs."""
+    for role, model in [("teacher", t) for t in teachers] + [
+            ("student", student)]:
+        outputs = symbolic_outputs(model)
+        if outputs is not None and len(outputs_as_list(outputs)) > 1:
+            raise ValueError(
+                f"`diagnostics` compare the models' logits, but the {role} "
+                f"'{model.name}' has several outputs "
+                f"({describe(outputs, output_names(model, outputs))}); "
+                "leave `diagnostics` out for multi-output models."
+            )
+
+
+def _check_term_names(terms, extension_losses, output_losses=()):
+    """Refuses a term name whose log key the distiller or the compiled
+    student loss uses itself."""
     own = {"student": "the student's own loss"}
     own.update((name, "a local module's activation-mapping loss")
                for name in extension_losses)
+    own.update((name, f"the compiled student loss on its output '{name}'")
+               for name in output_losses)
     for term in terms:
         if term.name in own:
             raise ValueError(
                 f"The term {term!r} is named '{term.name}', so it would log "
                 f"as '{term.name}_loss', the key of {own[term.name]}. Give "
                 "the term another `name=`."
+            )
+
+
+def _check_validation_keys(terms, names, other_losses):
+    """Refuses a term whose log `<name>_loss` is the validation form
+    (`val_<key>`) of another training log, such as a term named `val`
+    (`val_loss`, the validation total)."""
+    keys = {"loss"} | {f"{n}_loss" for n in list(names) + list(other_losses)}
+    for term, name in zip(terms, names):
+        key = f"{name}_loss"
+        if key.startswith("val_") and key[len("val_"):] in keys:
+            raise ValueError(
+                f"The term {term!r} would log as '{key}', the key of the "
+                f"validation value of '{key[len('val_'):]}'. Give the term "
+                "another `name=`."
             )
 
 

@@ -20,6 +20,8 @@ and class activation maps, and logs them in the `fit` history with their
 import keras
 from keras import ops
 
+from keras_kd import _checks
+
 _EPSILON = 1e-12
 
 
@@ -142,11 +144,7 @@ class TeacherKL(DistillationMetric):
 
     def __init__(self, temperature=1.0, name="teacher_kl", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        if temperature <= 0:
-            raise ValueError(
-                f"`temperature` must be positive, got {temperature}."
-            )
-        self.temperature = float(temperature)
+        self.temperature = _checks.positive("temperature", temperature)
         self.total = self.add_variable((), "zeros", name="total")
         self.count = self.add_variable((), "zeros", name="count")
 

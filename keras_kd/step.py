@@ -14,9 +14,10 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_kd.augment import apply_augmentation
+from keras_kd.augment import apply_checked
 from keras_kd.cache import CacheReader, model_inputs
 from keras_kd.distribution import scale_for_replicas
+from keras_kd.outputs import OutputChoice, check_same_shape
 from keras_kd.teachers import ensemble_loss
 
 
@@ -24,7 +25,9 @@ class BoundTerm:
     """A user's `Term` as one distiller uses it.
 
     The distiller gives each term a name that is unique among its logs
-    without renaming the user's object, and may own an adapter for it.
+    without renaming the user's object, and may own an adapter for it. A
+    term on the final outputs also knows which output of each model it
+    reads (`bind_outputs`).
 
     Args:
         term: the user's `keras_kd.Term` (never modified).
@@ -38,6 +41,85 @@ class BoundTerm:
         self.term = term
         self.name = name
         self.adapter = adapter
+        self.teacher_choices = []
+        self.student_choice = None
+
+    def bind_outputs(self, teachers, student):
+        """Resolves the term's `teacher_output` and `student_output`
+        against the models (a term on the final outputs).
+
+        Raises:
+            ValueError: where the models' outputs are known, an output
+                choice that names no output, a multi-output model without
+                a choice, or chosen outputs of different shapes.
+        """
+        several = len(teachers) > 1
+        self.teacher_choices = [
+            OutputChoice(teacher, self.term.teacher_output,
+                         f"teacher {i}" if several else "teacher",
+                         "teacher_output", self.name)
+            for i, teacher in enumerate(teachers)
+        ]
+        self.student_choice = OutputChoice(
+            student, self.term.student_output, "student", "student_output",
+            self.name)
+        self._check_shapes(self.teacher_choices[0].shape,
+                           self.student_choice.shape)
+
+    def final_outputs(self, teacher_outputs, student_outputs, per_teacher):
+        """The teacher and student outputs this term compares, chosen
+        among the models' outputs; checks their shapes (at trace time, so
+        subclassed models get the error at the first batch).
+
+        Args:
+            teacher_outputs: the teachers' combined outputs, or, when
+                `per_teacher`, the list of each teacher's outputs.
+            student_outputs: the student's outputs.
+            per_teacher: whether `teacher_outputs` has one entry per
+                teacher (`ensemble="losses"`).
+
+        Returns:
+            `(teacher_value, student_value)`; `teacher_value` is a list
+            (one per teacher) when `per_teacher`.
+        """
+        if per_teacher:
+            teacher_value = [choice(o) for choice, o in
+                             zip(self.teacher_choices, teacher_outputs)]
+            reference = teacher_value[0]
+        else:
+            teacher_value = reference = self.teacher_choices[0](
+                teacher_outputs)
+        student_value = self.student_choice(student_outputs)
+        self._check_shapes(tuple(reference.shape),
+                           tuple(student_value.shape))
+        return teacher_value, student_value
+
+    def _check_shapes(self, teacher_shape, student_shape):
+        teacher = self.teacher_choices[0].model_name
+        student = self.student_choice.model_name
+        # A loss that compares outputs of different shapes (the
+        # divergences: vocabulary sizes, LM heads, `vocab_mapping`) checks
+        # them itself.
+        check = getattr(self.loss, "check_output_shapes", None)
+        if check is not None:
+            if None not in (teacher_shape, student_shape):
+                check(teacher_shape, student_shape, teacher, student)
+            return
+        message = (f"The teacher '{teacher}' outputs shape {teacher_shape} "
+                   f"but the student '{student}' outputs shape "
+                   f"{student_shape}")
+        if (teacher_shape is not None and student_shape is not None
+                and len(teacher_shape) == len(student_shape) >= 3
+                and tuple(teacher_shape[1:-1]) == tuple(student_shape[1:-1])):
+            message += (f": vocabularies (last axis) of {teacher_shape[-1]} "
+                        f"and {student_shape[-1]} entries. For one tokenizer "
+                        "with padded embedding tables, use a divergence with "
+                        "`vocab_mapping='truncate'` (e.g. "
+                        "`keras_kd.losses.ForwardKL`)")
+        check_same_shape(
+            teacher_shape, student_shape,
+            f"{message}; the term '{self.name}' compares final outputs, "
+            "which need equal shapes.")
 
     @property
     def loss(self):
@@ -152,6 +234,10 @@ class LossAssembly:
     """`student_loss_weight * student loss + sum(weight * term) +
     regularization`, each a mean over the batch.
 
+    A part whose weight is 0 is computed and logged but left out of the
+    total, so that its value (even NaN) cannot reach the total or the
+    gradient.
+
     Args:
         student_loss_weight: weight of the compiled student loss.
         student_loss: a callable `(y, y_pred, sample_weight)` returning the
@@ -182,13 +268,15 @@ class LossAssembly:
         student_loss = None
         if y is not None and y_pred is not None:
             student_loss = self._student_loss(y, y_pred, sample_weight)
-            total = total + self.student_loss_weight * ops.cast(
-                student_loss, "float32")
+            if self.student_loss_weight:
+                total = total + self.student_loss_weight * ops.cast(
+                    student_loss, "float32")
         values, log_weights = {}, {}
         for bound, teacher_value, student_value in pairs:
             value = bound(teacher_value, student_value, sample_weight)
             values[bound.name] = value
-            total = total + bound.weight * ops.cast(value, "float32")
+            if bound.weight:
+                total = total + bound.weight * ops.cast(value, "float32")
             log_weight = getattr(bound.loss, "log_weight", None)
             if log_weight is not None:
                 log_weight = log_weight(student_value, sample_weight)
@@ -246,7 +334,8 @@ class DistillationStep:
         x = model_inputs(x)
         if not augment:
             return x
-        return apply_augmentation(self.student_augmentation, x)
+        return apply_checked(self.student_augmentation, x,
+                             "The student augmentation")
 
     def student_forward(self, x, training):
         """The student's one forward pass: outputs and tapped features."""
@@ -271,7 +360,9 @@ class DistillationStep:
                               student.features[feature]))
                 feature += 1
             else:
-                pairs.append((bound, teacher.outputs, student.outputs))
+                pairs.append((bound,) + bound.final_outputs(
+                    teacher.outputs, student.outputs,
+                    self.teachers.per_teacher))
         losses = self.assembly(
             pairs, sample_weight, y=y, y_pred=student.outputs,
             regularization=self._regularization())

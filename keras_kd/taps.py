@@ -4,6 +4,8 @@ import difflib
 
 import keras
 
+from keras_kd import _keras_compat as compat
+
 
 def graph_endpoints(model, role):
     """The symbolic input and output of a Functional or Sequential model."""
@@ -61,6 +63,10 @@ class Tap:
     model's outputs followed by the tapped layer outputs, so that a single
     forward pass produces both (batch-norm statistics move once).
 
+    A tapped layer must be called once in the model: the output of a layer
+    called several times (a shared layer) would be ambiguous, so it is
+    refused.
+
     Args:
         model: the teacher or student `keras.Model`.
         layer_names: names of the layers to read, in order (may repeat).
@@ -78,6 +84,15 @@ class Tap:
         features = []
         for name in self.layer_names:
             layer = find_layer(model, name, role)
+            calls = compat.call_count(layer)
+            if calls > 1:
+                raise ValueError(
+                    f"Layer '{name}' is called {calls} times in the {role} "
+                    f"model '{model.name}', so which of its outputs to read "
+                    "is ambiguous. Read a layer that is called once, e.g. "
+                    "add `keras.layers.Identity(name=...)` after the call "
+                    "you mean and read that layer."
+                )
             feature = layer.output
             features.append(feature)
             self.feature_shapes.append(tuple(feature.shape))

@@ -7,9 +7,12 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_kd.augment import apply_augmentation, check_augmentation
+from keras_kd.augment import apply_checked, check_augmentation
 from keras_kd.augment import check_augmentation_shape
-from keras_kd.taps import Tap, find_layer, static_shape
+from keras_kd.outputs import describe, is_tensor_like, outputs_as_list
+from keras_kd.outputs import same_shape
+from keras_kd.outputs import symbolic_outputs
+from keras_kd.taps import Tap, find_layer
 
 ENSEMBLE_MODES = ("logits", "losses")
 
@@ -49,20 +52,114 @@ def as_teacher_list(teacher):
     return teachers
 
 
-def check_teacher_outputs(teachers):
-    """Raises a `ValueError` naming the first teacher whose output shape
-    differs from the first teacher's."""
-    shapes = [static_shape(t, "outputs") for t in teachers]
-    known = [(t, s) for t, s in zip(teachers, shapes) if s is not None]
-    if not known:
-        return
-    reference, ref_shape = known[0]
-    for index, (teacher, shape) in enumerate(zip(teachers, shapes)):
-        if shape is not None and shape[1:] != ref_shape[1:]:
+def _nested_layers(model):
+    """`model` and every layer inside it, following `layers` of nested
+    models."""
+    found, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        if any(layer is seen for seen in found):
+            continue
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", None) or [])
+    return found
+
+
+def check_teachers_apart(teachers, student):
+    """Raises a `ValueError` when the student is a teacher, or shares a
+    layer or a variable with one: training the student would then train
+    that teacher too. Layers without weights (an input layer, an
+    activation) may be shared.
+
+    Args:
+        teachers: the list of teacher models.
+        student: the student model.
+    """
+    student_layers = {id(layer): layer for layer in _nested_layers(student)}
+    student_variables = {id(v): v for v in student.weights}
+    several = len(teachers) > 1
+    for index, teacher in enumerate(teachers):
+        which = (f"teacher {index} '{teacher.name}'" if several
+                 else f"teacher '{teacher.name}'")
+        if teacher is student:
             raise ValueError(
-                f"Teacher {index} '{teacher.name}' outputs shape {shape} but "
-                f"teacher '{reference.name}' outputs shape {ref_shape}; the "
-                "teachers of an ensemble must produce outputs of equal shape."
+                f"The student '{student.name}' is also the {which}: the "
+                "teacher must be a separate, frozen model, or training the "
+                "student would train it. Pass a copy (e.g. "
+                "`keras.models.clone_model(model)` with "
+                "`set_weights(model.get_weights())`) as the teacher."
+            )
+        shared = next((layer for layer in _nested_layers(teacher)
+                       if id(layer) in student_layers and layer.weights),
+                      None)
+        if shared is not None:
+            raise ValueError(
+                f"The student '{student.name}' and the {which} share the "
+                f"layer '{shared.name}'; training the student would train "
+                "the teacher. Build the student from its own layers."
+            )
+        variable = next((v for v in teacher.weights
+                         if id(v) in student_variables), None)
+        if variable is not None:
+            raise ValueError(
+                f"The student '{student.name}' and the {which} share the "
+                f"variable '{variable.path}'; training the student would "
+                "train the teacher. Build the student from its own layers."
+            )
+
+
+def _outputs_text(outputs):
+    if isinstance(outputs, (list, tuple, dict)):
+        return f"[{describe(outputs, _keys(outputs))}]"
+    return f"shape {tuple(outputs.shape)}"
+
+
+def _keys(outputs):
+    return list(outputs) if isinstance(outputs, dict) else None
+
+
+def _same_outputs(a, b):
+    """Whether two teachers' outputs have the same structure (one tensor,
+    a list of as many, or a dict with the same keys) and shapes."""
+    if isinstance(a, dict) != isinstance(b, dict) or (
+            is_tensor_like(a) != is_tensor_like(b)):
+        return False
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return False
+        pairs = [(a[key], b[key]) for key in a]
+    else:
+        a, b = outputs_as_list(a), outputs_as_list(b)
+        if len(a) != len(b):
+            return False
+        pairs = zip(a, b)
+    return all(same_shape(tuple(x.shape), tuple(y.shape)) for x, y in pairs)
+
+
+def check_teacher_outputs(teachers, outputs=None):
+    """Raises a `ValueError` naming the first teacher whose outputs
+    differ in structure or shape from the first teacher's.
+
+    Args:
+        teachers: the teacher models.
+        outputs: per teacher, its computed outputs (at the first batch), or
+            `None` to check the symbolic outputs of the teachers whose
+            outputs are known before they run.
+    """
+    if outputs is None:
+        outputs = [symbolic_outputs(t) for t in teachers]
+    known = [(i, t, o) for i, (t, o) in enumerate(zip(teachers, outputs))
+             if o is not None]
+    if len(known) < 2:
+        return
+    _, reference, ref_outputs = known[0]
+    for index, teacher, value in known[1:]:
+        if not _same_outputs(ref_outputs, value):
+            raise ValueError(
+                f"Teacher {index} '{teacher.name}' outputs "
+                f"{_outputs_text(value)} but teacher '{reference.name}' "
+                f"outputs {_outputs_text(ref_outputs)}; the teachers of an "
+                "ensemble must produce outputs of equal shape."
             )
 
 
@@ -159,6 +256,13 @@ class Teachers:
             in enumerate(zip(feature_terms, self.term_teachers))
         ]
 
+    @property
+    def per_teacher(self):
+        """Whether `TeacherOutputs.outputs` holds one entry per teacher
+        (several teachers, `ensemble="losses"`) rather than one combined
+        output."""
+        return self.ensemble == "losses" and len(self.teachers) > 1
+
     def _resolve(self, term):
         users = [i for i, t in enumerate(self.teachers)
                  if _teacher_has_layer(t, term.teacher_layer)]
@@ -206,9 +310,12 @@ class Teachers:
     def augment(self, x, index=0):
         """`x` as teacher `index` sees it in a training step (its
         augmentation, or the shared one)."""
-        augmentation = (self.augmentations if self.shared_augmentation
-                        else self.augmentations[index])
-        return apply_augmentation(augmentation, x)
+        if self.shared_augmentation:
+            return apply_checked(self.augmentations, x,
+                                 "The teachers' augmentation")
+        return apply_checked(
+            self.augmentations[index], x,
+            f"The augmentation of the teacher '{self.teachers[index].name}'")
 
     def __call__(self, x, training=False, augment=False):
         """Runs every teacher on `x` (its own augmentation of `x` when
@@ -219,7 +326,7 @@ class Teachers:
         """
         shared = None
         if augment and self.shared_augmentation:
-            shared = apply_augmentation(self.augmentations, x)
+            shared = self.augment(x)
         outputs, tapped = [], []
         for index, tap in enumerate(self._taps):
             if not augment:
@@ -227,17 +334,20 @@ class Teachers:
             elif self.shared_augmentation:
                 x_in = shared
             else:
-                x_in = apply_augmentation(self.augmentations[index], x)
+                x_in = self.augment(x, index)
             out, feats = tap(x_in, training=training)
             outputs.append(out)
             tapped.append(feats)
         if len(outputs) == 1:
             mean = outputs[0]
         else:
-            mean = ops.mean(ops.stack(outputs), axis=0)
-        combined = mean if (
-            self.ensemble == "logits" or len(outputs) == 1
-        ) else outputs
+            # Checked on static shapes: at the first batch (trace) for
+            # teachers whose outputs are only known when they run.
+            check_teacher_outputs(self.teachers, outputs)
+            mean = keras.tree.map_structure(
+                lambda *values: ops.mean(ops.stack(values), axis=0),
+                *outputs)
+        combined = outputs if self.per_teacher else mean
 
         features = []
         for term_index, users in enumerate(self.term_teachers):

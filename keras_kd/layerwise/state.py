@@ -40,6 +40,7 @@ documented where they are made:
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.extension import GradientRouting
 from keras_kd.layerwise.autodiff import (
     single_output, hutchinson_diagonals, top_logit_gradients,
@@ -166,8 +167,7 @@ class LayerwiseLearningRate:
                 "Expected 0 < `min_scale` <= `max_scale`, got "
                 f"min_scale={min_scale}, max_scale={max_scale}."
             )
-        if p <= 0:
-            raise ValueError(f"`p` must be positive, got {p}.")
+        _checks.positive("p", p)
         if int(hutchinson_samples) != hutchinson_samples or \
                 hutchinson_samples < 1:
             raise ValueError(

@@ -482,8 +482,10 @@ class LocalModulePlan(ModuleChain):
         if not last:
             pairs.append((self.local_terms[k], stream.local[k], out))
         else:
-            pairs.extend((self.terms[i], stream.out, out)
-                         for i in self.logit_terms)
+            pairs.extend(
+                (self.terms[i],) + self.terms[i].final_outputs(
+                    stream.out, out, per_teacher=False)
+                for i in self.logit_terms)
         pairs.extend((self.terms[i], stream.terms[i], feature)
                      for i, feature in zip(self.feature_terms[k], feats))
         losses = self.assembly(

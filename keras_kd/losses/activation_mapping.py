@@ -10,6 +10,7 @@ teacher is *not* active is a separate knob.
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.features import match_spatial
 
@@ -232,12 +233,8 @@ class ActivationMapping(DistillationLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        alpha, beta = float(alpha), float(beta)
-        if alpha < 0 or beta < 0:
-            raise ValueError(
-                f"`alpha` and `beta` must be >= 0, got alpha={alpha}, "
-                f"beta={beta}."
-            )
+        alpha = _checks.non_negative("alpha", alpha)
+        beta = _checks.non_negative("beta", beta)
         _check_choice(pooling, POOLINGS, "pooling")
         _check_choice(normalize, NORMALIZATIONS, "normalize")
         self.alpha = alpha

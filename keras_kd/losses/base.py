@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_kd.outputs import is_tensor_like
+
 
 class DistillationLoss(keras.losses.Loss):
     """A Keras `Loss` that compares a teacher output with a student output.
@@ -22,13 +24,44 @@ class DistillationLoss(keras.losses.Loss):
             features with the same number of channels (last axis). The
             `Distiller` then inserts a trainable adapter on the student side
             when they differ. Losses that only compare channel-free summaries
-            (attention maps, logits) set it to `False`.
+            (attention maps, logits) set it to `False`. A plain
+            `keras.losses.Loss` used in a `Term` is treated as `True`.
     """
 
     matches_channels = True
 
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """`loss(teacher_output, student_output, sample_weight=None)`.
+
+        Raises:
+            ValueError: an output is a list or a dict (the outputs of a
+                multi-output model) rather than one tensor.
+        """
+        for role, value in (("teacher", y_true), ("student", y_pred)):
+            if not is_tensor_like(value):
+                raise ValueError(
+                    f"{type(self).__name__} expects a tensor as the {role} "
+                    f"output, got a {type(value).__name__} of "
+                    f"{len(value)}. For a multi-output model, pick one "
+                    "output with `Term(..., teacher_output=..., "
+                    "student_output=...)`."
+                )
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def check_shapes(self, teacher_shape, student_shape, where):
+        """Raises a `ValueError` when the loss cannot compare inputs of
+        these shapes; the `Distiller` calls it when it is built, for every
+        term whose shapes are known. Accepts any shapes by default.
+
+        Args:
+            teacher_shape: the static shape of the teacher value.
+            student_shape: the static shape of the student value.
+            where: the term and layers, for the message.
+        """
+        del teacher_shape, student_shape, where
 
     def call(self, teacher_output, student_output):  # pragma: no cover
         raise NotImplementedError(

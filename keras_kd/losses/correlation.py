@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.logits import standardize_logits
 from keras_kd.ops.rank import DEFAULT_STRENGTH
@@ -506,20 +507,6 @@ def cmkd_loss(
 # --------------------------------------------------------------------------
 
 
-def _check_positive(name, value):
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"`{name}` must be positive and finite, got {value}.")
-    return value
-
-
-def _check_non_negative(name, value):
-    value = float(value)
-    if not value >= 0:
-        raise ValueError(f"`{name}` must be >= 0, got {value}.")
-    return value
-
-
 class _CorrelationLoss(DistillationLoss):
     """Shared `get_config` plumbing: the dtype is part of the config."""
 
@@ -586,7 +573,7 @@ class PearsonCorrelation(_CorrelationLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_positive("temperature", temperature)
+        self.temperature = _checks.positive("temperature", temperature)
 
     def call(self, teacher_output, student_output):
         return pearson_loss(teacher_output, student_output, self.temperature)
@@ -655,8 +642,8 @@ class SpearmanCorrelation(_CorrelationLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_positive("temperature", temperature)
-        self.regularization_strength = _check_positive(
+        self.temperature = _checks.positive("temperature", temperature)
+        self.regularization_strength = _checks.positive(
             "regularization_strength", regularization_strength
         )
         self.window = _check_window(window)
@@ -745,9 +732,9 @@ class DIST(_BatchCoupledLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_positive("temperature", temperature)
-        self.beta = _check_non_negative("beta", beta)
-        self.gamma = _check_non_negative("gamma", gamma)
+        self.temperature = _checks.positive("temperature", temperature)
+        self.beta = _checks.non_negative("beta", beta)
+        self.gamma = _checks.non_negative("gamma", gamma)
 
     def call(self, teacher_output, student_output):
         return dist_loss(
@@ -840,14 +827,14 @@ class CMKD(_BatchCoupledLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_positive("temperature", temperature)
-        self.regularization_strength = _check_positive(
+        self.temperature = _checks.positive("temperature", temperature)
+        self.regularization_strength = _checks.positive(
             "regularization_strength", regularization_strength
         )
         self.window = _check_window(window)
         self.hard_samples = _check_hard_samples(hard_samples)
         self.standardize = bool(standardize)
-        self.intra_weight = _check_non_negative("intra_weight", intra_weight)
+        self.intra_weight = _checks.non_negative("intra_weight", intra_weight)
 
     def call(self, teacher_output, student_output):
         return cmkd_loss(

@@ -597,8 +597,8 @@ class TokenDivergence(DistillationLoss):
             student_vocab = _head(self.lm_head)[1]
         return teacher_vocab, student_vocab
 
-    def check_shapes(self, teacher_shape, student_shape, teacher_name,
-                     student_name):
+    def check_output_shapes(self, teacher_shape, student_shape,
+                            teacher_name, student_name):
         """Raises a `ValueError` naming both vocabulary sizes when they
         differ and `vocab_mapping` is `None` (called by the `Distiller` at
         construction)."""

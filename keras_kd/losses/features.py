@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 
 
@@ -78,15 +79,39 @@ def attention_map(feature, p=2):
     return att / (ops.norm(att, axis=-1, keepdims=True) + 1e-12)
 
 
+def check_spatial(teacher_shape, student_shape, where):
+    """Raises a `ValueError` unless both shapes are channels-last feature
+    maps with a spatial axis (rank 3 or more): the attention map of a
+    vector `(batch, channels)` is one value per sample, which the L2
+    normalisation turns into 1, so attention transfer on vectors would be
+    identically 0."""
+    for role, shape in (("teacher", teacher_shape),
+                        ("student", student_shape)):
+        if len(shape) < 3:
+            raise ValueError(
+                "Attention transfer compares spatial attention maps: it "
+                "needs channels-last feature maps with a spatial axis, "
+                f"`(batch, ..., channels)`, but the {role} value of {where} "
+                f"has shape {tuple(shape)}. On vectors the loss would be "
+                "identically 0; read a convolutional layer, or use "
+                "`FeatureMSE` for vectors."
+            )
+
+
 def attention_transfer_loss(teacher_feature, student_feature, p=2):
     """Per-sample attention transfer loss (Zagoruyko & Komodakis 2017).
 
     `mean((at(F_s) - at(F_t))^2)` over spatial positions, with the larger
     map average-pooled to the smaller first.
 
+    Raises:
+        ValueError: a feature without a spatial axis (rank 2).
+
     Returns:
         A tensor of shape `(batch,)`.
     """
+    check_spatial(teacher_feature.shape, student_feature.shape,
+                  "attention transfer")
     teacher_feature = ops.stop_gradient(
         ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
@@ -119,7 +144,10 @@ class AttentionTransfer(DistillationLoss):
     map of `mean_c |F|^p`; the loss is the mean squared difference of the
     teacher and student attentions. Channel counts may differ (no adapter
     is needed); when spatial sizes differ the larger map is average-pooled
-    to the smaller. The usual weight in a `Term` is 1000.
+    to the smaller. The usual weight in a `Term` is 1000. Features
+    without a spatial axis (vectors, `(batch, channels)`) are refused: their
+    attention map is a single value per sample and the loss would be
+    identically 0.
 
     Args:
         p: power applied to the activations. Defaults to 2.
@@ -141,10 +169,14 @@ class AttentionTransfer(DistillationLoss):
         reduction="sum_over_batch_size", dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        _checks.positive("p", p)
         self.p = p
 
     def call(self, teacher_output, student_output):
         return attention_transfer_loss(teacher_output, student_output, self.p)
+
+    def check_shapes(self, teacher_shape, student_shape, where):
+        check_spatial(teacher_shape, student_shape, where)
 
     def get_config(self):
         config = super().get_config()

@@ -4,6 +4,7 @@ logit standardization."""
 import keras
 from keras import ops
 
+from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 
 
@@ -100,11 +101,7 @@ class KD(DistillationLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if temperature <= 0:
-            raise ValueError(
-                f"`temperature` must be positive, got {temperature}."
-            )
-        self.temperature = float(temperature)
+        self.temperature = _checks.positive("temperature", temperature)
         self.standardize = bool(standardize)
 
     def call(self, teacher_output, student_output):

@@ -62,16 +62,19 @@ class JAXTrainer(DistillerTrainer):
                      step.student_inputs(x, augment=True)),
             trainable, non_trainable)
 
-        def loss_fn(trainable, non_trainable):
-            outcome, non_trainable, _ = self._stateless(
+        def loss_fn(trainable, non_trainable, metrics):
+            # The metrics too: the compiled loss of a multi-output student
+            # updates its per-output loss trackers.
+            outcome, non_trainable, metrics = self._stateless(
                 lambda: step(x_student, y, sample_weight, teacher,
                              training=True),
-                trainable, non_trainable)
+                trainable, non_trainable, metrics)
             scaled = self._scaled(outcome.losses.total, optimizer_values)
-            return scaled, (outcome, non_trainable)
+            return scaled, (outcome, non_trainable, metrics)
 
-        (_, (outcome, non_trainable)), gradients = jax.value_and_grad(
-            loss_fn, has_aux=True)(trainable, non_trainable)
+        (_, (outcome, non_trainable, metrics)), gradients = \
+            jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, non_trainable, metrics)
 
         # Logs from the weights of this step's forward pass.
         logs, non_trainable, metrics = self._stateless(
