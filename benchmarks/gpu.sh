@@ -5,10 +5,11 @@
 #   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
 #   3. memory.py         LAKD peak memory vs end-to-end KD (skipped while
 #                        local modules train on TensorFlow only)
+#   4. layerwise.py      step time with layer-wise learning rates vs without
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit so
-# the whole run ends within 8 minutes; a part that runs out prints so.
+# the whole run ends within 10 minutes; a part that runs out prints so.
 #
 # Usage: bash benchmarks/gpu.sh [output folder]   (default: gpu_results)
 set -uo pipefail
@@ -53,3 +54,5 @@ else
   echo "== lakd_memory: skipped (local modules train on TensorFlow only)" \
     | tee "$out/lakd_memory.txt"
 fi
+part layerwise 120 "$python" benchmarks/layerwise.py --backend jax \
+  --rounds 9

@@ -375,11 +375,6 @@ def test_tensorflow_only_features_name_the_backend():
         Distiller(make_cnn("t", 8), make_cnn("s", 4),
                   local_modules=keras_kd.LocalModules(
                       split_at=["s_pool"], teacher_layers=["t_pool"]))
-    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'"):
-        Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  layerwise_lr=keras_kd.LayerwiseLearningRate(
-                      pairs=[("s_stage1", "t_stage1"),
-                             ("s_stage2", "t_stage2")]))
 
 
 def test_export_without_tensorflow_says_what_to_install(tmp_path,

@@ -229,8 +229,7 @@ def rademacher(shape, seed, salt):
 
     Args:
         shape: the shape (its first entry may be a tensor).
-        seed: a seed tensor of shape `(2,)`, as `SeedGenerator.next()`
-            returns it.
+        seed: an integer seed tensor of shape `(2,)`.
         salt: a Python int that gives this tensor its own stream.
     """
     backend = _backend()
@@ -374,7 +373,8 @@ def joint_hessian_vector_products(taps, x, classes, probes, roles=None):
     x = keras.tree.map_structure(ops.convert_to_tensor, x)
     eps = [e for tap in taps for e in zeros_for(tap, x)]
     samples = len(probes[0])
-    vectors = [[v for per_tap in probes for v in per_tap[k]]
+    vectors = [[ops.convert_to_tensor(v, "float32") for per_tap in probes
+                for v in per_tap[k]]
                for k in range(samples)]
 
     def target(flat):

@@ -4,8 +4,7 @@ maps at paired layers.
 `LayerwiseLearningRate` is the user-facing description (which layers, which
 signal, how often, how far the scales may move). Given to a `Distiller`, it is
 bound to the teachers and student as a `LayerwiseState`: a small Keras layer,
-tracked by the distiller, that holds the last divergences (and, for the
-Hessian signal, the seed generator of its probes), and that wraps the
+tracked by the distiller, that holds the last divergences and wraps the
 compiled optimizer in a `keras_kd.LayerwiseOptimizer` whose scale variables
 it sets before each step's loss. Model state and optimizer state are both
 saved, so `save`/`load_model` and `BackupAndRestore` restore everything.
@@ -36,8 +35,10 @@ documented where they are made:
   method, `diag(H) ~ mean_k v_k * (H v_k)` with Rademacher probes `v_k`. All
   paired layers are probed together (one Hessian-vector product per probe);
   cross-layer blocks average out because independent probes are
-  uncorrelated. Probes are drawn from a `keras.random.SeedGenerator` of the
-  state, advanced once per step, so resumed training repeats them.
+  uncorrelated. Probes are drawn with a seed made of a constant and the
+  optimizer's iteration count (restored with the optimizer), so resumed
+  training repeats them. (A `keras.random.SeedGenerator` would not do:
+  Keras does not save its state.)
 """
 
 import keras
@@ -272,6 +273,14 @@ def _layers_upstream(model, layer):
     return list(sub.layers)
 
 
+def probe_seed(iteration):
+    """The seed of the Hessian signal's probes at an iteration: the same
+    iteration draws the same probes, so resumed training (which restores
+    the optimizer's iteration count) repeats them."""
+    return ops.stack([ops.convert_to_tensor(_PROBE_SEED, "int32"),
+                      ops.cast(iteration, "int32")])
+
+
 def _has_layer(model, name):
     try:
         return any(layer.name == name for layer in model.layers)
@@ -281,10 +290,10 @@ def _has_layer(model, name):
 
 class LayerwiseState(keras.layers.Layer, GradientRouting):
     """What a `Distiller` with `layerwise_lr` tracks: the last divergence of
-    every pair (non-trainable variables, saved with the model) and, for the
-    Hessian signal, the seed generator of its probes. It wraps the compiled
-    optimizer in a `keras_kd.LayerwiseOptimizer` (`wrap_optimizer`) and sets
-    that optimizer's scales before each step's loss (`before_step`).
+    every pair (non-trainable variables, saved with the model). It wraps the
+    compiled optimizer in a `keras_kd.LayerwiseOptimizer` (`wrap_optimizer`)
+    and sets that optimizer's scales before each step's loss
+    (`before_step`).
 
     Created by `LayerwiseLearningRate.bind`; not meant to be built by hand.
 
@@ -348,9 +357,6 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
                             dtype="float32")
             for n in names
         ]
-        if config.signal == "hessian":
-            self.seed_generator = keras.random.SeedGenerator(
-                _PROBE_SEED, name="probe_seed")
         self._bound = _Untracked(optimizer=None)
         self.built = True
 
@@ -559,8 +565,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
         """Re-estimates the divergences when `iteration` is a multiple of
         `update_every` (keeps them otherwise) and sets the optimizer's
         scales from them. Runs inside the train step (graph, XLA or JAX
-        `jit`): the branch is an `ops.cond`, and the Hessian probes' seed
-        is drawn before it."""
+        `jit`): the branch is an `ops.cond` that assigns no variable."""
         optimizer = self._bound.optimizer
         if optimizer is None:
             raise ValueError(
@@ -569,7 +574,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
             )
         seed = None
         if self.config.signal == "hessian":
-            seed = self.seed_generator.next()
+            seed = probe_seed(iteration)
         current = ops.stack([v.value for v in self._divergences])
         due = ops.equal(ops.mod(ops.cast(iteration, "int32"),
                                 self.config.update_every), 0)
@@ -587,9 +592,9 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
 
         Args:
             x: a batch of inputs.
-            seed: for the Hessian signal, the seed of the probes (a tensor
-                of shape `(2,)` as `keras.random.SeedGenerator.next()`
-                returns); `None` draws it from the state's seed generator.
+            seed: for the Hessian signal, the seed of the probes, a tensor
+                of shape `(2,)` (`probe_seed(iteration)`, as training uses);
+                `None` for `probe_seed(0)`.
 
         Returns:
             `(teacher_maps, student_maps)`, lists with one entry per pair,
@@ -619,7 +624,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
             mean = sum(outputs) / float(len(outputs))
             classes = ops.stop_gradient(ops.argmax(mean, axis=-1))
             if seed is None:
-                seed = self.seed_generator.next()
+                seed = probe_seed(0)
             estimates = hutchinson_diagonals(
                 taps.teachers + [taps.student], x, classes,
                 self.config.hutchinson_samples, seed,
