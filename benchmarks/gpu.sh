@@ -3,8 +3,7 @@
 #   1. step_overhead.py  distiller step vs teacher inference + student step,
 #                        and vs keras.distillation (both students)
 #   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
-#   3. memory.py         LAKD peak memory vs end-to-end KD (skipped while
-#                        local modules train on TensorFlow only)
+#   3. memory.py         LAKD peak memory and step time vs end-to-end KD
 #   4. layerwise.py      step time with layer-wise learning rates vs without
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
@@ -44,15 +43,10 @@ part() {  # part NAME SECONDS COMMAND...
   echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
 }
 
-part step_overhead 200 "$python" benchmarks/step_overhead.py --backend jax \
+part step_overhead 180 "$python" benchmarks/step_overhead.py --backend jax \
   --rounds 24
-part losses 200 "$python" benchmarks/losses.py
-if "$python" -c "import keras_kd.extension as e, keras_kd.local.plan as p; \
-import sys; sys.exit('jax' not in p.LocalModulePlan.backends)"; then
-  part lakd_memory 60 "$python" benchmarks/memory.py --backend jax
-else
-  echo "== lakd_memory: skipped (local modules train on TensorFlow only)" \
-    | tee "$out/lakd_memory.txt"
-fi
+part losses 180 "$python" benchmarks/losses.py
+part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
+  --split blocks --repeats 1 --steps 4
 part layerwise 120 "$python" benchmarks/layerwise.py --backend jax \
   --rounds 9

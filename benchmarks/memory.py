@@ -47,8 +47,14 @@ The configurations are run alternately `--repeats` times in each mode; the
 parent prints the median of each quantity and the ratios LAKD / end-to-end,
 computed from the medians of this one invocation.
 
-Usage: python benchmarks/memory.py [--repeats 3] [--steps 8]
-       [--split stages|blocks|both]
+On JAX (`--backend jax`) the whole step is one XLA program (`jit_compile`
+is Keras' default there), with one `jax.value_and_grad` per LAKD module.
+The live-tensor peak is then the device allocator's `peak_bytes_in_use`
+where the device reports it (GPUs); the JAX CPU client reports no memory
+statistics, so on CPU only resident memory is measured.
+
+Usage: python benchmarks/memory.py [--backend tensorflow|jax] [--repeats 3]
+       [--steps 8] [--split stages|blocks|both]
 """
 
 import argparse
@@ -150,8 +156,26 @@ def build(keras, keras_kd, config, split):
     return distiller
 
 
-def child(config, split, steps, live):
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+def _live_peak(backend, reset):
+    """The allocator's peak of live tensors, in bytes (after `reset()` when
+    `reset`), or `None` where the backend's device does not report it."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if reset:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            return None
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if reset or not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def child(config, split, steps, live, backend):
+    os.environ["KERAS_BACKEND"] = backend
     if live:
         os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -159,7 +183,6 @@ def child(config, split, steps, live):
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import keras_kd
 
@@ -171,12 +194,14 @@ def child(config, split, steps, live):
 
     if live:
         distiller.train_on_batch(x, y)
-        tf.config.experimental.reset_memory_stats("CPU:0")
+        _live_peak(backend, reset=True)
         for _ in range(steps - 1):
             distiller.train_on_batch(x, y)
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        peak = _live_peak(backend, reset=False)
         print("RESULT " + json.dumps(
-            {"config": config, "live_peak_mb": peak / 2**20}), flush=True)
+            {"config": config,
+             "live_peak_mb": None if peak is None else peak / 2**20}),
+            flush=True)
         return
 
     baseline_kb = _status_kb("VmRSS")
@@ -210,13 +235,14 @@ def child(config, split, steps, live):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(config, split, steps, live=False):
+def run_child(config, split, steps, backend, live=False):
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, __file__, "--config", config, "--split", split,
-         "--steps", str(steps)] + (["--live"] if live else []),
+         "--steps", str(steps), "--backend", backend]
+        + (["--live"] if live else []),
         capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
@@ -226,7 +252,7 @@ def run_child(config, split, steps, live=False):
     return json.loads(line[-1][len("RESULT "):])
 
 
-def measure(split, steps, repeats):
+def measure(split, steps, repeats, backend):
     """Runs both configurations for one set of split points and prints the
     runs, the medians and the ratios."""
     student_layers, _ = split_points(split)
@@ -237,7 +263,7 @@ def measure(split, steps, repeats):
     runs = {c: [] for c in CONFIGS}
     for repeat in range(repeats):
         for config in CONFIGS:
-            result = run_child(config, split, steps)
+            result = run_child(config, split, steps, backend)
             runs[config].append(result)
             print(f"  run {repeat + 1} {config:>10}: "
                   f"peak {result['peak_mb']:7.1f} MB, steady peak "
@@ -248,13 +274,18 @@ def measure(split, steps, repeats):
                   f"{result['jit_compile']})", flush=True)
     for repeat in range(repeats):
         for config in CONFIGS:
-            result = run_child(config, split, steps, live=True)
+            result = run_child(config, split, steps, backend, live=True)
             runs[config][repeat].update(result)
-            print(f"  run {repeat + 1} {config:>10}: live tensors peak "
-                  f"{result['live_peak_mb']:7.1f} MB", flush=True)
+            if result["live_peak_mb"] is not None:
+                print(f"  run {repeat + 1} {config:>10}: live tensors peak "
+                      f"{result['live_peak_mb']:7.1f} MB", flush=True)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else float("nan")
 
     medians = {
-        c: {k: statistics.median(r[k] for r in runs[c])
+        c: {k: median(r[k] for r in runs[c])
             for k in ("peak_mb", "steady_peak_mb", "live_peak_mb", "step_s",
                       "cpu_s")}
         for c in CONFIGS
@@ -298,20 +329,22 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--live", action="store_true",
-                        help="child only: report TensorFlow's allocator peak")
+                        help="child only: report the allocator's peak")
+    parser.add_argument("--backend", choices=("tensorflow", "jax"),
+                        default=os.environ.get("KERAS_BACKEND", "tensorflow"))
     args = parser.parse_args()
     if args.config:
         if args.split == "both":
             parser.error("a child (--config) needs --split stages|blocks")
-        child(args.config, args.split, args.steps, args.live)
+        child(args.config, args.split, args.steps, args.live, args.backend)
         return
 
     print(f"batch {BATCH}, {SIZE}x{SIZE}x3 inputs, student widths "
           f"{STUDENT_WIDTHS}, teacher widths {TEACHER_WIDTHS}, "
           f"{args.steps} steps per process, {args.repeats} processes per "
-          "configuration (alternating)")
+          f"configuration (alternating), backend {args.backend}")
     for split in (SPLITS if args.split == "both" else (args.split,)):
-        measure(split, args.steps, args.repeats)
+        measure(split, args.steps, args.repeats, args.backend)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class Distiller(Trainer, keras.Model):
 
     The distiller trains on the TensorFlow, JAX and PyTorch backends, through
     the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
-    (local modules: TensorFlow only, for now).
+    (local modules and layer-wise learning rates included).
 
     Several teachers form an ensemble (see `keras_kd.teachers.Teachers`):
     terms on the final outputs compare the student with the teachers'
@@ -157,9 +157,7 @@ class Distiller(Trainer, keras.Model):
                 "`local_modules` must be a `keras_kd.LocalModules`, got "
                 f"{local_modules!r}."
             )
-        self._check_extensions(teachers, layerwise_lr, local_modules,
-                               teacher_augmentation, student_augmentation,
-                               diagnostics)
+        self._check_extensions(layerwise_lr, local_modules)
         self.teachers = teachers
         self.student = student
         self.student_loss_weight = float(student_loss_weight)
@@ -224,7 +222,9 @@ class Distiller(Trainer, keras.Model):
         self.local_plan = None
         if local_modules is not None:
             self.local_plan = local_modules.bind(
-                teachers[0], student, bound, assembly)
+                teachers, student, bound, assembly, ensemble=ensemble,
+                teacher_augmentation=teacher_augmentation,
+                diagnostics=self.diagnostics_feed)
             self.adapters.update(self.local_plan.adapters)
 
         # One `Mean` per logged loss: `student_loss`, then one per term and
@@ -238,30 +238,12 @@ class Distiller(Trainer, keras.Model):
             self.built = True
 
     @staticmethod
-    def _check_extensions(teachers, layerwise_lr, local_modules,
-                          teacher_augmentation, student_augmentation,
-                          diagnostics):
-        for option, value in (("local_modules", local_modules),):
-            if value is not None and len(teachers) != 1:
-                raise ValueError(
-                    f"`{option}` supports one teacher; got "
-                    f"{len(teachers)} teachers."
-                )
+    def _check_extensions(layerwise_lr, local_modules):
         if local_modules is not None and layerwise_lr is not None:
             raise ValueError(
                 "`local_modules` and `layerwise_lr` cannot be combined: "
                 "local modules train each module by its own gradient and "
                 "do not update layer-wise learning-rate scales."
-            )
-        if local_modules is not None and (
-            teacher_augmentation is not None
-            or student_augmentation is not None or diagnostics
-        ):
-            raise ValueError(
-                "`local_modules` cannot be combined with "
-                "`teacher_augmentation`, `student_augmentation` or "
-                "`diagnostics`: the local-module training step does not "
-                "apply them."
             )
 
     # Read-only views.

@@ -12,35 +12,19 @@ returns.
 A `Distiller` holds at most one extension, `distiller.training_extension`.
 """
 
-import keras
-
 
 class TrainingExtension:
     """The part every extension has.
 
+    Every backend trainer (TensorFlow, JAX, PyTorch) implements both
+    interfaces.
+
     Attributes:
         argument: the `Distiller` argument that enables the feature, for
             error messages.
-        backends: the Keras backends whose trainer implements it.
     """
 
     argument = None
-    backends = ("tensorflow",)
-
-    def check_backend(self):
-        """Raises a `NotImplementedError` when the current Keras backend
-        cannot train with this extension (called at construction)."""
-        backend = keras.backend.backend()
-        if backend in self.backends:
-            return
-        raise NotImplementedError(
-            f"`{self.argument}` trains on the "
-            f"{' and '.join(self.backends)} backend only; Keras is running "
-            f"on '{backend}'. Set the environment variable "
-            f"KERAS_BACKEND={self.backends[0]} before importing Keras to "
-            f"use `{self.argument}`, or leave `{self.argument}` out to "
-            f"train end to end on {backend}."
-        )
 
     def wrap_optimizer(self, optimizer):
         """The optimizer the distiller trains with, given the one Keras'
@@ -106,8 +90,8 @@ class ModuleChain(TrainingExtension):
         """The trainable variables module `k` (0-based) updates."""
         raise NotImplementedError
 
-    def teacher_stream(self, x, sequence=None):
-        """The teacher's outputs for the batch `x`, computed as the modules
+    def teacher_stream(self, x, sequence=None, augment=False):
+        """The teachers' outputs for the batch `x`, computed as the modules
         need them.
 
         Args:
@@ -115,6 +99,8 @@ class ModuleChain(TrainingExtension):
             sequence: `sequence(value, after)` returns `value` computed no
                 earlier than the tensors in `after` (a backend trainer's
                 ordering primitive); `None` for dataflow order.
+            augment: whether the teachers see their augmentations (training
+                steps).
 
         Returns:
             An object whose `advance(k, after)` computes what module `k`
@@ -122,10 +108,18 @@ class ModuleChain(TrainingExtension):
         """
         raise NotImplementedError
 
+    def diagnostic_inputs(self, stream, y_pred, features):
+        """After the last module: `(TeacherOutputs, StudentForward)` for
+        the diagnostics, from the stream, the last output and the merged
+        `diagnostic_features` of the modules."""
+        raise NotImplementedError
+
     def module_losses(self, k, inputs, y, sample_weight, stream, training):
         """Runs module `k` on `inputs` and assembles its loss.
 
         Returns:
-            `(output, losses)`: the module's output and its `StepLosses`.
+            `(output, losses, diagnostic_features)`: the module's output,
+            its `StepLosses`, and `{layer name: feature}` for the
+            diagnostics.
         """
         raise NotImplementedError

@@ -203,6 +203,13 @@ class Teachers:
                 )
         return shapes[first]
 
+    def augment(self, x, index=0):
+        """`x` as teacher `index` sees it in a training step (its
+        augmentation, or the shared one)."""
+        augmentation = (self.augmentations if self.shared_augmentation
+                        else self.augmentations[index])
+        return apply_augmentation(augmentation, x)
+
     def __call__(self, x, training=False, augment=False):
         """Runs every teacher on `x` (its own augmentation of `x` when
         `augment`).

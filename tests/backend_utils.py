@@ -4,7 +4,9 @@ The suite runs under the backend that `KERAS_BACKEND` names (TensorFlow when
 unset). A test that only makes sense on some backends is marked
 `@pytest.mark.backends("tensorflow", ...)`; `conftest.py` skips it
 elsewhere. The helpers below let one test body differentiate and compile on
-any backend, so that a test imports a backend only for what it tests.
+any backend, so that a test imports a backend only for what it tests:
+`value_and_grad` evaluates eagerly and returns NumPy; `value_and_grad_fn`
+returns the differentiated function itself, which `jit` can compile.
 """
 
 import keras
@@ -27,33 +29,82 @@ def value_and_grad(fn, *args):
         `(value, [gradient per argument])`; a gradient that does not exist
         (no dependence) is returned as zeros.
     """
+    value, grads = value_and_grad_fn(fn, range(len(args)))(*args)
+    return to_numpy(value), [to_numpy(g) for g in grads]
+
+
+def value_and_grad_fn(fn, argnums=(0,)):
+    """`g(*args) = (fn(*args), (d fn / d args[i] for i in argnums))`.
+
+    Args:
+        fn: a function of tensors built from `keras.ops`, returning a scalar.
+        argnums: indices of the arguments to differentiate with respect to.
+
+    Returns:
+        A function of array-likes or tensors returning the value and a tuple
+        of gradients as backend tensors; a gradient that does not exist (no
+        dependence) is zeros.
+    """
+    argnums = tuple(argnums)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        tensors = [tf.convert_to_tensor(a) for a in args]
-        with tf.GradientTape() as tape:
-            for t in tensors:
-                tape.watch(t)
-            value = fn(*tensors)
-        grads = tape.gradient(value, tensors)
-    elif BACKEND == "jax":
+        def g(*args):
+            args = [tf.convert_to_tensor(a) for a in args]
+            with tf.GradientTape() as tape:
+                for i in argnums:
+                    tape.watch(args[i])
+                value = fn(*args)
+            grads = tape.gradient(
+                value, [args[i] for i in argnums],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return value, tuple(grads)
+
+        return g
+    if BACKEND == "jax":
         import jax
 
-        tensors = [ops.convert_to_tensor(a) for a in args]
-        value, grads = jax.value_and_grad(
-            fn, argnums=tuple(range(len(tensors))))(*tensors)
-    elif BACKEND == "torch":
+        def g(*args):
+            args = [ops.convert_to_tensor(a) for a in args]
+            return jax.value_and_grad(fn, argnums=argnums)(*args)
+
+        return g
+    if BACKEND == "torch":
         import torch
 
-        tensors = [ops.convert_to_tensor(a).detach().requires_grad_(True)
-                   for a in args]
-        value = fn(*tensors)
-        grads = torch.autograd.grad(value, tensors, allow_unused=True)
-    else:  # pragma: no cover
-        raise NotImplementedError(BACKEND)
-    grads = [np.zeros(np.shape(a)) if g is None else to_numpy(g)
-             for a, g in zip(args, grads)]
-    return to_numpy(value), grads
+        def g(*args):
+            args = [ops.convert_to_tensor(a) for a in args]
+            for i in argnums:
+                args[i] = args[i].detach().requires_grad_(True)
+            value = fn(*args)
+            grads = torch.autograd.grad(value, [args[i] for i in argnums],
+                                        allow_unused=True)
+            grads = tuple(torch.zeros_like(args[i]) if grad is None else grad
+                          for i, grad in zip(argnums, grads))
+            return value.detach(), grads
+
+        return g
+    raise NotImplementedError(BACKEND)  # pragma: no cover
+
+
+def evaluate(result):
+    """A tensor, or a (nested) tuple or list of them, as NumPy arrays."""
+    if isinstance(result, (tuple, list)):
+        return type(result)(evaluate(r) for r in result)
+    return to_numpy(result)
+
+
+def float64_context(enabled=True):
+    """A context in which float64 tensors stay float64: JAX makes them
+    float32 unless its 64-bit types are enabled, which this does (when
+    `enabled`) until the context exits; other backends need nothing."""
+    if enabled and BACKEND == "jax":
+        import jax
+
+        return jax.enable_x64(True)
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def jit(fn):

@@ -28,6 +28,29 @@ def make_cnn(prefix, width, classes=NUM_CLASSES, batchnorm=True,
     return keras.Model(inputs, outputs, name=prefix)
 
 
+def assert_augmented_once_per_training_step(distiller, augmentations,
+                                            x, y):
+    """Fits `distiller` for 4 steps and evaluates it, and checks that the
+    seed generators of `augmentations` advanced exactly as 4 calls each
+    would advance them: once per training step, never in evaluation."""
+    def seeds():
+        return [keras.ops.convert_to_numpy(v).astype("int64")
+                for aug in augmentations for v in aug.non_trainable_variables]
+
+    before = seeds()
+    assert before
+    distiller.fit(x, y, batch_size=len(x) // 4, epochs=1, verbose=0)
+    distiller.evaluate(x, y, batch_size=len(x) // 4, verbose=0)
+    after = seeds()
+    # What one call of each augmentation draws.
+    for aug in augmentations:
+        aug(x[:2], training=True)
+    per_call = [b - a for a, b in zip(after, seeds())]
+    assert all(np.any(p) for p in per_call)
+    for a, b, p in zip(before, after, per_call):
+        np.testing.assert_array_equal(b - a, 4 * p)
+
+
 @pytest.fixture
 def data():
     rng = np.random.default_rng(0)
@@ -54,4 +77,7 @@ def pytest_runtest_setup(item):
 def _seed():
     keras.utils.set_random_seed(1)
     yield
-    keras.backend.clear_session()
+    # Without the full garbage collection of `free_memory=True`, which costs
+    # about a second per test late in a run (a large heap), most on JAX;
+    # Python's own collector still runs.
+    keras.backend.clear_session(free_memory=False)

@@ -6,8 +6,8 @@ import keras_kd
 from keras_kd import Distiller, Term
 from keras_kd.losses import KD, AttentionTransfer, FeatureMSE
 
-from backend_utils import BACKEND
-from conftest import NUM_CLASSES, make_cnn
+from conftest import NUM_CLASSES, assert_augmented_once_per_training_step
+from conftest import make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -341,23 +341,8 @@ def test_augmentation_seeds_advance_once_per_training_step(data):
                            teacher_augmentation=teacher_aug,
                            student_augmentation=student_aug))
 
-    def seeds():
-        return [keras.ops.convert_to_numpy(v).astype("int64")
-                for aug in (teacher_aug, student_aug)
-                for v in aug.non_trainable_variables]
-
-    before = seeds()
-    assert before
-    d.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
-    d.evaluate(x, y, batch_size=8, verbose=0)  # no augmentation
-    after = seeds()
-    # What one call of each augmentation draws.
-    teacher_aug(x[:8], training=True)
-    student_aug(x[:8], training=True)
-    per_call = [b - a for a, b in zip(after, seeds())]
-    assert all(np.any(p) for p in per_call)
-    for a, b, p in zip(before, after, per_call):
-        np.testing.assert_array_equal(b - a, 4 * p)
+    assert_augmented_once_per_training_step(
+        d, [teacher_aug, student_aug], x, y)
 
 
 def test_variables_split_into_trained_and_state():
@@ -370,13 +355,6 @@ def test_variables_split_into_trained_and_state():
 
 
 @pytest.mark.backends("jax", "torch")
-def test_tensorflow_only_features_name_the_backend():
-    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'.*KERAS_"):
-        Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  local_modules=keras_kd.LocalModules(
-                      split_at=["s_pool"], teacher_layers=["t_pool"]))
-
-
 def test_export_without_tensorflow_says_what_to_install(tmp_path,
                                                          monkeypatch):
     from keras_kd import export

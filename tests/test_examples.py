@@ -12,8 +12,6 @@ nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 NOTEBOOKS = sorted(glob.glob(os.path.join(EXAMPLES, "*.ipynb")))
-# Their features (local modules, layer-wise rates) train on TensorFlow only.
-TENSORFLOW_ONLY = {"local_modules.ipynb", "layerwise_learning_rates.ipynb"}
 
 
 def test_examples_exist():
@@ -22,8 +20,6 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    if os.path.basename(path) in TENSORFLOW_ONLY and BACKEND != "tensorflow":
-        pytest.skip("the notebook's feature trains on TensorFlow only")
     # The kernel inherits the environment, so it runs on this backend.
     monkeypatch.setenv("KERAS_BACKEND", BACKEND)
     monkeypatch.setenv("KERAS_KD_SMALL", "1")

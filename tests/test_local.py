@@ -4,17 +4,14 @@ import weakref
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_kd
 from keras_kd import Distiller, LocalModules, Term
 from keras_kd.losses import KD, ActivationMapping, FeatureMSE
 
-from conftest import NUM_CLASSES, make_cnn
-
-# Local modules train on TensorFlow only until their JAX and PyTorch
-# trainers land; the other backends refuse them (see test_distiller.py).
-pytestmark = pytest.mark.backends("tensorflow")
+from backend_utils import value_and_grad
+from conftest import NUM_CLASSES, assert_augmented_once_per_training_step
+from conftest import make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 # make_cnn layers: stage1 -> [bn] -> pool -> stage2 -> gap -> logits.
@@ -66,35 +63,47 @@ def test_modules_cover_the_student_as_a_chain():
     assert {id(v) for v in d.adapters["local_1"].trainable_variables} <= owned
 
 
-def all_module_losses(d, x, y):
-    """Every module's loss in one forward, by the runner's own code path,
-    recorded on one persistent tape."""
-    runner = d.local_plan
-    stream = runner.teacher_stream(x)
-    losses = []
-    with tf.GradientTape(persistent=True) as tape:
-        h = x
-        for k in range(runner.num_modules):
-            stream.advance(k)
-            out, parts = runner.module_losses(
-                k, keras.ops.stop_gradient(h), y, None, stream, training=True)
-            losses.append(parts.total)
-            h = out
-    return tape, losses
+def gradients_of(fn, variables):
+    """`fn()` and its gradient with respect to each of `variables`, on any
+    backend: the variables are read from differentiated values."""
+    def with_values(*values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn()
+
+    return value_and_grad(with_values,
+                          *[keras.ops.convert_to_numpy(v) for v in variables])
+
+
+def module_loss(d, x, y, k):
+    """Module `k`'s loss, by the plan's own code path, after modules
+    `0..k-1` ran on the same batch with the hand-off the trainers use."""
+    plan = d.local_plan
+    x = keras.ops.convert_to_tensor(x)
+    stream = plan.teacher_stream(x)
+    h = x
+    for j in range(k + 1):
+        stream.advance(j)
+        module = plan.module_losses(j, keras.ops.stop_gradient(h), y, None,
+                                    stream, training=True)
+        h = module.output
+    return module.losses.total
 
 
 def test_module_loss_has_exactly_zero_gradient_on_earlier_modules(data):
     x, y = data
     d = compile_(make_lakd())
-    runner = d.local_plan
-    tape, losses = all_module_losses(d, x, y)
-    for k, loss in enumerate(losses):
-        own = tape.gradient(loss, runner.module_variables(k))
-        assert all(g is not None for g in own)
-        assert sum(float(np.abs(g.numpy()).sum()) for g in own) > 0
-        for j in range(k):
-            for g in tape.gradient(loss, runner.module_variables(j)):
-                assert g is None or not np.any(g.numpy())
+    plan = d.local_plan
+    variables = d.trainable_variables
+    owner = {id(v): k for k in range(plan.num_modules)
+             for v in plan.module_variables(k)}
+    for k in range(plan.num_modules):
+        _, grads = gradients_of(lambda k=k: module_loss(d, x, y, k),
+                                variables)
+        own = [g for v, g in zip(variables, grads) if owner[id(v)] == k]
+        assert sum(float(np.abs(g).sum()) for g in own) > 0
+        for v, g in zip(variables, grads):
+            if owner[id(v)] < k:
+                assert not np.any(g), (k, v.path)
 
 
 def test_update_of_a_module_ignores_later_modules_weights(data):
@@ -144,29 +153,24 @@ def test_each_module_is_updated_by_its_own_loss_only(data):
         return keras.Model(model.input, model.get_layer(name).output)
 
     # Independent reference: each module's own loss from models built here.
+    def own_loss(k):
+        if k < 2:
+            s_feat = d.adapters[f"local_{k + 1}"](
+                stage(student, SPLITS[k])(x))
+            return am(stage(teacher, TEACHER[k])(x), s_feat)
+        logits = student(x)
+        return 0.1 * SCCE(y, logits) + 0.9 * kd(teacher(x), logits)
+
     expected_grads = []
     for k in range(3):
         variables = layer_vars(student, MODULE_LAYERS[k])
-        with tf.GradientTape() as tape:
-            if k < 2:
-                adapter = d.adapters[f"local_{k + 1}"]
-                variables += adapter.trainable_variables
-                s_feat = adapter(stage(student, SPLITS[k])(x))
-                loss = am(stage(teacher, TEACHER[k])(x), s_feat)
-            else:
-                logits = student(x)
-                loss = 0.1 * SCCE(y, logits) + 0.9 * kd(teacher(x), logits)
-        expected_grads.append((variables, tape.gradient(loss, variables)))
+        if k < 2:
+            variables += d.adapters[f"local_{k + 1}"].trainable_variables
+        _, grads = gradients_of(lambda k=k: own_loss(k), variables)
+        expected_grads.append((variables, grads))
     # What an end-to-end sum of the same losses would give the first module.
-    with tf.GradientTape() as tape:
-        tape_total = 0.0
-        for k in range(2):
-            s_feat = d.adapters[f"local_{k + 1}"](
-                stage(student, SPLITS[k])(x))
-            tape_total += am(stage(teacher, TEACHER[k])(x), s_feat)
-        logits = student(x)
-        tape_total += 0.1 * SCCE(y, logits) + 0.9 * kd(teacher(x), logits)
-    summed = tape.gradient(tape_total, expected_grads[0][0])
+    _, summed = gradients_of(lambda: own_loss(0) + own_loss(1) + own_loss(2),
+                             expected_grads[0][0])
 
     before = [snapshot(v) for v, _ in expected_grads]
     d.train_on_batch(x, y)
@@ -174,12 +178,11 @@ def test_each_module_is_updated_by_its_own_loss_only(data):
     for (variables, grads), old in zip(expected_grads, before):
         for v, g, w in zip(variables, grads, old):
             np.testing.assert_allclose(keras.ops.convert_to_numpy(v),
-                                       w - lr * g.numpy(), rtol=1e-4,
+                                       w - lr * g, rtol=1e-4,
                                        atol=1e-6, err_msg=v.path)
     # The test separates the two: the summed loss moves module 1 otherwise.
     own = expected_grads[0][1]
-    assert max(float(np.abs(a.numpy() - b.numpy()).max())
-               for a, b in zip(own, summed)) > 1e-4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(own, summed)) > 1e-4
 
 
 def test_fit_history_losses_and_frozen_teacher(data):
@@ -222,7 +225,8 @@ def test_each_layer_runs_forward_once_per_step(data):
     bn = d.student.get_layer("s_bn")
     pre_bn = keras.Model(d.student.input,
                          d.student.get_layer("s_stage1").output)
-    batch_mean = np.mean(pre_bn(x, training=False), axis=(0, 1, 2))
+    batch_mean = np.mean(keras.ops.convert_to_numpy(pre_bn(x, training=False)),
+                         axis=(0, 1, 2))
     d.train_on_batch(x, y)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
                                0.5 * batch_mean, rtol=1e-4, atol=1e-6)
@@ -275,12 +279,13 @@ def test_module_activations_are_released_before_next_module(data):
     assert alive_in_module_2(local=False) is True  # one tape holds it
 
 
+@pytest.mark.backends("tensorflow", "jax")
 def test_jit_compile_matches(data):
     x, y = data
     results = []
     for jit in (False, True):
         keras.utils.set_random_seed(7)
-        d = compile_(make_lakd(), jit_compile=jit)
+        d = compile_(make_lakd(), jit_compile=jit, run_eagerly=not jit)
         logs = d.train_on_batch(x, y, return_dict=True)
         results.append((logs, snapshot(d.student.weights)))
     for key in results[0][0]:
@@ -308,10 +313,11 @@ def test_save_load_and_export_whole_student(tmp_path, data):
                     snapshot(loaded.student.weights)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    tf = pytest.importorskip("tensorflow")
     export = str(tmp_path / "student")
     d.export_student(export, verbose=False)
     reloaded = tf.saved_model.load(export)
-    out = reloaded.serve(x).numpy()
+    out = reloaded.serve(tf.constant(x)).numpy()
     assert out.shape == (len(x), NUM_CLASSES)  # the logits, not a module
     np.testing.assert_allclose(out, d.student.predict(x, verbose=0),
                                atol=1e-5)
@@ -429,11 +435,49 @@ def test_local_modules_and_layerwise_lr_are_exclusive():
                       [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]))
 
 
-def test_local_modules_need_one_teacher_and_no_augmentation():
-    with pytest.raises(ValueError, match="one teacher"):
-        Distiller([make_cnn("t", 8), make_cnn("u", 8)], make_cnn("s", 4),
-                  local_modules=LocalModules(SPLITS, TEACHER))
-    with pytest.raises(ValueError, match="student_augmentation"):
-        Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  local_modules=LocalModules(SPLITS, TEACHER),
-                  student_augmentation=keras_kd.augment.weak(flip=False))
+def test_several_teachers_average_each_module_loss(data):
+    x, y = data
+    teachers = [make_cnn("t", 8), make_cnn("t", 8)]  # same layer names
+    d = compile_(Distiller(
+        teachers, make_cnn("s", 4), terms=[Term(KD(4.0), 0.9)],
+        student_loss_weight=0.1, diagnostics=["top1_agreement"],
+        local_modules=LocalModules(SPLITS, TEACHER)))
+    assert d.local_plan.teacher_segments is None  # teachers run whole
+    logs = d.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    am = ActivationMapping()
+    for k, (s_layer, t_layer) in enumerate(zip(SPLITS, TEACHER)):
+        feature = d.adapters[f"local_{k + 1}"](keras.Model(
+            d.student.input, d.student.get_layer(s_layer).output)(x))
+        expected = np.mean([float(am(keras.Model(
+            t.input, t.get_layer(t_layer).output)(x), feature))
+            for t in teachers])
+        np.testing.assert_allclose(logs[f"local_{k + 1}_loss"], expected,
+                                   rtol=1e-5)
+    mean_logits = np.mean([keras.ops.convert_to_numpy(t(x))
+                           for t in teachers], axis=0)
+    student = d.student.predict(x, verbose=0)
+    np.testing.assert_allclose(logs["kd_loss"],
+                               float(KD(4.0)(mean_logits, student)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["top1_agreement"],
+        np.mean(mean_logits.argmax(-1) == student.argmax(-1)), rtol=1e-6)
+    history = d.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert {"local_1_loss", "local_2_loss", "top1_agreement"} <= set(
+        history.history)
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_augmentations_apply_in_training_steps_only(data, teachers):
+    x, y = data
+    teacher_aug = keras_kd.augment.weak(flip=False, seed=3)
+    student_aug = keras_kd.augment.weak(flip=False, seed=4)
+    d = compile_(Distiller(
+        [make_cnn("t", 8) for _ in range(teachers)], make_cnn("s", 4),
+        terms=[Term(KD(4.0), 0.9)], teacher_augmentation=teacher_aug,
+        student_augmentation=student_aug,
+        local_modules=LocalModules(SPLITS, TEACHER)))
+    # One teacher still runs segment by segment, after its augmentation.
+    assert (d.local_plan.teacher_segments is not None) == (teachers == 1)
+    assert_augmented_once_per_training_step(
+        d, [teacher_aug, student_aug], x, y)

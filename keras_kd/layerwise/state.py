@@ -308,11 +308,9 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
     """
 
     argument = "layerwise_lr"
-    backends = ("tensorflow", "jax", "torch")
 
     def __init__(self, config, teacher, student, name="layerwise_lr"):
         super().__init__(name=name)
-        self.check_backend()
         self.config = config
         teachers = list(teacher) if isinstance(teacher, (list, tuple)) \
             else [teacher]

@@ -7,6 +7,8 @@ Backend-free: the per-module gradient loop lives in the backend trainer
 interface of `keras_kd.extension`.
 """
 
+from typing import NamedTuple
+
 import keras
 from keras import ops
 
@@ -14,8 +16,9 @@ from keras_kd.extension import ModuleChain
 from keras_kd.local.graph import Part, owner_of_layers, split_chain
 from keras_kd.losses.activation_mapping import ActivationMapping
 from keras_kd.losses.features import check_poolable
-from keras_kd.step import BoundTerm
-from keras_kd.taps import Tap, find_layer
+from keras_kd.step import BoundTerm, StepLosses, StudentForward
+from keras_kd.taps import find_layer
+from keras_kd.teachers import TeacherOutputs, Teachers
 from keras_kd.term import Term
 
 
@@ -154,20 +157,29 @@ class LocalModules:
         logged (`<name>_<k>`, 1-based, one per split)."""
         return [f"{self.name}_{k + 1}" for k in range(len(self.split_at))]
 
-    def bind(self, teacher, student, terms, assembly):
-        """Builds and validates the modules for a student and a teacher;
+    def bind(self, teachers, student, terms, assembly, ensemble="logits",
+             teacher_augmentation=None, diagnostics=None):
+        """Builds and validates the modules for a student and its teachers;
         called by `Distiller`.
 
         Args:
-            teacher: the teacher `keras.Model`.
+            teachers: the teacher `keras.Model`s.
             student: the student `keras.Model`.
             terms: the distiller's `keras_kd.step.BoundTerm`s.
             assembly: the distiller's `keras_kd.step.LossAssembly`.
+            ensemble: how several teachers combine (`"logits"` or
+                `"losses"`), as in the `Distiller`.
+            teacher_augmentation: the distiller's teacher augmentation(s).
+            diagnostics: the distiller's `keras_kd.diagnostics.Diagnostics`
+                (which layers its metrics read), or `None`.
 
         Returns:
             A `LocalModulePlan`.
         """
-        return LocalModulePlan(self, teacher, student, terms, assembly)
+        return LocalModulePlan(
+            self, teachers, student, terms, assembly, ensemble=ensemble,
+            teacher_augmentation=teacher_augmentation,
+            diagnostics=diagnostics)
 
     def get_config(self):
         return {
@@ -206,6 +218,16 @@ def _names(value, argument):
     return list(value)
 
 
+class ModuleStep(NamedTuple):
+    """What one module computed: its output, its `StepLosses`, and
+    `{layer name: feature}` for the diagnostics that read a layer inside
+    it."""
+
+    output: object
+    losses: StepLosses
+    diagnostic_features: dict
+
+
 class LocalModulePlan(ModuleChain):
     """The student of one distiller cut into module sub-models, with each
     module's variables, adapters and losses.
@@ -215,6 +237,17 @@ class LocalModulePlan(ModuleChain):
     its loss with respect to `module_variables(k)`, and advances
     `teacher_stream(x)` so that each teacher segment runs just before the
     module that needs it.
+
+    The teachers run in one of two ways. With one teacher that
+    `teacher_layers` cut into a chain (and no diagnostic reading a teacher
+    layer), the teacher runs segment by segment, each just before the
+    student module that needs it, so that its activations are not held
+    while earlier modules train. Otherwise every teacher runs whole, once
+    per step, through the same `keras_kd.teachers.Teachers` as end-to-end
+    distillation (several teachers, per-teacher augmentation): the
+    activation-mapping loss of a module is then averaged over the teachers
+    that have its teacher layer, and terms on the final outputs follow the
+    distiller's `ensemble` mode.
 
     Attributes:
         spec: the `LocalModules` it implements.
@@ -226,14 +259,15 @@ class LocalModulePlan(ModuleChain):
         loss_names: the names of the modules' activation-mapping losses.
         feature_terms: per module, the indices (in the distiller's term
             order) of the feature terms that read a layer inside it.
-        teacher_segments: the teacher's segments when `teacher_layers` cut
-            it into a chain, else `None` (one teacher forward per step).
+        teacher_segments: the teacher's segments when it runs segment by
+            segment, else `None`.
     """
 
     argument = "local_modules"
 
-    def __init__(self, spec, teacher, student, terms, assembly):
-        self.check_backend()
+    def __init__(self, spec, teachers, student, terms, assembly,
+                 ensemble="logits", teacher_augmentation=None,
+                 diagnostics=None):
         self.spec = spec
         self.assembly = assembly
         self.terms = list(terms)
@@ -245,55 +279,83 @@ class LocalModulePlan(ModuleChain):
         starts, ends, module_layers = split_chain(
             student, spec.split_at, "student", "split_at"
         )
-
-        # Which module each term belongs to.
         owner = owner_of_layers(module_layers)
-        self.feature_terms = [[] for _ in range(n_splits + 1)]
-        self.logit_terms = []
-        teacher_names = list(spec.teacher_layers)
-        self.teacher_index = {}
-        for i, term in enumerate(self.terms):
-            if not term.reads_features:
-                self.logit_terms.append(i)
-                continue
-            layer = find_layer(student, term.student_layer, "student")
+
+        def module_of(layer_name, what):
+            layer = find_layer(student, layer_name, "student")
             if id(layer) not in owner:
                 raise ValueError(
-                    f"Term '{term.name}' reads student layer "
-                    f"'{term.student_layer}', which belongs to no local "
-                    "module (only layers between the input and the output "
-                    "can be read)."
+                    f"{what} reads student layer '{layer_name}', which "
+                    "belongs to no local module (only layers between the "
+                    "input and the output can be read)."
                 )
-            self.feature_terms[owner[id(layer)]].append(i)
-            self.teacher_index[i] = len(teacher_names)
-            teacher_names.append(term.teacher_layer)
-        # Validates the teacher layer names; runs the teacher in one piece
-        # when it cannot be cut into a chain at `teacher_layers`.
-        self.teacher_tap = Tap(teacher, teacher_names, "teacher")
-        self._build_teacher_segments(teacher)
+            return owner[id(layer)]
 
-        # Module sub-models over the student's own layers (shared weights).
-        self.parts = [
-            Part(
-                starts[k], ends[k],
-                [student.get_layer(self.terms[i].student_layer).output
-                 for i in self.feature_terms[k]],
-                name=f"{student.name}_module{k + 1}",
-            )
-            for k in range(n_splits + 1)
+        # Which module each term belongs to.
+        self.feature_terms = [[] for _ in range(n_splits + 1)]
+        self.logit_terms = []
+        for i, term in enumerate(self.terms):
+            if term.reads_features:
+                self.feature_terms[module_of(
+                    term.student_layer, f"Term '{term.name}'")].append(i)
+            else:
+                self.logit_terms.append(i)
+
+        # The activation-mapping loss of each split, as a feature term that
+        # reads `teacher_layers[k]` (its adapter is added below).
+        self.local_terms = [
+            BoundTerm(Term(spec.loss, teacher_layer=t_layer,
+                           student_layer=s_layer, name=name), name)
+            for name, t_layer, s_layer in zip(
+                self.loss_names, spec.teacher_layers, spec.split_at)
         ]
+        feature_bounds = self.local_terms + [
+            self.terms[i] for k in range(self.num_modules)
+            for i in self.feature_terms[k]]
+        self._feature_slot = {
+            i: n_splits + j for j, i in enumerate(
+                i for k in range(self.num_modules)
+                for i in self.feature_terms[k])}
+        self.diagnostics = diagnostics
+        diagnostic_layers = diagnostics.student_layers if diagnostics else []
+        self.teachers = Teachers(
+            teachers, feature_bounds, ensemble=ensemble,
+            augmentation=teacher_augmentation,
+            extra_layers=diagnostics.teacher_layers if diagnostics else None,
+        )
+        self.teacher_segments = None
+        if len(teachers) == 1 and not any(
+                diagnostics.teacher_layers[0] if diagnostics else []):
+            self._build_teacher_segments(teachers[0])
+            if diagnostics is not None and diagnostics.metrics:
+                # The diagnostics read the teacher's output.
+                self.teacher_need[-1] = n_splits
+
+        # Module sub-models over the student's own layers (shared weights):
+        # each returns its output, then the features its terms read, then
+        # the features the diagnostics read inside it.
+        self.diagnostic_slots = [
+            (module_of(name, "A diagnostic"), name)
+            for name in diagnostic_layers]
+        self.parts = []
+        for k in range(n_splits + 1):
+            names = [self.terms[i].student_layer
+                     for i in self.feature_terms[k]]
+            names += [name for m, name in self.diagnostic_slots if m == k]
+            self.parts.append(Part(
+                starts[k], ends[k],
+                [student.get_layer(name).output for name in names],
+                name=f"{student.name}_module{k + 1}",
+            ))
         self.models = [part.model for part in self.parts]
 
-        # The activation-mapping loss of each split, with an adapter from
-        # the module's output to the teacher's channels where they differ.
+        # Adapters from each module's output to the teacher's channels
+        # where they differ.
         self.adapters = {}
-        self.local_terms = []
-        for k, name in enumerate(self.loss_names):
-            adapter = self._adapter(k, ends[k])
-            if adapter is not None:
-                self.adapters[name] = adapter
-            self.local_terms.append(
-                BoundTerm(Term(spec.loss, name=name), name, adapter))
+        for k, bound in enumerate(self.local_terms):
+            bound.adapter = self._adapter(k, ends[k])
+            if bound.adapter is not None:
+                self.adapters[bound.name] = bound.adapter
         self._check_partition()
 
     # Construction helpers.
@@ -301,10 +363,9 @@ class LocalModulePlan(ModuleChain):
     def _build_teacher_segments(self, teacher):
         """Cuts the teacher at `teacher_layers` too, when that gives a
         chain, so that each teacher segment runs just before the student
-        module that needs it; `self.teacher_segments` stays `None` (one
-        teacher forward) otherwise."""
+        module that needs it; `self.teacher_segments` stays `None` (the
+        whole teacher runs once) otherwise."""
         n = self.n_splits
-        self.teacher_segments = None
         self.segment_terms = [[] for _ in range(n + 1)]
         # Highest teacher segment each student module needs.
         self.teacher_need = [k for k in range(n)]
@@ -336,7 +397,7 @@ class LocalModulePlan(ModuleChain):
         ]
 
     def _adapter(self, k, cut):
-        t_shape = self.teacher_tap.feature_shapes[k]
+        t_shape = self.teachers.feature_shapes[k]
         s_shape = tuple(cut.shape)
         where = (
             f"local module {k + 1} (student layer '{self.spec.split_at[k]}' "
@@ -390,10 +451,11 @@ class LocalModulePlan(ModuleChain):
                 variables.extend(bound.adapter.trainable_variables)
         return variables
 
-    def teacher_stream(self, x, sequence=None):
-        """The teacher's outputs for the batch `x`, computed as the modules
-        need them (see `TeacherStream`)."""
-        return TeacherStream(self, x, sequence)
+    def teacher_stream(self, x, sequence=None, augment=False):
+        """The teachers' outputs for the batch `x` (each on its own
+        augmentation of `x` when `augment`), computed as the modules need
+        them (see `TeacherStream`)."""
+        return TeacherStream(self, x, sequence, augment)
 
     def module_losses(self, k, inputs, y, sample_weight, stream, training):
         """Runs module `k` (0-based) on `inputs` and assembles its loss.
@@ -406,9 +468,13 @@ class LocalModulePlan(ModuleChain):
         by its own layers' regularization losses.
 
         Returns:
-            `(output, losses)`: the module's output and its `StepLosses`.
+            A `ModuleStep`.
         """
         out, feats = self.parts[k](inputs, training=training)
+        count = len(self.feature_terms[k])
+        diagnostic = dict(zip(
+            [name for m, name in self.diagnostic_slots if m == k],
+            feats[count:]))
         last = k == self.n_splits
         pairs = []
         if not last:
@@ -423,55 +489,78 @@ class LocalModulePlan(ModuleChain):
             y_pred=out if last else None,
             regularization=self.models[k].losses,
         )
-        return out, losses
+        return ModuleStep(out, losses, diagnostic)
+
+    def diagnostic_inputs(self, stream, y_pred, features):
+        """What the diagnostics read after the last module: the teachers'
+        `TeacherOutputs` and the student's `StudentForward`.
+
+        Args:
+            stream: the step's `TeacherStream`, advanced to the last module.
+            y_pred: the last module's output.
+            features: the modules' `diagnostic_features`, merged.
+        """
+        names = [name for _, name in self.diagnostic_slots]
+        student = StudentForward(y_pred, [], [features[n] for n in names])
+        return stream.teacher_outputs, student
 
 
 class TeacherStream:
-    """The teacher's outputs for one batch, in inference mode and without
+    """The teachers' outputs for one batch, in inference mode and without
     gradient, computed as the student's modules need them.
 
-    When `teacher_layers` cut the teacher into a chain, teacher segment `j`
-    (input to `teacher_layers[0]`, ..., last split to the output) runs
-    only when a module first needs it, so that the teacher's activations
-    and later features are not held while earlier modules train; the last
-    segment is skipped when no term reads the teacher's output. Otherwise
-    the whole teacher runs once, when the first module needs it.
+    With teacher segments, segment `j` (input to `teacher_layers[0]`, ...,
+    last split to the output) runs only when a module first needs it, so
+    that the teacher's activations and later features are not held while
+    earlier modules train; the last segment is skipped when no term reads
+    the teacher's output. Otherwise every teacher runs whole, once, when the
+    first module needs it.
 
     Attributes:
-        local: `{k: teacher feature aligned to module k}`.
-        out: the teacher's final output (when computed).
+        local: `{k: teacher feature aligned to module k}` (a list, one per
+            teacher that has the layer, with several teachers).
+        out: the teachers' final output (when computed), combined as the
+            distiller's `ensemble` mode says.
         terms: `{term index: teacher feature read by that term}`.
+        teacher_outputs: the `TeacherOutputs` for the diagnostics (after
+            the last module).
     """
 
-    def __init__(self, plan, x, sequence=None):
+    def __init__(self, plan, x, sequence=None, augment=False):
         self.plan = plan
         self.local, self.terms, self.out = {}, {}, None
-        self._next, self._h = 0, x
+        self.teacher_outputs = None
+        self._next, self._h, self._augment = 0, x, augment
         self._sequence = sequence or (lambda value, after: value)
-
-    def _run(self, part, after):
-        end, feats = part(self._sequence(self._h, after), training=False)
-        return keras.tree.map_structure(ops.stop_gradient, (end, list(feats)))
 
     def advance(self, k, after=()):
         """Computes what module `k` needs, each new piece only once the
         tensors in `after` exist. Returns the tensors computed."""
         plan = self.plan
-        need = plan.teacher_need[k]
-        computed = []
         if plan.teacher_segments is None:
-            if self._next == 0 and need >= 0:
-                out, feats = self._run(plan.teacher_tap, after)
-                self.out = out
-                self.local = dict(enumerate(feats[:plan.n_splits]))
-                self.terms = {i: feats[j]
-                              for i, j in plan.teacher_index.items()}
-                self._next = plan.n_splits + 1
-                computed = keras.tree.flatten((out, feats))
-            return computed
-        while self._next <= need:
+            if self._next > 0:
+                return []
+            self._next = plan.num_modules
+            teacher = plan.teachers(self._sequence(self._h, after),
+                                    training=False, augment=self._augment)
+            n = plan.n_splits
+            self.out = teacher.outputs
+            self.local = dict(enumerate(teacher.features[:n]))
+            self.terms = {i: teacher.features[slot]
+                          for i, slot in plan._feature_slot.items()}
+            self.teacher_outputs = teacher
+            return keras.tree.flatten(teacher)
+        if self._next == 0 and self._augment:
+            # One teacher: its augmentation, applied before the first
+            # segment.
+            self._h = plan.teachers.augment(self._h)
+        computed = []
+        while self._next <= plan.teacher_need[k]:
             j = self._next
-            end, feats = self._run(plan.teacher_segments[j], after)
+            end, feats = plan.teacher_segments[j](
+                self._sequence(self._h, after), training=False)
+            end, feats = keras.tree.map_structure(
+                ops.stop_gradient, (end, list(feats)))
             if j < plan.n_splits:
                 self.local[j] = self._h = end
             else:
@@ -479,4 +568,7 @@ class TeacherStream:
             self.terms.update(zip(plan.segment_terms[j], feats))
             computed.extend(keras.tree.flatten((end, feats)))
             self._next += 1
+        if k == plan.n_splits:
+            self.teacher_outputs = TeacherOutputs(self.out, [], self.out,
+                                                  [[]])
         return computed

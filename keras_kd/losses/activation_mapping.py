@@ -161,7 +161,8 @@ def activation_mapping_loss(
             "student feature to the teacher's channels first (the Distiller "
             "and LocalModules insert an adapter for this)."
         )
-    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature = ops.stop_gradient(
+        ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
         teacher_feature, student_feature
     )

@@ -5,9 +5,10 @@ Each loss is a pure function of tensors (`pearson_loss`, `spearman_loss`,
 Notation: `z` are logits of shape `(batch, classes)`, `tau` the temperature,
 `p = softmax(z / tau)` and `rho(a, b)` the Pearson correlation of two
 vectors, i.e. the cosine similarity of the mean-centred vectors, with the
-product of their norms floored at `1e-8` (a vector that centres to exactly 0
-has correlation 0 and counts as having norm 1 in the gradient), computed in
-float32 for half-precision inputs.
+product of their norms floored at `1e-8`, computed in float32 for
+half-precision inputs. A vector whose spread is at rounding level (see
+`_correlation`) counts as constant: its correlation is 0 up to that
+rounding, and its norm counts as 1 in the gradient.
 
 Spearman terms rank the student's logits with
 `keras_kd.ops.rank.sort_and_soft_rank` (the soft ranks of `soft_rank`: sort
@@ -22,6 +23,7 @@ teacher's values are gathered.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_kd.losses.base import DistillationLoss
@@ -44,8 +46,12 @@ def pearson_correlation(a, b, axis=-1, epsilon=EPSILON):
     """Pearson correlation of `a` and `b` along `axis`.
 
     The cosine similarity of the mean-centred vectors,
-    `sum(a_c * b_c) / max(|a_c| |b_c|, epsilon)`. A constant vector has
-    correlation 0 with anything (and a finite gradient).
+    `sum(a_c * b_c) / max(|a_c| |b_c|, epsilon)`. A constant vector, or one
+    whose spread is at rounding level (the root mean square of its centred
+    values at most `n + 4` machine epsilons of its dtype times that of its
+    values, for `n` entries along `axis`; float32 epsilons for the `n` of
+    half-precision inputs), has correlation 0 with anything (up to that
+    rounding) and a bounded gradient.
 
     Args:
         a: tensor.
@@ -56,9 +62,15 @@ def pearson_correlation(a, b, axis=-1, epsilon=EPSILON):
     Returns:
         The correlations, with `axis` removed.
     """
-    a = a - ops.mean(a, axis=axis, keepdims=True)
-    b = b - ops.mean(b, axis=axis, keepdims=True)
-    return _centred_cosine(a, b, ops.sum, axis, epsilon)
+
+    a, b = ops.convert_to_tensor(a), ops.convert_to_tensor(b)
+
+    def centre(x):
+        return x - ops.mean(x, axis=axis, keepdims=True)
+
+    return _correlation(
+        a, b, centre, ops.sum, axis, epsilon, _length(a, axis)
+    )
 
 
 def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
@@ -82,39 +94,105 @@ def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
     """
     shape = [1] * len(a.shape)
     shape[axis] = -1
-    weights = ops.reshape(ops.cast(weights, a.dtype), shape)
-    total = ops.sum(weights, axis=axis, keepdims=True)
+
+    def weights_like(x):
+        return ops.reshape(ops.cast(weights, x.dtype), shape)
 
     def centre(x):
+        w = weights_like(x)
+        total = ops.sum(w, axis=axis, keepdims=True)
         mean = ops.divide_no_nan(
-            ops.sum(weights * x, axis=axis, keepdims=True), total
+            ops.sum(w * x, axis=axis, keepdims=True), total
         )
         return x - mean
 
     def weighted_sum(x, axis):
-        return ops.sum(weights * x, axis=axis)
+        return ops.sum(weights_like(x) * x, axis=axis)
 
-    return _centred_cosine(centre(a), centre(b), weighted_sum, axis, epsilon)
+    return _correlation(
+        a, b, centre, weighted_sum, axis, epsilon, _length(a, axis)
+    )
 
 
-def _centred_cosine(a, b, total, axis, epsilon):
+def _length(x, axis):
+    """The number of entries of `x` along `axis` (static when known)."""
+    n = x.shape[axis]
+    return ops.shape(x)[axis] if n is None else n
+
+
+# Rounding of the values themselves (a softmax, a division by C), in units
+# of their dtype's machine epsilon; see `_correlation`.
+_VALUE_ROUNDING = 4.0
+
+
+def _correlation(a, b, centre, total, axis, epsilon, mean_terms):
+    """Cosine similarity of `centre(a)` and `centre(b)` under the sum
+    `total`, with the product of the norms floored at `epsilon` and rows at
+    rounding level counted as constant.
+
+    Args:
+        a: tensor, not centred.
+        b: tensor of the same shape, not centred.
+        centre: function subtracting the (weighted) mean along `axis`.
+        total: function `(x, axis)` summing (with the weights) along `axis`.
+        axis: the axis along which the vectors lie.
+        epsilon: floor of the product of the norms.
+        mean_terms: how many values `centre` sums to get the mean (0 when
+            the mean is known without a sum); the rounding error of that
+            mean grows with it.
+
+    Returns:
+        The correlations, with `axis` removed, in the dtype of `a`.
+    """
     dtype = keras.backend.standardize_dtype(a.dtype)
+    value_eps = _machine_epsilon(dtype)
     if dtype in ("float16", "bfloat16"):
         # Sums of squared deviations of probabilities (~1e-7) and their
-        # products underflow in half precision: compute in float32.
+        # products underflow in half precision: centre and compute in
+        # float32.
         a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
-        return ops.cast(_centred_cosine(a, b, total, axis, epsilon), dtype)
-    covariance = total(a * b, axis=axis)
-    squares_a = total(a * a, axis=axis)
-    squares_b = total(b * b, axis=axis)
-    # A vector that centres to exactly 0 (such as the ranks of the all-zero
-    # logits of a zero-initialized head) has no direction: its norm counts
-    # as 1, so its gradient is the other vector's direction instead of that
-    # direction divided by the floor (about 1e10 for ranks).
-    squares_a = ops.where(squares_a > 0, squares_a, 1.0)
-    squares_b = ops.where(squares_b > 0, squares_b, 1.0)
+    sum_eps = _machine_epsilon(keras.backend.standardize_dtype(a.dtype))
+    a_c, b_c = centre(a), centre(b)
+    covariance = total(a_c * b_c, axis=axis)
+    # A constant row (the all-zero logits of a zero-initialized head, their
+    # softmax, their ranks) should centre to exactly 0, but its centred
+    # values keep the rounding of the values (a softmax, 1 / C) and of a
+    # computed mean: the mean of B equal values is off by up to about B / 2
+    # machine epsilons of the value in recursive summation (measured: up to
+    # B / 13 for TensorFlow's eager mean). With a norm of that residue
+    # (~1e-9 for probabilities) the row's gradient is the other row's
+    # direction divided by the residue or by the 1e-8 floor (measured up to
+    # about 4e6 for a zero-initialized head). So a row counts as constant
+    # when the root mean square of its centred values is at most
+    # `tolerance` times that of its values: 4 epsilons of the values' dtype
+    # plus `mean_terms` epsilons of the dtype the sums run in. Its norm
+    # then counts as 1, so its gradient is the other row's direction. A
+    # real spread that small is lost in the rounding of the mean anyway.
+    tolerance = _VALUE_ROUNDING * value_eps + ops.cast(
+        mean_terms, a.dtype
+    ) * sum_eps
+    squares_a = _squares_or_one(a, a_c, total, axis, tolerance)
+    squares_b = _squares_or_one(b, b_c, total, axis, tolerance)
     norms = ops.sqrt(ops.maximum(squares_a * squares_b, epsilon**2))
-    return covariance / norms
+    return ops.cast(covariance / norms, dtype)
+
+
+def _machine_epsilon(dtype):
+    if not keras.backend.is_float_dtype(dtype):
+        return float(np.finfo("float32").eps)
+    if dtype == "bfloat16":
+        return 2.0**-7
+    return float(np.finfo(dtype).eps)
+
+
+def _squares_or_one(x, x_c, total, axis, tolerance):
+    """The (weighted) sum of squares of the centred `x_c`, or 1 where it is
+    at most `tolerance^2` times that of `x` (a constant row, 0 <= 0
+    included)."""
+    squares = total(x_c * x_c, axis=axis)
+    scale = total(x * x, axis=axis)
+    constant = squares <= ops.square(tolerance) * scale
+    return ops.where(constant, 1.0, squares)
 
 
 def _softened(logits, temperature):
@@ -135,7 +213,7 @@ def pearson_loss(teacher_logits, student_logits, temperature=1.0):
     Returns:
         A tensor of shape `(batch,)` with values in `[0, 2]`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     return 1.0 - _probability_correlation(
         _softened(student_logits, temperature),
         _softened(teacher_logits, temperature),
@@ -145,15 +223,23 @@ def pearson_loss(teacher_logits, student_logits, temperature=1.0):
 def _probability_correlation(a, b):
     """`pearson_correlation` of two probability vectors (last axis): each
     sums to 1, so both have mean `1 / C`."""
-    classes = ops.cast(ops.shape(a)[-1], a.dtype)  # may be dynamic
-    return _correlation_with_known_mean(a, b, 1.0 / classes)
+
+    def mean(x):
+        return 1.0 / ops.cast(ops.shape(x)[-1], x.dtype)  # may be dynamic
+
+    return _correlation_with_known_mean(a, b, mean)
 
 
 def _correlation_with_known_mean(a, b, mean):
     """`pearson_correlation` along the last axis of two vectors whose mean
-    is known to be `mean`: centring by it gives the same value without two
-    reductions and their gradients."""
-    return _centred_cosine(a - mean, b - mean, ops.sum, -1, EPSILON)
+    is known: `mean(x)` gives it in the dtype of `x`. Centring by it gives
+    the same value without two reductions and their gradients (and without
+    the rounding of a computed mean)."""
+
+    def centre(x):
+        return x - mean(x)
+
+    return _correlation(a, b, centre, ops.sum, -1, EPSILON, 0)
 
 
 def intra_class_loss(
@@ -177,7 +263,7 @@ def intra_class_loss(
     Returns:
         A scalar tensor.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     p_t = _softened(teacher_logits, temperature)
     p_s = _softened(student_logits, temperature)
     if sample_weight is None:
@@ -256,12 +342,12 @@ def _spearman_in_order(teacher_logits, student_ranks, order):
     and the teacher's exact ranks gathered into that order. The correlation
     is unchanged when both vectors are permuted alike, and gathering the
     teacher's ranks is cheaper than un-sorting the soft ranks."""
-    teacher_ranks = exact_rank(ops.stop_gradient(teacher_logits), axis=-1)
+    teacher_ranks = exact_rank(teacher_logits, axis=-1)  # no gradient
     teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
     # Ranks of n entries, exact or soft, always have mean (n + 1) / 2.
     mean_rank = 0.5 * (student_ranks.shape[-1] + 1)
     return 1.0 - _correlation_with_known_mean(
-        student_ranks, teacher_ranks, mean_rank
+        student_ranks, teacher_ranks, lambda x: mean_rank
     )
 
 
@@ -316,7 +402,7 @@ def entropy_weights(teacher_logits, temperature=1.0):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
     return _normalized_entropy(ops.exp(log_p), log_p)
 
@@ -378,7 +464,7 @@ def cmkd_loss(
         A tensor of shape `(batch,)`.
     """
     _check_hard_samples(hard_samples)
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     teacher_logits, student_logits, dtype = _rank_precision(
         teacher_logits, student_logits
     )
@@ -687,9 +773,11 @@ class CMKD(_BatchCoupledLoss):
 
     CMKD (Niu et al., 2024, arXiv:2410.06561) combines a Pearson-based and a
     Spearman-based loss whose weights change per sample with the difficulty
-    of the sample, measured by the entropy of the teacher's output. The
-    paper's full text was not available, so this class implements the
-    library's own reading of the abstract (`docs/losses/cmkd.md`):
+    of the sample, measured by the entropy of the teacher's output. That is
+    all the source the project has (a summary of the paper written from its
+    abstract) says about the loss; its full text was not available. The
+    formulas below are the library's own reading (`docs/losses/cmkd.md`
+    lists what comes from the source and what does not):
 
         w_i   = H(p_t,i) / log C                 (in [0, 1], no gradient)
         L_P,i = 1 - rho(p_s,i, p_t,i)  [+ intra_weight * DIST intra term]
@@ -702,9 +790,9 @@ class CMKD(_BatchCoupledLoss):
     are exact (it needs no gradient); the student's are
     `keras_kd.ops.rank.soft_rank` (sort once, sigmoid comparisons with
     `window` sorted neighbours on each side, O(C (log C + window))).
-    `standardize=True` adds the z-score normalisation step the paper
-    mentions: both logits become `(z - mean) / (std * sqrt(C / (C - 1)) +
-    1e-7)` per sample before everything else (weights included); a base
+    `standardize=True` adds a z-score step (the library's option, not from
+    the source): both logits become `(z - mean) / (std * sqrt(C / (C - 1))
+    + 1e-7)` per sample before everything else (weights included); a base
     temperature around 2 is then usual.
 
     As for `SpearmanCorrelation`, the loss of a student identical to its

@@ -87,7 +87,8 @@ def attention_transfer_loss(teacher_feature, student_feature, p=2):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature = ops.stop_gradient(
+        ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
         teacher_feature, student_feature
     )
@@ -101,7 +102,8 @@ def feature_mse_loss(teacher_feature, student_feature):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_feature = ops.stop_gradient(teacher_feature)
+    teacher_feature = ops.stop_gradient(
+        ops.convert_to_tensor(teacher_feature))
     teacher_feature, student_feature = match_spatial(
         teacher_feature, student_feature
     )

@@ -22,6 +22,7 @@ def standardize_logits(logits, epsilon=1e-7):
     Returns:
         A tensor of the same shape as `logits`.
     """
+    logits = ops.convert_to_tensor(logits)  # NumPy minus a torch tensor fails
     num_classes = ops.shape(logits)[-1]
     mean = ops.mean(logits, axis=-1, keepdims=True)
     correction = ops.sqrt(
@@ -54,7 +55,7 @@ def kd_loss(teacher_logits, student_logits, temperature=4.0, standardize=False):
     Returns:
         A tensor of shape `(batch,)`.
     """
-    teacher_logits = ops.stop_gradient(teacher_logits)
+    teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
     if standardize:
         teacher_logits = standardize_logits(teacher_logits)
         student_logits = standardize_logits(student_logits)

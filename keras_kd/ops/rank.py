@@ -122,13 +122,30 @@ def _long_run_correction(sorted_rows, positions, n, reach):
     equal values, and only computed in that case."""
     if n <= reach + 1:
         return ops.zeros_like(positions)
-    return ops.cond(
+    return _cond(
         _has_run_longer_than(sorted_rows, reach + 1),
         lambda: _average_tied_positions(sorted_rows, positions, n)
         - positions
         - _tie_offsets(sorted_rows, reach),
         lambda: ops.zeros_like(positions),
     )
+
+
+def _cond(pred, true_fn, false_fn):
+    """`keras.ops.cond`, except that under JAX a predicate whose value is
+    known (outside `jax.jit`) picks its branch in Python. `jax.lax.cond`
+    traces and compiles both branches again on every eager call (new
+    closures each time), about a second per call on CPU."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        try:
+            taken = bool(pred)
+        except jax.errors.ConcretizationTypeError:  # traced under jit
+            pass
+        else:
+            return true_fn() if taken else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
 
 
 def _average_tied_positions(sorted_rows, positions, n):
@@ -176,6 +193,7 @@ def exact_rank(x, axis=-1):
     >>> np.asarray(exact_rank(np.array([0.5, -1.0, 0.5, 3.0])))
     array([2.5, 1. , 2.5, 4. ])
     """
+    x = ops.convert_to_tensor(x)  # NumPy input: torch cannot stop its gradient
     rows, n, undo = _to_rows(ops.stop_gradient(x), axis)
     sorted_rows, permutation = sort_rows(rows)
     ranks = _tied_ranks_of_sorted(sorted_rows, n)
@@ -414,8 +432,9 @@ def _window_brackets(sorted_rows, inverse_strength, window):
             # The same factors (max with 0 changes nothing), but not the
             # same expression: a compiler that merged the running products
             # with the forward pass's would keep every one of them in memory
-            # between the passes.
-            up, down = steps(ops.maximum(factors, 0.0))
+            # between the passes. (`relu`, not `maximum(factors, 0.0)`: on
+            # torch Keras computes `maximum` of float64 tensors in float32.)
+            up, down = steps(ops.relu(factors))
             g = ops.pad(upstream, [[0, 0], [w, w]])
             # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
             g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]

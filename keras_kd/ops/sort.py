@@ -125,7 +125,7 @@ def argsort_rows(rows):
     Returns:
         An int32 tensor of the same shape.
     """
-    rows = ops.stop_gradient(rows)
+    rows = ops.stop_gradient(ops.convert_to_tensor(rows))
     if _use_fast_path(rows):
         return _tensorflow_xla_sort(rows)[1]
     return ops.cast(ops.argsort(rows, axis=-1), "int32")

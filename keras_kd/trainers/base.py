@@ -36,8 +36,8 @@ class ForwardPass(NamedTuple):
 
 class ModulesPass(NamedTuple):
     """One pass through the local modules: the batch, the last module's
-    output, the merged `StepLosses`, and `{id(variable): gradient}` when the
-    modules were differentiated."""
+    output, the merged `StepLosses`, `{id(variable): gradient}` when the
+    modules were differentiated, and what the diagnostics read."""
 
     x: object
     y: object
@@ -45,6 +45,19 @@ class ModulesPass(NamedTuple):
     y_pred: object
     losses: StepLosses
     gradients: dict
+    teacher: object
+    student: object
+
+
+def unpack(data):
+    """`(x, y, sample_weight)` of a batch, as tensors of the backend (a
+    batch given to `train_on_batch` may still hold NumPy arrays)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+
+    def tensor(value):
+        return None if value is None else keras.ops.convert_to_tensor(value)
+
+    return keras.tree.map_structure(tensor, (x, y, sample_weight))
 
 
 def merge_losses(parts):
@@ -75,7 +88,7 @@ class DistillerTrainer:
     def _forward(self, data, training):
         """The teachers' outputs (augmented in training) and the student's
         forward pass and losses, as a `ForwardPass`."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = unpack(data)
         step = self.distillation_step
         teacher = step.teacher_outputs(x, augment=training)
         outcome = step(step.student_inputs(x, augment=training), y,
@@ -88,23 +101,25 @@ class DistillerTrainer:
 
         Args:
             data: the batch.
-            training: the `training` flag of the modules.
+            training: the `training` flag of the modules (training steps
+                also augment).
             sequence: the backend's ordering primitive (see
                 `ModuleChain.teacher_stream`).
             differentiate: `None` (no gradients), or a backend function
                 `differentiate(k, run)` that calls `run()` (which returns
-                `(output, losses)`) under its autodiff, and returns
-                `(output, losses, gradients)` for module `k`'s variables.
-                The gradients are passed to `sequence` before module `k + 1`
-                starts.
+                the module's `(output, losses, diagnostic_features)`) under
+                its autodiff, and returns `(module step, gradients)` for
+                module `k`'s variables. The gradients are passed to
+                `sequence` before module `k + 1` starts.
         """
         chain = self._module_chain()
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = unpack(data)
         sequence = sequence or (lambda value, after: value)
-        stream = chain.teacher_stream(x, sequence)
-        h, after, parts, gradients = x, [], [], {}
+        stream = chain.teacher_stream(x, sequence, augment=training)
+        h = self.distillation_step.student_inputs(x, augment=training)
+        after, parts, gradients, features = [], [], {}, {}
         for k in range(chain.num_modules):
-            # The teacher's part for this module runs after the previous
+            # The teachers' part for this module runs after the previous
             # module's backward pass, and this module after both.
             ready = stream.advance(k, after)
             inputs = sequence(keras.tree.map_structure(
@@ -115,14 +130,17 @@ class DistillerTrainer:
                                            stream, training)
 
             if differentiate is None:
-                h, losses = run()
+                module = run()
             else:
-                h, losses, after = differentiate(k, run)
+                module, after = differentiate(k, run)
                 gradients.update(zip(
                     (id(v) for v in chain.module_variables(k)), after))
-            parts.append(losses)
+            h = module.output
+            parts.append(module.losses)
+            features.update(module.diagnostic_features)
+        teacher, student = chain.diagnostic_inputs(stream, h, features)
         return ModulesPass(x, y, sample_weight, h, merge_losses(parts),
-                           gradients)
+                           gradients, teacher, student)
 
     def _apply_gradients(self, gradients, variables):
         """Applies the gradients with the compiled optimizer (with
@@ -193,10 +211,14 @@ class DistillerTrainer:
         """The test step on backends whose variables hold their values
         (TensorFlow, PyTorch): no augmentation, `training=False`."""
         if self._module_chain() is not None:
-            run = self._modules_forward(data, training=False)
-            return self._record(run.x, run.y, run.sample_weight, run.y_pred,
-                                run.losses)
+            return self._record_modules(
+                self._modules_forward(data, training=False))
         return self._record_forward(self._forward(data, training=False))
+
+    def _record_modules(self, run):
+        """`_record` for a `ModulesPass`."""
+        return self._record(run.x, run.y, run.sample_weight, run.y_pred,
+                            run.losses, run.teacher, run.student)
 
     def _record_forward(self, run):
         """`_record` for a `ForwardPass`."""

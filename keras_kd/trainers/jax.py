@@ -14,7 +14,7 @@ variable directly; under `jit` such state would be silently frozen.
 import jax
 import keras
 
-from keras_kd.trainers.base import DistillerTrainer
+from keras_kd.trainers.base import DistillerTrainer, merge_losses, unpack
 
 
 class JAXTrainer(DistillerTrainer):
@@ -62,9 +62,18 @@ class JAXTrainer(DistillerTrainer):
                         for v, n in zip(values, current)])
         return new
 
+    def _scaled(self, loss, optimizer_values):
+        """`optimizer.scale_loss(loss)` with the optimizer's variables read
+        from `optimizer_values` (a loss-scale optimizer's scale)."""
+        mapping = list(zip(self.optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return self.optimizer.scale_loss(loss)
+
     def train_step(self, state, data):
+        if self._module_chain() is not None:
+            return self._train_modules(state, data)
         trainable, non_trainable, optimizer_values, metrics = state
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = unpack(data)
         step = self.distillation_step
 
         # The teachers and the augmentations, outside differentiation.
@@ -82,9 +91,7 @@ class JAXTrainer(DistillerTrainer):
                 lambda: step(x_student, y, sample_weight, teacher,
                              training=True),
                 trainable, non_trainable)
-            mapping = list(zip(self.optimizer.variables, optimizer_values))
-            with keras.StatelessScope(state_mapping=mapping):
-                scaled = self.optimizer.scale_loss(outcome.losses.total)
+            scaled = self._scaled(outcome.losses.total, optimizer_values)
             return scaled, (outcome, non_trainable)
 
         (_, (outcome, non_trainable)), gradients = jax.value_and_grad(
@@ -103,9 +110,60 @@ class JAXTrainer(DistillerTrainer):
             self._apply_gradients([], [])  # warns: nothing to train
         return logs, (trainable, non_trainable, optimizer_values, metrics)
 
+    def _train_modules(self, state, data):
+        """Local modules: one `jax.value_and_grad` per module, over that
+        module's variables only, on the previous module's output with its
+        gradient stopped; batch-norm statistics and seeds are threaded from
+        module to module. One optimizer update at the end."""
+        trainable, non_trainable, optimizer_values, metrics = state
+        chain = self._module_chain()
+        x, y, sample_weight = unpack(data)
+        position = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        stream = chain.teacher_stream(x, augment=True)
+        h, non_trainable, _ = self._stateless(
+            lambda: self.distillation_step.student_inputs(x, augment=True),
+            trainable, non_trainable)
+        gradients = [None] * len(trainable)
+        parts, features = [], {}
+        for k in range(chain.num_modules):
+            _, non_trainable, _ = self._stateless(
+                lambda k=k: stream.advance(k), trainable, non_trainable)
+            own = [position[id(v)] for v in chain.module_variables(k)]
+            inputs = keras.tree.map_structure(jax.lax.stop_gradient, h)
+
+            def module_loss(values, non_trainable, k=k, own=own,
+                            inputs=inputs):
+                current = list(trainable)
+                for index, value in zip(own, values):
+                    current[index] = value
+                module, non_trainable, _ = self._stateless(
+                    lambda: chain.module_losses(k, inputs, y, sample_weight,
+                                                stream, True),
+                    current, non_trainable)
+                scaled = self._scaled(module.losses.total, optimizer_values)
+                return scaled, (module, non_trainable)
+
+            (_, (module, non_trainable)), module_gradients = (
+                jax.value_and_grad(module_loss, has_aux=True)(
+                    [trainable[i] for i in own], non_trainable))
+            for index, gradient in zip(own, module_gradients):
+                gradients[index] = gradient
+            h = module.output
+            parts.append(module.losses)
+            features.update(module.diagnostic_features)
+
+        teacher, student = chain.diagnostic_inputs(stream, h, features)
+        logs, non_trainable, metrics = self._stateless(
+            lambda: self._record(x, y, sample_weight, h, merge_losses(parts),
+                                 teacher, student),
+            trainable, non_trainable, metrics)
+        trainable, optimizer_values = self.optimizer.stateless_apply(
+            optimizer_values, gradients, trainable)
+        return logs, (trainable, non_trainable, optimizer_values, metrics)
+
     def test_step(self, state, data):
         trainable, non_trainable, metrics = state
         logs, non_trainable, metrics = self._stateless(
-            lambda: self._record_forward(self._forward(data, training=False)),
+            lambda: self._stateful_test_step(data),
             trainable, non_trainable, metrics)
         return logs, (trainable, non_trainable, metrics)

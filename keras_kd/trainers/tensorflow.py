@@ -7,10 +7,9 @@ and the next module starts only once the previous module's gradients exist
 first.
 """
 
-import keras
 import tensorflow as tf
 
-from keras_kd.trainers.base import DistillerTrainer
+from keras_kd.trainers.base import DistillerTrainer, unpack
 
 
 def _multi_worker(strategy):
@@ -51,7 +50,7 @@ class TensorFlowTrainer(DistillerTrainer):
     def train_step(self, data):
         if self._module_chain() is not None:
             return self._train_modules(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = unpack(data)
         step = self.distillation_step
         teacher = step.teacher_outputs(x, augment=True)
         x_student = step.student_inputs(x, augment=True)
@@ -76,16 +75,15 @@ class TensorFlowTrainer(DistillerTrainer):
 
         def differentiate(k, run):
             with tf.GradientTape() as tape:
-                output, losses = run()
-                scaled = self.optimizer.scale_loss(losses.total)
+                module = run()
+                scaled = self.optimizer.scale_loss(module.losses.total)
             gradients = tape.gradient(scaled, chain.module_variables(k))
             del tape  # releases this module's activations
-            return output, losses, gradients
+            return module, gradients
 
         run = self._modules_forward(data, training=True, sequence=_after,
                                     differentiate=differentiate)
-        logs = self._record(run.x, run.y, run.sample_weight, run.y_pred,
-                            run.losses)
+        logs = self._record_modules(run)
         # In the distiller's variable order, as the optimizer was built.
         variables = self.trainable_variables
         self._apply_gradients([run.gradients[id(v)] for v in variables],

@@ -9,14 +9,16 @@ recorded, and `backward()` fills the gradients of the trained variables.
 import keras
 import torch
 
-from keras_kd.trainers.base import DistillerTrainer
+from keras_kd.trainers.base import DistillerTrainer, unpack
 
 
 class TorchTrainer(DistillerTrainer):
     """`train_step(data)` and `test_step(data)` on PyTorch."""
 
     def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self._module_chain() is not None:
+            return self._train_modules(data)
+        x, y, sample_weight = unpack(data)
         step = self.distillation_step
         with torch.no_grad():
             teacher = step.teacher_outputs(x, augment=True)
@@ -38,6 +40,38 @@ class TorchTrainer(DistillerTrainer):
                                   variables)
         return logs
 
+    def _train_modules(self, data):
+        """Local modules: each module's loss differentiated with
+        `torch.autograd.grad` over its own variables, on the previous
+        module's output detached; the module's graph is freed before the
+        next module runs. One optimizer update at the end."""
+        chain = self._module_chain()
+
+        def differentiate(k, run):
+            module = run()
+            variables = chain.module_variables(k)
+            gradients = torch.autograd.grad(
+                self.optimizer.scale_loss(module.losses.total),
+                [v.value for v in variables])
+            # Without their graphs, the module's activations are freed.
+            return _detached(module), list(gradients)
+
+        run = self._modules_forward(data, training=True,
+                                    differentiate=differentiate)
+        with torch.no_grad():
+            logs = self._record_modules(run)
+            variables = self.trainable_variables
+            self._apply_gradients(
+                [run.gradients[id(v)] for v in variables], variables)
+        return logs
+
     def test_step(self, data):
         with torch.no_grad():
             return self._stateful_test_step(data)
+
+
+def _detached(structure):
+    """Every tensor of `structure` without its graph."""
+    return keras.tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+        structure)

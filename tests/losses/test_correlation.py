@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
-import tensorflow as tf
+from backend_utils import BACKEND
+from backend_utils import jit
+from backend_utils import to_numpy
+from backend_utils import value_and_grad
+from backend_utils import evaluate
+from backend_utils import float64_context
+from backend_utils import value_and_grad_fn
+from keras import ops
 
 from keras_kd.losses.correlation import CMKD
 from keras_kd.losses.correlation import DIST
@@ -13,6 +20,7 @@ from keras_kd.losses.correlation import cmkd_loss
 from keras_kd.losses.correlation import dist_loss
 from keras_kd.losses.correlation import entropy_weights
 from keras_kd.losses.correlation import intra_class_loss
+from keras_kd.losses.correlation import pearson_correlation
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
 from keras_kd.losses.logits import standardize_logits
@@ -180,17 +188,21 @@ def test_cmkd_reduces_to_pearson_and_spearman_at_the_extremes(logits):
     np.testing.assert_allclose(flipped(unsure, s), tau**2 * lp, rtol=1e-3)
 
 
-def value_and_gradient(loss, jit, mix=None):
-    """`(sum of mix * loss(a, b), its gradient with respect to b)`, eager or
-    compiled with XLA."""
-    def run(a, b):
-        with tf.GradientTape() as tape:
-            tape.watch(b)
-            values = loss(a, b)
-            value = tf.reduce_sum(values if mix is None else mix * values)
-        return value, tape.gradient(value, b)
+def value_and_gradient(loss, compiled, mix=None):
+    """`(sum of mix * loss(a, b), its gradient with respect to b)` as NumPy,
+    eager or compiled with XLA."""
+    def total(a, b):
+        values = loss(a, b)
+        return ops.sum(values if mix is None else ops.multiply(mix, values))
 
-    return tf.function(run, jit_compile=True) if jit else run
+    run = value_and_grad_fn(total, argnums=(1,))
+    run = jit(run) if compiled else run
+
+    def call(a, b):
+        value, (grad,) = evaluate(run(a, b))
+        return value, grad
+
+    return call
 
 
 @pytest.mark.parametrize("options", [
@@ -198,14 +210,15 @@ def value_and_gradient(loss, jit, mix=None):
     {"hard_samples": "pearson"},
     {"standardize": True, "intra_weight": 0.5},
 ])
-@pytest.mark.parametrize("jit", [False, True])
-def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit, options):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cmkd_gradient_matches_its_terms_in_class_order(logits, compiled,
+                                                        options):
     # cmkd_loss computes every per-sample term in the student's sorted order;
     # its value and gradient must be those of the same terms computed class
     # by class.
     t, s = logits
     tau, eps = 2.0, 0.3
-    mix = tf.constant(np.linspace(0.5, 2.0, B), tf.float32)
+    mix = np.linspace(0.5, 2.0, B).astype("float32")
 
     def composed(a, b):
         if options.get("standardize"):
@@ -218,10 +231,10 @@ def test_cmkd_gradient_matches_its_terms_in_class_order(logits, jit, options):
         ls = spearman_loss(a, b, tau, regularization_strength=eps, window=4)
         return tau**2 * ((1.0 - w) * lp + w * ls)
 
-    t, s = tf.constant(t), tf.constant(s)
-    expected = value_and_gradient(composed, jit, mix)(t, s)
+    expected = value_and_gradient(composed, compiled, mix)(t, s)
     actual = value_and_gradient(
-        lambda a, b: cmkd_loss(a, b, tau, eps, window=4, **options), jit, mix
+        lambda a, b: cmkd_loss(a, b, tau, eps, window=4, **options),
+        compiled, mix,
     )(t, s)
     np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
     np.testing.assert_allclose(actual[1], expected[1], rtol=1e-4,
@@ -316,26 +329,18 @@ def test_dist_batch_weights_are_cleared_after_the_call(logits):
 ])
 def test_gradients_finite_and_teacher_not_differentiated(logits, loss):
     t, s = logits
-    t = tf.constant(t * 30)
     # Large logits and a constant row (zero variance) must stay finite.
-    s = tf.Variable(np.concatenate([s[:-1] * 30, np.zeros((1, C))]).astype(
-        "float32"))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(t)
-        value = loss(t, s)
-    grad = tape.gradient(value, s).numpy()
+    s = np.concatenate([s[:-1] * 30, np.zeros((1, C))]).astype("float32")
+    value, (grad_t, grad) = value_and_grad(loss, t * 30, s)
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
-    assert tape.gradient(value, t) is None
+    assert np.all(grad_t == 0)  # the teacher gets no gradient
 
 
 def test_spearman_gradient_nonzero_for_every_student_logit(logits):
     t, s = logits
-    s = tf.constant(s)
-    with tf.GradientTape() as tape:
-        tape.watch(s)
-        value = SpearmanCorrelation(regularization_strength=0.5)(t, s)
-    grad = tape.gradient(value, s).numpy()
+    loss = SpearmanCorrelation(regularization_strength=0.5)
+    _, (grad,) = value_and_grad(lambda s: loss(t, s), s)
     assert np.all(np.isfinite(grad)) and np.all(np.abs(grad) > 0)
 
 
@@ -343,14 +348,16 @@ def test_losses_compile_with_xla(logits):
     t, s = logits
     loss = CMKD(intra_weight=1.0, window=2)  # a short window compiles fast
     w = np.array([1, 1, 0, 1, 2, 1], "float32")
-    fn = tf.function(lambda a, b, c: loss(a, b, sample_weight=c),
-                     jit_compile=True)
+    fn = jit(lambda a, b, c: loss(a, b, sample_weight=c))
     np.testing.assert_allclose(float(fn(t, s, w)),
                                float(loss(t, s, sample_weight=w)), rtol=1e-5)
 
 
+@pytest.mark.backends("tensorflow")  # only TF traces unknown sizes
 def test_value_losses_accept_a_dynamic_number_of_classes(logits):
     # Only the rank losses need a static class axis (for the sort).
+    import tensorflow as tf
+
     t, s = logits
     spec = [tf.TensorSpec([None, None], tf.float32)] * 2
     for loss in (pearson_loss, dist_loss):
@@ -358,28 +365,28 @@ def test_value_losses_accept_a_dynamic_number_of_classes(logits):
         np.testing.assert_allclose(fn(t, s), loss(t, s, 2.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_cmkd_with_masked_teacher_logits(logits, jit):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cmkd_with_masked_teacher_logits(logits, compiled):
     # Masked classes (-inf logits, e.g. vocabulary padding) have p = 0; the
     # entropy weights used to be NaN (0 * -inf).
     t, s = logits
     t = t.copy()
     t[:, :3] = -np.inf
-    np.testing.assert_allclose(entropy_weights(t, 4.0),
+    np.testing.assert_allclose(to_numpy(entropy_weights(t, 4.0)),
                                np_entropy_weights(t, 4.0), rtol=1e-5)
-    run = value_and_gradient(cmkd_loss, jit)
-    value, grad = run(tf.constant(t), tf.constant(s))
+    run = value_and_gradient(cmkd_loss, compiled)
+    value, grad = run(t, s)
     assert np.isfinite(value) and np.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_constant_student_rows_get_bounded_gradients(logits, jit):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_constant_student_rows_get_bounded_gradients(logits, compiled):
     # A zero-initialized head outputs equal logits, which centre to exactly
     # 0: the correlation is 0, and the gradient used to be the teacher's
     # direction divided by the 1e-8 floor (about 1e10 for Spearman; NaN
     # with standardize=True under XLA).
     t, _ = logits
-    t, s = tf.constant(t), tf.zeros_like(tf.constant(t))
+    s = np.zeros_like(t)
     losses = {
         "pearson": lambda a, b: pearson_loss(a, b, 4.0),
         "spearman": lambda a, b: spearman_loss(a, b, 4.0),
@@ -387,9 +394,122 @@ def test_constant_student_rows_get_bounded_gradients(logits, jit):
         "cmkd": lambda a, b: cmkd_loss(a, b, standardize=True),
     }
     for name, loss in losses.items():
-        value, grad = value_and_gradient(loss, jit)(t, s)
+        value, grad = value_and_gradient(loss, compiled)(t, s)
         assert np.isfinite(value) and np.isfinite(grad).all(), name
         assert np.abs(grad).max() < 1e3, (name, np.abs(grad).max())
+
+
+# A zero-initialized head at batch sizes and class counts where rounding
+# leaves a residue in the centred constant rows: TensorFlow's softmax in
+# eager mode (p - 1/C, about 1e-9) and the batch mean of B equal
+# probabilities (DIST's intra-class term, eager and XLA). The guard used to
+# test for exactly 0, so these rows got the teacher's direction divided by
+# the residue or the 1e-8 floor.
+ZERO_HEAD_BATCHES = (1, 2, 3, 5, 6, 8, 13, 16, 32, 64)
+ZERO_HEAD_CLASSES = (3, 7, 10, 12, 16, 17, 100)
+ZERO_HEAD_LOSSES = {
+    "DIST": lambda: DIST(),
+    "PearsonCorrelation(temperature=4)": lambda: PearsonCorrelation(
+        temperature=4.0),
+    "SpearmanCorrelation": lambda: SpearmanCorrelation(),
+    "CMKD": lambda: CMKD(),
+}
+# Bound on B * max |d loss / d student logits| (the gradient of the sum of
+# the per-sample losses, so that it does not shrink with B). A row counted
+# as constant has norm 1, so the correlation's gradient is the other row's
+# unit direction, then scaled by tau^2 and the softmax or soft-rank
+# Jacobian. Over this grid, with the fix, the largest values are 69
+# (CMKD), 17 (SpearmanCorrelation), 9 (DIST) and 0.07 (PearsonCorrelation);
+# with the residue they were 2e3 to 3e7.
+ZERO_HEAD_BOUND = 100.0
+
+
+def zero_head_gradients(names, batch, classes, compiled):
+    """`{name: gradient}` of each loss in `names` with respect to all-zero
+    student logits, for a standard normal teacher of shape
+    `(batch, classes)`; one XLA program for all of them when `compiled`
+    (on backends that have XLA)."""
+    losses = [ZERO_HEAD_LOSSES[name]() for name in names]
+    rng = np.random.default_rng(1000 * batch + classes)
+    t = rng.standard_normal((batch, classes)).astype("float32")
+    gradients = [value_and_grad_fn(lambda b, loss=loss: loss(t, b))
+                 for loss in losses]
+
+    def run(b):
+        return [g(b)[1][0] for g in gradients]
+
+    if compiled:
+        run = jit(run)
+    grads = run(ops.zeros((batch, classes)))
+    return dict(zip(names, evaluate(grads)))
+
+
+def assert_zero_head_gradients_bounded(grads, batch, classes, mode):
+    for name, grad in grads.items():
+        grad = np.asarray(grad)
+        where = f"{name}, B={batch}, C={classes}, {mode}"
+        assert np.isfinite(grad).all(), where
+        peak = batch * np.abs(grad).max()
+        assert peak < ZERO_HEAD_BOUND, f"{where}: B * max|grad| = {peak:.3g}"
+
+
+@pytest.mark.parametrize("classes", ZERO_HEAD_CLASSES)
+def test_zero_head_gradients_bounded_eager(classes):
+    # The whole grid for DIST and Pearson; the two rank losses (about ten
+    # times slower per call, and per-sample: the batch size only adds rows)
+    # at two batch sizes.
+    # On JAX, where each eager op is an XLA program compiled for its
+    # shape (several seconds per batch size here), DIST and Pearson at the
+    # batch size where TensorFlow left the largest residue (8); the XLA
+    # test below covers the other shapes and the rank losses.
+    batches = ZERO_HEAD_BATCHES
+    if BACKEND == "jax":
+        batches = (8,)
+    for batch in batches:
+        names = ["DIST", "PearsonCorrelation(temperature=4)"]
+        if batch in (13, 64) and BACKEND != "jax":
+            names += ["SpearmanCorrelation", "CMKD"]
+        grads = zero_head_gradients(names, batch, classes, compiled=False)
+        assert_zero_head_gradients_bounded(grads, batch, classes, "eager")
+
+
+# Each shape is an XLA compilation (about 1 s for DIST and Pearson, several
+# for the rank losses on a 2-core CPU): every class count once, batch
+# sizes from 1 to 64, and the rank losses at one of the shapes.
+ZERO_HEAD_XLA_CASES = [
+    (1, 3), (3, 7), (8, 10), (8, 12), (16, 16), (13, 17), (64, 100),
+]
+
+
+@pytest.mark.parametrize("batch, classes", ZERO_HEAD_XLA_CASES)
+def test_zero_head_gradients_bounded_xla(batch, classes):
+    names = ["DIST", "PearsonCorrelation(temperature=4)"]
+    if (batch, classes) == (8, 10):
+        names += ["SpearmanCorrelation", "CMKD"]
+    grads = zero_head_gradients(names, batch, classes, compiled=True)
+    assert_zero_head_gradients_bounded(grads, batch, classes, "XLA")
+
+
+def test_correlation_counts_only_rounding_level_spread_as_constant():
+    # The constant-row test is relative to the values and near rounding
+    # level: a row of probabilities whose spread is 1e-4 of its values
+    # (about 50 times the threshold at 12 classes) is still correlated as
+    # it is, while the same row with a spread of one float32 step is 0.
+    rng = np.random.default_rng(7)
+    teacher = rng.normal(size=(1, C))
+    base = np.full((1, C), 1.0 / C)
+    direction = rng.normal(size=(1, C))
+    direction -= direction.mean()
+    small = (base + 1e-4 / C * direction).astype("float32")
+    expected = scipy.stats.pearsonr(
+        small[0].astype("float64"), teacher[0])[0]
+    actual = pearson_correlation(small, teacher.astype("float32"))
+    np.testing.assert_allclose(actual, [expected], rtol=1e-3)
+    ulp = np.spacing(np.float32(1.0 / C))
+    residue = (base + ulp * np.sign(direction)).astype("float32")
+    np.testing.assert_allclose(
+        pearson_correlation(residue, teacher.astype("float32")), [0.0],
+        atol=1e-5)
 
 
 @pytest.mark.parametrize("classes", [20, 300])
@@ -399,21 +519,26 @@ def test_rank_losses_in_half_precision(dtype, classes):
     # the float16 range (from C = 15 on): the rank terms must be computed
     # in float32 (float16 gave a loss of 1 with no gradient, or NaN).
     rng = np.random.default_rng(5)
-    t = tf.cast(3.0 * rng.normal(size=(4, classes)), dtype)
-    s = tf.cast(3.0 * rng.normal(size=(4, classes)), dtype)
+    t = ops.cast(3.0 * rng.normal(size=(4, classes)), dtype)
+    s = ops.cast(3.0 * rng.normal(size=(4, classes)), dtype)
+
+    def as_float32(x):
+        return to_numpy(ops.cast(x, "float32"))
+
     for loss in (spearman_loss, cmkd_loss):
-        with tf.GradientTape() as tape:
-            tape.watch(s)
-            half = loss(t, s)
-        grad = tape.gradient(half, s)
-        assert half.dtype == dtype and grad.dtype == dtype
-        assert np.isfinite(np.asarray(tf.cast(grad, "float32"))).all()
-        full = loss(tf.cast(t, "float32"), tf.cast(s, "float32"))
-        np.testing.assert_allclose(tf.cast(half, "float32"), full, rtol=1e-2)
+        half = loss(t, s)
+        _, (grad,) = value_and_grad_fn(lambda b: ops.sum(loss(t, b)))(s)
+        assert keras.backend.standardize_dtype(half.dtype) == dtype
+        assert keras.backend.standardize_dtype(grad.dtype) == dtype
+        assert np.isfinite(as_float32(grad)).all()
+        full = loss(ops.cast(t, "float32"), ops.cast(s, "float32"))
+        np.testing.assert_allclose(as_float32(half), to_numpy(full),
+                                   rtol=1e-2)
         # Identical inputs: the (near-zero) float32 value, not 1 or NaN.
-        same = tf.cast(loss(t, t), "float32")
-        same_full = loss(tf.cast(t, "float32"), tf.cast(t, "float32"))
-        assert np.all(np.asarray(same_full) < 0.1)
+        same = as_float32(loss(t, t))
+        same_full = to_numpy(
+            loss(ops.cast(t, "float32"), ops.cast(t, "float32")))
+        assert np.all(same_full < 0.1)
         np.testing.assert_allclose(same, same_full, atol=1e-2)
 
 
@@ -423,16 +548,20 @@ def test_value_losses_in_half_precision(dtype):
     # probabilities (~1e-7 at 100 classes), whose product underflows in
     # float16: DIST was NaN.
     rng = np.random.default_rng(6)
-    t = tf.cast(3.0 * rng.normal(size=(8, 100)), dtype)
-    s = tf.cast(3.0 * rng.normal(size=(8, 100)), dtype)
+    t = ops.cast(3.0 * rng.normal(size=(8, 100)), dtype)
+    s = ops.cast(3.0 * rng.normal(size=(8, 100)), dtype)
     for loss in (pearson_loss, dist_loss):
         half = loss(t, s, 4.0)
-        assert half.dtype == dtype
-        full = loss(tf.cast(t, "float32"), tf.cast(s, "float32"), 4.0)
-        np.testing.assert_allclose(tf.cast(half, "float32"), full, rtol=2e-2)
+        assert keras.backend.standardize_dtype(half.dtype) == dtype
+        full = loss(ops.cast(t, "float32"), ops.cast(s, "float32"), 4.0)
+        np.testing.assert_allclose(to_numpy(ops.cast(half, "float32")),
+                                   to_numpy(full), rtol=2e-2)
 
 
+@pytest.mark.backends("tensorflow")  # only TF traces unknown sizes
 def test_entropy_weights_with_a_dynamic_number_of_classes(logits):
+    import tensorflow as tf
+
     t, _ = logits
     spec = [tf.TensorSpec([None, None], tf.float32)]
     fn = tf.function(lambda a: entropy_weights(a, 2.0), input_signature=spec)
@@ -462,8 +591,9 @@ def test_config_round_trip(logits, loss):
         assert type(clone) is type(loss)
         assert clone.get_config() == config
         assert clone.dtype == loss.dtype
-        np.testing.assert_allclose(np.asarray(clone(t, s)),
-                                   np.asarray(loss(t, s)), rtol=1e-6)
+        with float64_context(loss.dtype == "float64"):
+            np.testing.assert_allclose(to_numpy(clone(t, s)),
+                                       to_numpy(loss(t, s)), rtol=1e-6)
 
 
 def test_reduction_and_dtype(logits):
@@ -471,9 +601,24 @@ def test_reduction_and_dtype(logits):
     per = per_sample(DIST)(t, s)
     assert per.shape == (B,)
     np.testing.assert_allclose(float(DIST(reduction="sum")(t, s)),
-                               float(np.sum(per)), rtol=1e-5)
-    assert DIST(dtype="float64")(t, s).dtype == "float64"
-    assert CMKD(dtype="float64")(t, s).dtype == "float64"
+                               float(np.sum(to_numpy(per))), rtol=1e-5)
+    with float64_context():
+        for cls in (DIST, CMKD):
+            per = cls(dtype="float64", reduction=None)(t, s)
+            assert keras.backend.standardize_dtype(per.dtype) == "float64"
+
+
+@pytest.mark.xfail(
+    BACKEND == "torch", strict=True,
+    reason="Keras reduces float64 losses in float32 under torch (its "
+    "result_type maps float64 to float32 off TensorFlow): "
+    "keras.losses.MeanSquaredError(dtype='float64') is float32 there too")
+def test_reduced_loss_has_the_loss_dtype(logits):
+    t, s = logits
+    with float64_context():
+        for loss in (DIST(dtype="float64"), CMKD(dtype="float64")):
+            assert keras.backend.standardize_dtype(
+                loss(t, s).dtype) == "float64"
 
 
 def test_invalid_arguments():
