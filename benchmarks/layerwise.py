@@ -121,12 +121,20 @@ class TrainSteps:
         model.make_train_function()
         self.state = None
         if BACKEND == "jax":
+            import jax.numpy as jnp
+
             model.optimizer.build(model.trainable_variables)
+
+            def own(variables):
+                # Copies: the compiled step donates its input buffers, and
+                # the distillers share the teacher's variables.
+                return [jnp.array(v.value, copy=True) for v in variables]
+
             self.state = (
-                [v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables],
-                [v.value for v in model.optimizer.variables],
-                [v.value for v in model.metrics_variables],
+                own(model.trainable_variables),
+                own(model.non_trainable_variables),
+                own(model.optimizer.variables),
+                own(model.metrics_variables),
             )
 
     def _step(self):
