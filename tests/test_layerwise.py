@@ -361,7 +361,8 @@ def test_jit_matches_no_jit(data):
 def test_export_and_teacher_unaffected(tmp_path, data):
     tf = pytest.importorskip("tensorflow")
     x, y = data
-    d = make(layerwise(signal="hessian", update_every=1))
+    # The Jacobian signal differentiates through the teacher every step.
+    d = make(layerwise(signal="jacobian", update_every=1))
     teacher_before = values(d.teacher.weights)
     teacher_config = d.teacher.get_config()
     d.fit(x, y, epochs=1, batch_size=8, verbose=0)
@@ -483,8 +484,11 @@ def test_layerwise_optimizer_scales_each_group_and_round_trips(tmp_path):
                              values(reference.weights),
                              values(model.weights)):
         factor = 0.25 if name == "hidden" else 1.0
+        # Steps are ~1e-2; each is a difference of float32 weights ~1, so
+        # it carries rounding of ~1e-7.
         np.testing.assert_allclose(s - a, factor * (b - a), rtol=1e-5,
-                                   atol=1e-8)
+                                   atol=1e-6)
+        assert np.abs(b - a).max() > 1e-3
     assert len(wrapper.variables) == len({id(v) for v in wrapper.variables})
     path = str(tmp_path / "model.keras")
     model.save(path)
