@@ -8,13 +8,14 @@
 #                        extra memory and step time at B=4, T=1024, V=32000
 #   5. teacher_cache.py  an epoch distilled from a teacher cache vs the
 #                        student alone (and live teacher, cache build, size)
+#   6. layerwise.py      step time with layer-wise learning rates vs without
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit; a
 # part that runs out prints so. Parts 1-3 end within 8 minutes; all parts
-# take up to 12, more than one 10-minute device command: name the parts to
+# take up to 14, more than one 10-minute device command: name the parts to
 # run, e.g. `bash benchmarks/gpu.sh out step_overhead losses lakd_memory`,
-# then `bash benchmarks/gpu.sh out lm_memory teacher_cache`.
+# then `bash benchmarks/gpu.sh out lm_memory teacher_cache layerwise`.
 #
 # Usage: bash benchmarks/gpu.sh [output folder [part ...]]
 #        (default: gpu_results, every part)
@@ -63,3 +64,5 @@ part lakd_memory 100 "$python" benchmarks/memory.py --backend jax \
 part lm_memory 120 "$python" benchmarks/lm_memory.py --backend jax \
   --repeats 1 --rounds 10
 part teacher_cache 120 "$python" benchmarks/teacher_cache.py
+part layerwise 120 "$python" benchmarks/layerwise.py --backend jax \
+  --rounds 9

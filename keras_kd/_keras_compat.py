@@ -46,3 +46,25 @@ def keras_mask(tensor):
     except ImportError:  # pragma: no cover - a Keras that moved it
         return getattr(tensor, "_keras_mask", None)
     return get_keras_mask(tensor)
+
+
+def iteration_variable(optimizer):
+    """The variable an optimizer counts its applied steps in (its
+    `iterations` property is a tensor with gradient accumulation).
+    Checked on Keras 3.15."""
+    return optimizer._iterations
+
+
+def accumulated_gradient(optimizer, variable):
+    """The gradient an optimizer with `gradient_accumulation_steps` has
+    accumulated for one of its variables. Checked on Keras 3.15."""
+    return optimizer._accumulated_gradients[
+        optimizer._get_variable_index(variable)]
+
+
+def run_graph(model, inputs, call_fn):
+    """Runs a Functional model's graph on `inputs`, each layer called as
+    `call_fn(layer, *args, **kwargs)`; returns the model's outputs.
+    Checked on Keras 3.15."""
+    return model._run_through_graph(inputs, operation_fn=lambda op: op,
+                                    call_fn=call_fn)

@@ -73,7 +73,7 @@ class Distiller(Trainer, keras.Model):
 
     The distiller trains on the TensorFlow, JAX and PyTorch backends, through
     the trainer of `keras_kd.trainers` that matches `keras.backend.backend()`
-    (layer-wise learning rates: TensorFlow only, for now).
+    (local modules and layer-wise learning rates included).
 
     Several teachers form an ensemble (see `keras_kd.teachers.Teachers`):
     terms on the final outputs compare the student with the teachers'
@@ -103,9 +103,12 @@ class Distiller(Trainer, keras.Model):
             e.g. `"top1_agreement"`) logged in the `fit` history for training
             and validation.
         layerwise_lr: optional `keras_kd.LayerwiseLearningRate`: paired
-            student layers then train with their own optimizers at learning
-            rates that follow the student-teacher divergence, logged as
-            `lr_scale/<student layer>`. Its state is `layerwise_state`.
+            student layers then train at learning rates that follow the
+            student-teacher divergence (averaged over the teachers that
+            have the paired layer), logged as `lr_scale/<student layer>`.
+            `compile` wraps the optimizer in a `keras_kd.LayerwiseOptimizer`
+            (`distiller.optimizer`); the rest of its state is
+            `layerwise_state`.
         local_modules: optional `keras_kd.LocalModules`: train the student
             as a chain of local modules, each by its own loss and its own
             gradient (LAKD). `None` trains it end to end. Cannot be
@@ -166,7 +169,7 @@ class Distiller(Trainer, keras.Model):
             )
         student_loss_weight = _checks.non_negative(
             "student_loss_weight", student_loss_weight)
-        self._check_extensions(teachers, layerwise_lr, local_modules)
+        self._check_extensions(layerwise_lr, local_modules)
         self.teachers = teachers
         self.student = student
         self.student_loss_weight = student_loss_weight
@@ -236,7 +239,7 @@ class Distiller(Trainer, keras.Model):
 
         self.layerwise_lr = layerwise_lr
         self.layerwise_state = attach_layerwise(
-            layerwise_lr, teachers[0], student
+            layerwise_lr, teachers, student
         )
         self.local_modules = local_modules
         self.local_plan = None
@@ -258,12 +261,7 @@ class Distiller(Trainer, keras.Model):
             self.built = True
 
     @staticmethod
-    def _check_extensions(teachers, layerwise_lr, local_modules):
-        if layerwise_lr is not None and len(teachers) != 1:
-            raise ValueError(
-                "`layerwise_lr` supports one teacher; got "
-                f"{len(teachers)} teachers."
-            )
+    def _check_extensions(layerwise_lr, local_modules):
         if local_modules is not None and layerwise_lr is not None:
             raise ValueError(
                 "`local_modules` and `layerwise_lr` cannot be combined: "
@@ -428,7 +426,7 @@ class Distiller(Trainer, keras.Model):
     @property
     def non_trainable_variables(self):
         """Every other variable of the distiller: the teachers', batch-norm
-        statistics, seed generators, layer-wise scales."""
+        statistics, seed generators, layer-wise divergences."""
         trainable = {id(v) for v in self.trainable_variables}
         return [v for v in self.variables if id(v) not in trainable]
 
@@ -477,21 +475,29 @@ class Distiller(Trainer, keras.Model):
                 logs[key] = value
         return logs
 
-    def compile(self, *args, **kwargs):
-        """`keras.Model.compile`; a training extension (layer-wise learning
-        rates) then builds what it needs from the compiled optimizer."""
-        super().compile(*args, **kwargs)
-        extension = self.training_extension
-        if extension is not None:
-            extension.on_compile(self.optimizer, self.trainable_variables)
+    @property
+    def optimizer(self):
+        """The optimizer the distiller trains with (`None` before
+        `compile`).
 
-    def compile_from_config(self, config):
-        # Keras skips a custom `compile()` when loading; call it here.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.optimizer is not None and self.built and (
-            not self.optimizer.built
-        ):
-            self.optimizer.build(self.trainable_variables)
+        It is the one given to `compile`, except with a training extension
+        that wraps it: with `layerwise_lr`, a `keras_kd.LayerwiseOptimizer`
+        around it (inside Keras' `LossScaleOptimizer` when there is one).
+        Setting it (as Keras' `compile` does) wraps the new optimizer the
+        same way; the compile configuration Keras saves keeps the
+        optimizer as given, so `load_model` wraps it again.
+        """
+        return self.__dict__.get("_compiled_optimizer")
+
+    @optimizer.setter
+    def optimizer(self, optimizer):
+        try:
+            extension = self.training_extension
+        except AttributeError:  # set before `__init__` made the extension
+            extension = None
+        if extension is not None:
+            optimizer = extension.wrap_optimizer(optimizer)
+        self.__dict__["_compiled_optimizer"] = optimizer
 
     # Export and serialization.
 

@@ -2,51 +2,43 @@
 
 Two features do more than add a loss. LAKD local modules train each module
 of the student by its own gradient, and layer-wise learning rates give each
-paired layer its own optimizer. Each plugs into the backend trainers
+paired layer its own learning rate. Each plugs into the backend trainers
 (`keras_kd.trainers`) through one of the two small interfaces below; a
 trainer calls only these methods, and the feature never reads the
-distiller's own attributes.
+distiller's own attributes. The `Distiller` hands every optimizer that
+`compile` sets to `wrap_optimizer`, and trains with the optimizer it
+returns.
 
 A `Distiller` holds at most one extension, `distiller.training_extension`.
 """
-
-import keras
 
 
 class TrainingExtension:
     """The part every extension has.
 
+    Every backend trainer (TensorFlow, JAX, PyTorch) implements both
+    interfaces.
+
     Attributes:
         argument: the `Distiller` argument that enables the feature, for
             error messages.
-        backends: the Keras backends whose trainer implements it.
     """
 
     argument = None
-    backends = ("tensorflow",)
 
-    def check_backend(self):
-        """Raises a `NotImplementedError` when the current Keras backend
-        cannot train with this extension (called at construction)."""
-        backend = keras.backend.backend()
-        if backend in self.backends:
-            return
-        raise NotImplementedError(
-            f"`{self.argument}` trains on the "
-            f"{' and '.join(self.backends)} backend only; Keras is running "
-            f"on '{backend}'. Set the environment variable "
-            f"KERAS_BACKEND={self.backends[0]} before importing Keras to "
-            f"use `{self.argument}`, or leave `{self.argument}` out to "
-            f"train end to end on {backend}."
-        )
+    def wrap_optimizer(self, optimizer):
+        """The optimizer the distiller trains with, given the one Keras'
+        `compile` sets (`distiller.optimizer = optimizer`); by default
+        `optimizer` itself.
 
-    def on_compile(self, optimizer, variables):
-        """Called by `Distiller.compile` once Keras has compiled.
+        Keras may set the optimizer twice in one `compile` (the second time
+        inside a `LossScaleOptimizer` under `"mixed_float16"`), so a wrapped
+        optimizer must come back unchanged.
 
         Args:
-            optimizer: the compiled optimizer.
-            variables: every variable the distiller trains.
+            optimizer: a `keras.optimizers.Optimizer`, or `None`.
         """
+        return optimizer
 
     def logs(self):
         """Values to add to the training logs of a step."""
@@ -54,25 +46,24 @@ class TrainingExtension:
 
 
 class GradientRouting(TrainingExtension):
-    """One gradient for the whole student, applied by several optimizers
-    (layer-wise learning rates).
+    """One gradient for the whole student, routed by the optimizer that
+    `wrap_optimizer` returns (layer-wise learning rates: a
+    `keras_kd.LayerwiseOptimizer`).
 
     A training step calls `before_step` on the batch, differentiates the
-    total loss once, then hands the gradients to `apply_gradients`.
+    total loss once, and applies the gradients with `distiller.optimizer`
+    as any Keras model does.
     """
 
     def before_step(self, x, iteration):
-        """Updates the extension's state (Keras variables) from the batch
-        `x` before the loss is computed.
+        """Updates the extension's state from the batch `x` before the loss
+        is computed. It may assign the distiller's variables and the
+        optimizer's (the JAX trainer maps both).
 
         Args:
             x: the batch of inputs.
             iteration: the compiled optimizer's iteration count.
         """
-
-    def apply_gradients(self, optimizer, gradients, variables):
-        """Applies `gradients` to `variables` (in the distiller's order)."""
-        raise NotImplementedError
 
 
 class ModuleChain(TrainingExtension):

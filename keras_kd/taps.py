@@ -100,6 +100,13 @@ class Tap:
             inputs, (outputs, features), name=f"{model.name}_taps"
         )
 
+    @property
+    def extractor(self):
+        """The Functional model over the model's layers whose outputs are
+        `(model outputs, tapped features)`, or `None` without a layer to
+        tap."""
+        return self._extractor
+
     def __call__(self, x, training):
         if self._extractor is None:
             return self.model(x, training=training), []

@@ -6,7 +6,6 @@ import keras_kd
 from keras_kd import Distiller, Term
 from keras_kd.losses import KD, AttentionTransfer, FeatureMSE
 
-from backend_utils import BACKEND
 from conftest import NUM_CLASSES, assert_augmented_once_per_training_step
 from conftest import make_cnn
 
@@ -356,14 +355,6 @@ def test_variables_split_into_trained_and_state():
 
 
 @pytest.mark.backends("jax", "torch")
-def test_tensorflow_only_features_name_the_backend():
-    with pytest.raises(NotImplementedError, match=f"'{BACKEND}'.*KERAS_"):
-        Distiller(make_cnn("t", 8), make_cnn("s", 4),
-                  layerwise_lr=keras_kd.LayerwiseLearningRate(
-                      pairs=[("s_stage1", "t_stage1"),
-                             ("s_stage2", "t_stage2")]))
-
-
 def test_export_without_tensorflow_says_what_to_install(tmp_path,
                                                          monkeypatch):
     from keras_kd import export

@@ -13,8 +13,6 @@ nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 NOTEBOOKS = sorted(glob.glob(os.path.join(EXAMPLES, "*.ipynb")))
-# Its feature (layer-wise learning rates) trains on TensorFlow only.
-TENSORFLOW_ONLY = {"layerwise_learning_rates.ipynb"}
 # Notebooks that need an optional extra: the module they import.
 NEEDS = {"language_models.ipynb": "keras_hub"}
 
@@ -25,8 +23,6 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    if os.path.basename(path) in TENSORFLOW_ONLY and BACKEND != "tensorflow":
-        pytest.skip("the notebook's feature trains on TensorFlow only")
     needed = NEEDS.get(os.path.basename(path))
     if needed and importlib.util.find_spec(needed) is None:
         pytest.skip(f"the notebook needs {needed}, which is not installed")

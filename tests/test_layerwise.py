@@ -1,11 +1,11 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy.spatial.distance import jensenshannon
 
 import keras_kd
-from keras_kd import Distiller, LayerwiseLearningRate, Term
+from keras_kd import Distiller, LayerwiseLearningRate, LayerwiseOptimizer
+from keras_kd import Term
 from keras_kd.layerwise import (
     collapse_channels, divergence_scales, hessian_vector_products,
     js_divergence, normalize_map,
@@ -13,11 +13,13 @@ from keras_kd.layerwise import (
 from keras_kd.losses import KD
 from keras_kd.taps import Tap
 
+from backend_utils import to_numpy
 from conftest import make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 PAIRS = [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]
 SCALE_KEYS = ["lr_scale/s_stage1", "lr_scale/s_stage2"]
+LSO = keras.optimizers.LossScaleOptimizer
 
 
 def layerwise(**kwargs):
@@ -38,16 +40,26 @@ def make(lw=None, student=None, teacher=None, optimizer=None, seed=1,
 
 
 def values(variables):
-    return [keras.ops.convert_to_numpy(v) for v in variables]
+    return [to_numpy(v.value if isinstance(v, keras.Variable) else v)
+            for v in variables]
 
 
 def state_of(d):
-    """Everything that decides how training goes on."""
-    lws = d.layerwise_state
-    out = values(d.weights) + values(d.optimizer.variables)
-    for name in lws.student_layers:
-        out += values(lws.optimizers[name].variables)
-    return out
+    """Everything that decides how training goes on: the distiller's
+    variables and every optimizer variable (the groups' slots and the
+    scales included)."""
+    return values(d.weights) + values(d.optimizer.variables)
+
+
+def scalar(variable):
+    return float(to_numpy(variable.value))
+
+
+@pytest.fixture
+def policy():
+    """Sets a global dtype policy for the test, and float32 after it."""
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
 
 
 # Pure functions, checked against independent references.
@@ -92,36 +104,34 @@ def test_scales_follow_divergence_within_clip():
     np.testing.assert_allclose(ones, 1.0)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_hessian_vector_products_are_exact():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((3,))
     hidden = keras.layers.Dense(4, activation="tanh", name="h")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
     tap = Tap(model, ["h"], "student")
-    x = tf.constant(np.random.default_rng(2).normal(size=(2, 3)), tf.float32)
-    classes = tf.constant([0, 2])
-    probe = tf.constant(np.random.default_rng(3).choice([-1.0, 1.0], (2, 4)),
-                        tf.float32)
+    x = np.random.default_rng(2).normal(size=(2, 3)).astype("float32")
+    classes = np.array([0, 2])
+    probe = np.random.default_rng(3).choice([-1.0, 1.0], (2, 4)).astype(
+        "float32")
     (product,), = hessian_vector_products(tap, x, classes, [[probe]])
-    # Independent: the full Hessian of the cross-entropy with respect to the
-    # hidden activations, from the dense head alone.
-    head = model.layers[-1]
-    h = model.get_layer("h")(x)
-    with tf.GradientTape() as outer:
-        outer.watch(h)
-        with tf.GradientTape() as inner:
-            inner.watch(h)
-            logp = tf.nn.log_softmax(head(h))
-            loss = -tf.reduce_sum(tf.gather(logp, classes, batch_dims=1))
-        grad = inner.gradient(loss, h)
-    hessian = outer.batch_jacobian(grad, h)  # samples are independent
-    expected = tf.einsum("bij,bj->bi", hessian, probe)
-    np.testing.assert_allclose(product.numpy(), expected.numpy(), rtol=1e-4,
+    # Independent, in NumPy: for logits z = h W + b, the Hessian of
+    # -log softmax(z)[c] with respect to h is W (diag(p) - p p^T) W^T, per
+    # sample (samples are independent).
+    kernel = to_numpy(model.get_layer("head").kernel.value).astype("float64")
+    bias = to_numpy(model.get_layer("head").bias.value).astype("float64")
+    h = to_numpy(model.get_layer("h")(x)).astype("float64")
+    z = h @ kernel + bias
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = np.stack([
+        kernel @ (np.diag(p[b]) - np.outer(p[b], p[b])) @ kernel.T @ probe[b]
+        for b in range(2)])
+    np.testing.assert_allclose(to_numpy(product), expected, rtol=1e-4,
                                atol=1e-6)
+    assert np.abs(expected).max() > 1e-3
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_jacobian_map_matches_closed_form(data):
     x, _ = data
     teacher, student = make_cnn("t", 8), make_cnn("s", 4)
@@ -131,24 +141,22 @@ def test_jacobian_map_matches_closed_form(data):
     # d logit_c / d F[h, w, k] = W[k, c] / (H * W) at every position.
     classes = np.argmax(teacher.predict(x, verbose=0), -1)
     for model, maps in ((student, student_maps), (teacher, teacher_maps)):
-        kernel = keras.ops.convert_to_numpy(model.layers[-1].kernel)
+        kernel = to_numpy(model.layers[-1].kernel.value)
         positions = 4 * 4
         expected = ((kernel[:, classes] / positions) ** 2).mean(0)
-        got = keras.ops.convert_to_numpy(maps[1])[..., 0]
+        got = to_numpy(maps[1])[..., 0]
         np.testing.assert_allclose(got, np.broadcast_to(
             expected[:, None, None], got.shape), rtol=1e-4)
     # A frozen teacher (no trainable variable to watch) gives the same maps.
     teacher.trainable = False
     frozen, _ = d.layerwise_state.signal_maps(x)
     for a, b in zip(frozen, teacher_maps):
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(a),
-                                   keras.ops.convert_to_numpy(b), rtol=1e-6)
-    assert np.abs(keras.ops.convert_to_numpy(teacher_maps[0])).max() > 0
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6)
+    assert np.abs(to_numpy(teacher_maps[0])).max() > 0
 
 
 # Behaviour inside fit.
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_larger_divergence_larger_learning_rate(data):
     """Student = teacher with its stage-2 kernel perturbed: stage 1 agrees
     exactly (divergence 0), stage 2 does not. Each variable moves by its
@@ -175,27 +183,28 @@ def test_larger_divergence_larger_learning_rate(data):
     plain.train_on_batch(x, y)
     logs = lw.train_on_batch(x, y, return_dict=True)
 
-    divergences = {k: float(v.numpy())
+    divergences = {k: scalar(v)
                    for k, v in lw.layerwise_state.divergences.items()}
     assert divergences["s_stage1"] < 1e-6 < divergences["s_stage2"]
-    scales = {name: logs[f"lr_scale/{name}"] for name in ("s_stage1",
-                                                          "s_stage2")}
+    scales = {name: float(logs[f"lr_scale/{name}"])
+              for name in ("s_stage1", "s_stage2")}
     assert scales["s_stage1"] == pytest.approx(0.01)  # clipped from 0
     assert scales["s_stage2"] == pytest.approx(2.0)   # d / mean(d)
+    for name, variable in lw.optimizer.scales.items():
+        assert scalar(variable) == pytest.approx(scales[name])
     owners = {}
     for name, variables in lw.layerwise_state.layer_variables.items():
         owners.update({v.path: name for v in variables})
     for var_plain, var_lw, start in zip(plain.student.weights,
                                         lw.student.weights, before):
-        step_plain = keras.ops.convert_to_numpy(var_plain) - start
-        step_lw = keras.ops.convert_to_numpy(var_lw) - start
+        step_plain = to_numpy(var_plain.value) - start
+        step_lw = to_numpy(var_lw.value) - start
         scale = scales.get(owners.get(var_lw.path), 1.0)
         np.testing.assert_allclose(step_lw, scale * step_plain, rtol=1e-4,
                                    atol=1e-7, err_msg=var_lw.path)
     assert np.abs(step_plain).max() > 0
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_scales_clipped_logged_and_follow_schedule(data):
     x, y = data
     schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5)
@@ -203,7 +212,7 @@ def test_scales_clipped_logged_and_follow_schedule(data):
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            seen.append({k: logs[k] for k in SCALE_KEYS})
+            seen.append({k: float(logs[k]) for k in SCALE_KEYS})
 
     d = make(layerwise(min_scale=0.9, max_scale=1.1, update_every=2),
              optimizer=keras.optimizers.SGD(schedule, momentum=0.9))
@@ -221,21 +230,24 @@ def test_scales_clipped_logged_and_follow_schedule(data):
     for key, name in zip(SCALE_KEYS, lws.student_layers):
         assert history.history[key][-1] == pytest.approx(logged[-1][
             SCALE_KEYS.index(key)])
-        assert float(lws.scales[name].numpy()) == pytest.approx(
+        assert scalar(lws.scales[name]) == pytest.approx(
             history.history[key][-1])
-        # The last step (iteration 7) ran at schedule(7) * scale.
-        lr = float(keras.ops.convert_to_numpy(
-            lws.optimizers[name].learning_rate))
-        assert lr == pytest.approx(float(schedule(7)) * logged[-1][
+        # Each group's learning rate is the schedule at the current
+        # iteration (8, after 8 steps) times its scale.
+        lr = float(to_numpy(lws.optimizers[name].learning_rate))
+        assert lr == pytest.approx(float(to_numpy(schedule(8))) * logged[-1][
             SCALE_KEYS.index(key)], rel=1e-5)
-    assert int(d.optimizer.iterations) == 8
-    assert all(int(o.iterations) == 8 for o in lws.optimizers.values())
+    assert int(to_numpy(d.optimizer.iterations)) == 8
+    assert all(int(to_numpy(o.iterations)) == 8
+               for o in lws.optimizers.values())
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_each_optimizer_owns_its_layer_slots():
     d = make(layerwise())
+    d.optimizer.build(d.trainable_variables)
     lws = d.layerwise_state
+    assert isinstance(d.optimizer, LayerwiseOptimizer)
+    assert lws.optimizer is d.optimizer
     groups = lws.layer_variables
     assert [v.path for v in groups["s_stage1"]] == [
         v.path for v in d.student.get_layer("s_stage1").trainable_variables]
@@ -255,15 +267,20 @@ def test_each_optimizer_owns_its_layer_slots():
             assert len(matches) == 1, slot.name
             assert tuple(slot.shape) == tuple(matches[0].shape)
 
-    slot_owners(d.optimizer, rest)
+    slot_owners(d.optimizer.inner_optimizer, rest)
     for name, variables in groups.items():
         slot_owners(lws.optimizers[name], variables)
-    all_slots = [id(v) for o in [d.optimizer, *lws.optimizers.values()]
-                 for v in o.variables]
+    optimizers = [d.optimizer.inner_optimizer, *lws.optimizers.values()]
+    all_slots = [id(v) for o in optimizers for v in o.variables]
     assert len(all_slots) == len(set(all_slots))
+    # Keras sees all of it: the wrapper's variables hold every optimizer's
+    # slots and iteration counts, and the scales.
+    listed = {id(v) for v in d.optimizer.variables}
+    assert set(all_slots) <= listed
+    assert {id(v) for v in d.optimizer.scales.values()} <= listed
+    assert len(d.optimizer.variables) == len(listed)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_save_load_resumes_identically(tmp_path, data):
     x, y = data
     schedule = keras.optimizers.schedules.ExponentialDecay(0.02, 3, 0.7)
@@ -283,6 +300,7 @@ def test_save_load_resumes_identically(tmp_path, data):
     loaded = keras.models.load_model(path)
     assert loaded.layerwise_lr.get_config() == \
         interrupted.layerwise_lr.get_config()
+    assert isinstance(loaded.optimizer, LayerwiseOptimizer)
     for a, b in zip(state_of(interrupted), state_of(loaded)):
         np.testing.assert_array_equal(a, b)
     loaded.fit(x, y, epochs=1, **fit)
@@ -290,7 +308,6 @@ def test_save_load_resumes_identically(tmp_path, data):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_backup_and_restore_resumes_identically(tmp_path, data):
     x, y = data
     fit = dict(batch_size=16, verbose=0, shuffle=False, epochs=3)
@@ -319,8 +336,10 @@ def test_backup_and_restore_resumes_identically(tmp_path, data):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
-def test_xla_matches_graph(data):
+@pytest.mark.backends("tensorflow", "jax")  # PyTorch: no XLA here
+def test_jit_matches_no_jit(data):
+    """TensorFlow `jit_compile=True` (XLA) and JAX `jit` (Keras' default
+    there) against the same training without it."""
     x, y = data
     results = []
     for jit in (False, True):
@@ -328,6 +347,7 @@ def test_xla_matches_graph(data):
         d = make(layerwise(signal="jacobian", update_every=2, min_scale=0.1,
                            max_scale=10.0), jit_compile=jit,
                  student=make_cnn("s", 4, batchnorm=False))
+        assert d.jit_compile == jit
         history = d.fit(x, y, epochs=1, batch_size=8, verbose=0,
                         shuffle=False)
         results.append((history.history, values(d.student.weights)))
@@ -338,10 +358,11 @@ def test_xla_matches_graph(data):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_export_and_teacher_unaffected(tmp_path, data):
+    tf = pytest.importorskip("tensorflow")
     x, y = data
-    d = make(layerwise(signal="hessian", update_every=1))
+    # The Jacobian signal differentiates through the teacher every step.
+    d = make(layerwise(signal="jacobian", update_every=1))
     teacher_before = values(d.teacher.weights)
     teacher_config = d.teacher.get_config()
     d.fit(x, y, epochs=1, batch_size=8, verbose=0)
@@ -355,7 +376,6 @@ def test_export_and_teacher_unaffected(tmp_path, data):
     assert len(reloaded.variables) == len(d.student.weights)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_block_scope_takes_layers_up_to_the_pair():
     lw = layerwise(pairs=[("s_pool", "t_pool"), ("s_stage2", "t_stage2")],
                    scope="block")
@@ -371,14 +391,18 @@ def test_block_scope_takes_layers_up_to_the_pair():
     assert rest == {"s_logits"}
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_config_round_trip_and_user_object_untouched():
     lw = layerwise(signal="hessian", update_every=7, min_scale=0.3,
                    max_scale=3.0, p=1, hutchinson_samples=2)
     config = lw.get_config()
-    d = make(lw)
+    user_optimizer = keras.optimizers.Adam(1e-2)
+    d = make(lw, optimizer=user_optimizer)
     assert lw.get_config() == config and d.layerwise_lr is lw
     assert d.layerwise_state.config is not lw
+    assert d.optimizer.inner_optimizer is user_optimizer
+    # Keras saves the optimizer given to `compile`, not the wrapper.
+    saved = d.get_compile_config()["optimizer"]
+    assert saved["class_name"] == "Adam"
     again = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(lw))
     assert again.get_config() == config
@@ -388,9 +412,230 @@ def test_config_round_trip_and_user_object_untouched():
         make(None).get_config()).layerwise_state is None
 
 
+# Layer-wise optimizer, and its combinations with Keras optimizers.
+
+def _dense_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+        keras.layers.Dense(1, name="head")])
+
+
+@pytest.mark.parametrize("options", [
+    dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(
+        0.05, 1, 0.7), momentum=0.9),
+    dict(global_clipnorm=0.5),
+    dict(gradient_accumulation_steps=2, global_clipnorm=0.25),
+    dict(use_ema=True, ema_momentum=0.5),
+], ids=["schedule", "global_clipnorm", "accumulation+clipnorm", "ema"])
+def test_layerwise_optimizer_at_scale_one_is_the_inner_optimizer(options):
+    """With every scale at 1, the wrapper trains exactly as the optimizer it
+    wraps: same schedule at each step, one global clip over all gradients
+    (on the averaged accumulated ones with accumulation), the same
+    moving averages swapped in at the end of `fit`."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = (x.sum(1, keepdims=True) * 3).astype("float32")
+
+    def options_copy():
+        out = dict(options)
+        if "learning_rate" in out:
+            out["learning_rate"] = keras.optimizers.schedules.deserialize(
+                keras.optimizers.schedules.serialize(out["learning_rate"]))
+        return out
+
+    reference = _dense_model()
+    reference.compile(keras.optimizers.SGD(**options_copy()), "mse")
+    model = _dense_model()
+    wrapper = LayerwiseOptimizer(
+        keras.optimizers.SGD(**options_copy()),
+        groups={"hidden": model.get_layer("hidden").trainable_variables})
+    model.compile(wrapper, "mse")
+    start = values(model.weights)
+    reference.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(values(reference.weights), values(model.weights)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert any(np.abs(a - b).max() > 1e-3
+               for a, b in zip(start, values(model.weights)))
+    steps = 8 // options.get("gradient_accumulation_steps", 1)
+    assert int(to_numpy(wrapper.iterations)) == steps
+    assert all(int(to_numpy(o.iterations)) == steps
+               for o in wrapper.group_optimizers.values())
+
+
+def test_layerwise_optimizer_scales_each_group_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = x.sum(1, keepdims=True).astype("float32")
+    reference = _dense_model()
+    reference.compile(keras.optimizers.SGD(0.1), "mse")
+    model = _dense_model()
+    wrapper = LayerwiseOptimizer(
+        keras.optimizers.SGD(0.1),
+        groups={"hidden": model.get_layer("hidden").trainable_variables})
+    model.compile(wrapper, "mse")
+    wrapper.build(model.trainable_variables)
+    wrapper.scales["hidden"].assign(0.25)
+    start = values(model.weights)
+    reference.train_on_batch(x, y)
+    model.train_on_batch(x, y)
+    for name, a, b, s in zip(["hidden"] * 2 + ["head"] * 2, start,
+                             values(reference.weights),
+                             values(model.weights)):
+        factor = 0.25 if name == "hidden" else 1.0
+        # Steps are ~1e-2; each is a difference of float32 weights ~1, so
+        # it carries rounding of ~1e-7.
+        np.testing.assert_allclose(s - a, factor * (b - a), rtol=1e-5,
+                                   atol=1e-6)
+        assert np.abs(b - a).max() > 1e-3
+    assert len(wrapper.variables) == len({id(v) for v in wrapper.variables})
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, LayerwiseOptimizer)
+    assert loaded.optimizer.group_names == ["hidden"]
+    assert scalar(loaded.optimizer.scales["hidden"]) == 0.25
+    for a, b in zip(values(wrapper.variables),
+                    values(loaded.optimizer.variables)):
+        np.testing.assert_array_equal(a, b)
+    config = wrapper.get_config()
+    assert config["groups"] == {"hidden": [
+        v.path for v in model.get_layer("hidden").trainable_variables]}
+    assert LayerwiseOptimizer.from_config(config).group_names == ["hidden"]
+
+
+@pytest.mark.parametrize("options", [
+    dict(gradient_accumulation_steps=2),
+    dict(use_ema=True, ema_momentum=0.5),
+    dict(global_clipnorm=0.5),
+    dict(loss_scale=True),
+], ids=["accumulation", "ema", "global_clipnorm", "loss_scale_optimizer"])
+def test_distiller_compositions_match_plain_distillation(data, options):
+    """With `min_scale = max_scale = 1` the layer-wise distiller trains
+    exactly as plain distillation with the same optimizer configuration:
+    each Keras option keeps its meaning through the wrapper."""
+    x, y = data
+    options = dict(options)
+    loss_scale = options.pop("loss_scale", False)
+
+    def optimizer():
+        inner = keras.optimizers.SGD(0.05, momentum=0.5, **options)
+        return LSO(inner, initial_scale=2.0 ** 10) if loss_scale else inner
+
+    updates = []
+
+    class Updates(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = values(self.model.student.trainable_variables)
+
+        def on_train_batch_end(self, batch, logs=None):
+            after = values(self.model.student.trainable_variables)
+            updates.append(max(np.abs(a - b).max()
+                               for a, b in zip(after, self.before)))
+
+    plain = make(None, optimizer=optimizer())
+    user = optimizer()
+    lw = make(layerwise(min_scale=1.0, max_scale=1.0), optimizer=user)
+    fit = dict(batch_size=8, epochs=1, verbose=0, shuffle=False)
+    plain.fit(x, y, **fit)
+    lw.fit(x, y, callbacks=[Updates()], **fit)
+    for a, b in zip(values(plain.student.weights),
+                    values(lw.student.weights)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert int(to_numpy(lw.optimizer.iterations)) == int(
+        to_numpy(plain.optimizer.iterations))
+    if options.get("gradient_accumulation_steps"):
+        # Weights move on every second step only.
+        assert all(u == 0 for u in updates[0::2])
+        assert all(u > 0 for u in updates[1::2])
+    if loss_scale:
+        assert isinstance(lw.optimizer, LSO)
+        assert isinstance(lw.optimizer.inner_optimizer, LayerwiseOptimizer)
+        assert lw.optimizer is not user  # a new one around the wrapper
+        assert not isinstance(user.inner_optimizer, LayerwiseOptimizer)
+        assert scalar(lw.optimizer.dynamic_scale) == 2.0 ** 10
+
+
+def test_mixed_float16_wraps_loss_scale_optimizer_outside(policy):
+    policy("mixed_float16")
+    d = make(layerwise(), optimizer=keras.optimizers.SGD(0.1))
+    assert isinstance(d.optimizer, LSO)
+    assert isinstance(d.optimizer.inner_optimizer, LayerwiseOptimizer)
+    assert d.layerwise_state.optimizer is d.optimizer.inner_optimizer
+
+
+# Several teachers.
+
+def _teachers():
+    keras.utils.set_random_seed(5)
+    first = make_cnn("t", 8)
+    second = make_cnn("t", 8)        # the same layer names, other weights
+    third = make_cnn("u", 8)         # no paired layer: top class only
+    # The third teacher's vote decides the top class of the ensemble.
+    third.get_layer("u_logits").bias.assign([0.0, 0.0, 0.0, 0.0, 30.0])
+    return [first, second, third]
+
+
+def test_several_teachers_average_divergences(data):
+    x, _ = data
+    teachers = _teachers()
+    keras.utils.set_random_seed(6)
+    student = make_cnn("s", 4)
+    lw = layerwise(signal="attention")
+    both = Distiller(teachers, student, layerwise_lr=lw)
+    teacher_maps, _ = both.layerwise_state.signal_maps(x)
+    assert all(len(maps) == 2 for maps in teacher_maps)
+    measured = to_numpy(both.layerwise_state.measure(x))
+    alone = [to_numpy(Distiller(t, student, layerwise_lr=lw)
+                      .layerwise_state.measure(x)) for t in teachers[:2]]
+    np.testing.assert_allclose(measured, (alone[0] + alone[1]) / 2,
+                               rtol=1e-5)
+    assert np.abs(alone[0] - alone[1]).max() > 1e-4
+
+
+def test_several_teachers_share_the_top_class(data):
+    x, _ = data
+    teachers = _teachers()
+    keras.utils.set_random_seed(6)
+    student = make_cnn("s", 4)
+    d = Distiller(teachers, student, layerwise_lr=layerwise(
+        signal="jacobian"))
+    teacher_maps, student_maps = d.layerwise_state.signal_maps(x)
+    # The top class is the argmax of the three teachers' averaged logits
+    # (the third has no paired layer but votes).
+    logits = [t.predict(x, verbose=0) for t in teachers]
+    classes = np.argmax(np.mean(logits, 0), -1)
+    assert np.all(classes == 4)
+    assert np.any(np.argmax(logits[0], -1) != 4)
+    positions = 4 * 4
+    for model, got in ((teachers[0], teacher_maps[1][0]),
+                       (teachers[1], teacher_maps[1][1]),
+                       (student, student_maps[1])):
+        kernel = to_numpy(model.layers[-1].kernel.value)
+        expected = ((kernel[:, classes] / positions) ** 2).mean(0)
+        got = to_numpy(got)[..., 0]
+        np.testing.assert_allclose(got, np.broadcast_to(
+            expected[:, None, None], got.shape), rtol=1e-4)
+
+
+def test_several_teachers_train(data):
+    x, y = data
+    d = Distiller(_teachers(), make_cnn("s", 4),
+                  terms=[Term(KD(4.0), weight=0.9)], student_loss_weight=0.1,
+                  layerwise_lr=layerwise(signal="hessian", update_every=2))
+    d.compile(optimizer=keras.optimizers.Adam(1e-2), loss=SCCE)
+    history = d.fit(x, y, epochs=2, batch_size=8, verbose=0).history
+    assert history["loss"][-1] < history["loss"][0]
+    for key in SCALE_KEYS:
+        assert np.all(np.isfinite(history[key]))
+    with pytest.raises(ValueError, match="No teacher has the layer 't_x'"):
+        Distiller(_teachers(), make_cnn("s", 4), layerwise_lr=layerwise(
+            pairs=[("s_stage1", "t_x"), ("s_stage2", "t_stage2")]))
+
+
 # Errors before training.
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least two"):
         LayerwiseLearningRate([("s_stage1", "t_stage1")])
@@ -407,7 +652,6 @@ def test_bad_arguments():
         Distiller(make_cnn("t", 8), make_cnn("s", 4), layerwise_lr=PAIRS)
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
 def test_model_errors_name_layers():
     t, s = make_cnn("t", 8), make_cnn("s", 4)
     with pytest.raises(ValueError, match="s_stage3.*'s'.*s_stage2"):
@@ -425,17 +669,27 @@ def test_model_errors_name_layers():
             pairs=[("s_stage1", "t_stage1"), ("s_stage2", "t_stage1")]))
 
 
-@pytest.mark.backends("tensorflow")  # layer-wise rates: TF only for now
-def test_unsupported_optimizers_rejected_at_compile():
-    for optimizer, match in (
-            (keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
-             "LossScaleOptimizer"),
-            (keras.optimizers.SGD(gradient_accumulation_steps=2),
-             "gradient_accumulation_steps"),
-            (keras.optimizers.SGD(use_ema=True), "use_ema")):
-        with pytest.raises(ValueError, match=match):
-            make(layerwise(), optimizer=optimizer)
+def test_optimizer_errors():
+    built = keras.optimizers.SGD()
+    built.build(make_cnn("x", 2).trainable_variables)
+    with pytest.raises(ValueError, match="already built"):
+        make(layerwise(), optimizer=built)
+    with pytest.raises(ValueError, match="LossScaleOptimizer\\(Layerwise"):
+        LayerwiseOptimizer(LSO(keras.optimizers.SGD()), groups={"a": []})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        LayerwiseOptimizer(keras.optimizers.SGD(), groups={})
+    model = _dense_model()
+    frozen = LayerwiseOptimizer(keras.optimizers.SGD(), groups={
+        "hidden": model.get_layer("hidden").trainable_variables})
+    with pytest.raises(ValueError, match="group 'hidden'.*frozen"):
+        frozen.build(model.get_layer("head").trainable_variables)
+    d = make(layerwise())
+    other = LayerwiseOptimizer(keras.optimizers.SGD(), groups={
+        "s_stage1": d.student.get_layer("s_stage1").trainable_variables})
+    with pytest.raises(ValueError, match="groups \\['s_stage1'\\]"):
+        d.compile(optimizer=other, loss=SCCE)
 
 
 def test_public_name():
     assert keras_kd.LayerwiseLearningRate is LayerwiseLearningRate
+    assert keras_kd.LayerwiseOptimizer is LayerwiseOptimizer

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_kd import Distiller, LocalModules, Term
+from keras_kd import Distiller, LayerwiseLearningRate, LocalModules, Term
 from keras_kd.losses import CMKD, DIST, KD, AttentionTransfer, FeatureMSE
 
 from conftest import make_cnn
@@ -23,12 +23,15 @@ STEPS = 6
 # - core (KD, two feature terms, DIST, CMKD): mixed_float16 0.054,
 #   mixed_bfloat16 0.080. The rank-based CMKD reads half-precision logits,
 #   whose ties move with rounding, and six terms compound;
-# - local modules: 1e-4 and 0.005; ensemble with diagnostics: 1e-4, 0.0043.
+# - local modules: 1e-4 and 0.005; ensemble with diagnostics: 1e-4, 0.0043;
+# - layer-wise learning rates (Jacobian signal): 2.2e-4 and 0.0025.
 TOLERANCE = {
     ("core", "mixed_float16"): 0.1, ("core", "mixed_bfloat16"): 0.15,
     ("lakd", "mixed_float16"): 1e-3, ("lakd", "mixed_bfloat16"): 0.02,
     ("ensemble", "mixed_float16"): 1e-3, ("ensemble", "mixed_bfloat16"): 0.02,
+    ("layerwise", "mixed_float16"): 1e-3, ("layerwise", "mixed_bfloat16"): 0.02,
 }
+SETUPS = ["core", "lakd", "ensemble", "layerwise"]
 
 
 def build(setup, optimizer=None):
@@ -47,6 +50,12 @@ def build(setup, optimizer=None):
     elif setup == "lakd":
         kwargs["local_modules"] = LocalModules(["s_stage1", "s_stage2"],
                                                ["t_stage1", "t_stage2"])
+    elif setup == "layerwise":
+        # The Jacobian signal differentiates the half-precision models;
+        # scales are re-estimated on steps 0, 2, 4.
+        kwargs["layerwise_lr"] = LayerwiseLearningRate(
+            [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")],
+            signal="jacobian", update_every=2, min_scale=0.5, max_scale=2.0)
     else:  # an ensemble with diagnostics
         teachers.append(make_cnn("u", 8))
         kwargs["diagnostics"] = ["top1_agreement", "teacher_kl"]
@@ -77,7 +86,7 @@ def train(setup, policy, x, y, weights=None, optimizer=None, steps=STEPS):
         keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("setup", ["core", "lakd", "ensemble"])
+@pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_trains_under_mixed_precision_close_to_float32(data, setup,
                                                        policy):
@@ -100,7 +109,7 @@ def test_trains_under_mixed_precision_close_to_float32(data, setup,
     assert moved > 5 * gap, (moved, gap)
 
 
-@pytest.mark.parametrize("setup", ["core", "lakd"])
+@pytest.mark.parametrize("setup", ["core", "lakd", "layerwise"])
 def test_automatic_loss_scaling_under_mixed_float16(data, setup):
     x, y = data
     _, losses, before, after, optimizer = train(setup, "mixed_float16", x,

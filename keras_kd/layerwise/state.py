@@ -3,10 +3,11 @@ maps at paired layers.
 
 `LayerwiseLearningRate` is the user-facing description (which layers, which
 signal, how often, how far the scales may move). Given to a `Distiller`, it is
-bound to the teacher and student as a `LayerwiseState`: a small Keras layer
-that owns the per-layer scale variables and, once the distiller is compiled,
-one optimizer per paired student layer. Everything is tracked by the
-distiller, so `save`/`load_model` and `BackupAndRestore` restore it.
+bound to the teachers and student as a `LayerwiseState`: a small Keras layer,
+tracked by the distiller, that holds the last divergences and wraps the
+compiled optimizer in a `keras_kd.LayerwiseOptimizer` whose scale variables
+it sets before each step's loss. Model state and optimizer state are both
+saved, so `save`/`load_model` and `BackupAndRestore` restore everything.
 
 The paper (Kokane, Uddin & Xu, arXiv:2407.04871) was not available in full;
 the choices below that it does not state are the library's reading and are
@@ -15,7 +16,8 @@ documented where they are made:
 - The divergence of layer `l` is the batch mean of the Jensen-Shannon
   divergence (natural log, so in `[0, ln 2]`) between the normalized student
   and teacher maps, after average-pooling the larger map to the smaller
-  spatial size.
+  spatial size. With several teachers it is the mean of that divergence
+  over the teachers that have the pair's teacher layer.
 - `lr_l = lr_0 * clip(d_l / mean_k d_k, min_scale, max_scale)`, with `lr_0`
   the compiled optimizer's learning rate at the current iteration (a
   `LearningRateSchedule` is evaluated there). The scales are re-estimated on
@@ -24,17 +26,19 @@ documented where they are made:
 - Maps are computed in inference mode (`training=False`) on extra forward
   passes that only run on update steps, so batch-norm statistics and dropout
   are unaffected. The "top logit" of the Jacobian and Hessian signals is the
-  output of the class the teacher ranks first, for both models, so that the
-  two maps answer the same question.
-- The Hessian is that of the cross-entropy of the teacher's top class,
+  output of the class the teachers rank first (the argmax of their averaged
+  outputs), for every model, so that the maps answer the same question.
+- The Hessian is that of the cross-entropy of that class,
   `-log softmax(z)[c]`, with respect to the layer's activations: the Hessian
   of a logit itself is zero almost everywhere in networks built from ReLU,
   max-pooling and linear layers. Its diagonal is estimated with Hutchinson's
   method, `diag(H) ~ mean_k v_k * (H v_k)` with Rademacher probes `v_k`. All
   paired layers are probed together (one Hessian-vector product per probe);
   cross-layer blocks average out because independent probes are
-  uncorrelated. Probes are drawn from a stateless generator seeded by the
-  iteration count, so resumed training repeats them.
+  uncorrelated. Probes are drawn with a seed made of a constant and the
+  optimizer's iteration count (restored with the optimizer), so resumed
+  training repeats them. (A `keras.random.SeedGenerator` would not do:
+  Keras does not save its state.)
 """
 
 import keras
@@ -43,8 +47,9 @@ from keras import ops
 from keras_kd import _checks
 from keras_kd.extension import GradientRouting
 from keras_kd.layerwise.autodiff import (
-    single_output, hutchinson_diagonals, top_logit_gradients,
+    hutchinson_diagonals, joint_top_logit_gradients, single_output,
 )
+from keras_kd.layerwise.optimizer import LayerwiseOptimizer
 from keras_kd.layerwise.signals import (
     collapse_channels, divergence_scales, map_divergence,
 )
@@ -52,11 +57,12 @@ from keras_kd.taps import Tap, find_layer
 
 SIGNALS = ("attention", "jacobian", "hessian")
 SCOPES = ("layer", "block")
+_PROBE_SEED = 1337
 
 
 class _Untracked:
     """Holds helpers whose variables belong to the teacher or the student and
-    are tracked there."""
+    are tracked there, and the optimizer, tracked by the distiller."""
 
     def __init__(self, **items):
         self.__dict__.update(items)
@@ -68,10 +74,11 @@ class _Untracked:
 class LayerwiseLearningRate:
     """Per-layer learning rates that follow the student-teacher divergence.
 
-    Each paired student layer gets its own optimizer, built from the
-    compiled optimizer's config (own slots, own learning rate); every other
-    trained variable stays with the compiled optimizer. Layer `l` trains
-    with `lr_l = lr_0 * clip(d_l / mean_k d_k, min_scale, max_scale)`, where
+    The distiller wraps the compiled optimizer in a
+    `keras_kd.LayerwiseOptimizer`: each paired student layer trains with its
+    own copy of the compiled optimizer (own slots, own learning rate);
+    every other trained variable stays with the compiled optimizer. Layer
+    `l` trains with `lr_l = lr_0 * clip(d_l / mean_k d_k, min_scale, max_scale)`, where
     `lr_0` is the compiled learning rate at the current iteration (a
     `LearningRateSchedule` included) and `d_l` is the Jensen-Shannon
     divergence between the normalized student and teacher maps of the pair,
@@ -89,9 +96,15 @@ class LayerwiseLearningRate:
       the cross-entropy of that class with respect to the activations.
 
     The paper does not spell these choices out; see the module docstring of
-    `keras_kd.layerwise` for the library's reading. Maps are computed in
-    inference mode on update steps only; the Jacobian and Hessian signals
-    need a model with a single `(batch, classes)` output.
+    `keras_kd.layerwise.state` for the library's reading. Maps are computed
+    in inference mode on update steps only; the Jacobian and Hessian
+    signals need a model with a single `(batch, classes)` output.
+
+    With several teachers, the divergence of a pair is the mean, over the
+    teachers that have the pair's teacher layer, of the divergence between
+    the student's map and that teacher's map; the top class of the
+    Jacobian and Hessian signals is the argmax of the teachers' averaged
+    outputs.
 
     Args:
         pairs: list of `(student_layer, teacher_layer)` name pairs, at least
@@ -195,10 +208,10 @@ class LayerwiseLearningRate:
 
     def bind(self, teacher, student):
         """Validate the pairs against the models and return the state the
-        `Distiller` tracks (scale variables, maps, optimizers).
+        `Distiller` tracks (divergences, maps, the optimizer it wraps).
 
         Args:
-            teacher: the teacher `keras.Model`.
+            teacher: the teacher `keras.Model`, or a list of them.
             student: the student `keras.Model`.
 
         Returns:
@@ -230,8 +243,14 @@ class LayerwiseLearningRate:
         )
 
 
-def attach(layerwise_lr, teacher, student):
-    """The `LayerwiseState` for a `Distiller`, or `None` without one."""
+def attach(layerwise_lr, teachers, student):
+    """The `LayerwiseState` for a `Distiller`, or `None` without one.
+
+    Args:
+        layerwise_lr: `None` or a `LayerwiseLearningRate`.
+        teachers: the teacher `keras.Model`, or a list of them.
+        student: the student `keras.Model`.
+    """
     if layerwise_lr is None:
         return None
     if not isinstance(layerwise_lr, LayerwiseLearningRate):
@@ -241,7 +260,7 @@ def attach(layerwise_lr, teacher, student):
         )
     # A private copy: the user's object is never bound or changed.
     return LayerwiseLearningRate.from_config(
-        layerwise_lr.get_config()).bind(teacher, student)
+        layerwise_lr.get_config()).bind(teachers, student)
 
 
 # The state a Distiller tracks.
@@ -254,101 +273,132 @@ def _layers_upstream(model, layer):
     return list(sub.layers)
 
 
+def probe_seed(iteration):
+    """The seed of the Hessian signal's probes at an iteration: the same
+    iteration draws the same probes, so resumed training (which restores
+    the optimizer's iteration count) repeats them."""
+    return ops.stack([ops.convert_to_tensor(_PROBE_SEED, "int32"),
+                      ops.cast(iteration, "int32")])
+
+
+def _has_layer(model, name):
+    try:
+        return any(layer.name == name for layer in model.layers)
+    except AttributeError:
+        return False
+
+
 class LayerwiseState(keras.layers.Layer, GradientRouting):
-    """What a `Distiller` with `layerwise_lr` tracks: one scale and one
-    divergence variable per pair (non-trainable, saved with the model) and,
-    after `compile`, one optimizer per pair.
+    """What a `Distiller` with `layerwise_lr` tracks: the last divergence of
+    every pair (non-trainable variables, saved with the model). It wraps the
+    compiled optimizer in a `keras_kd.LayerwiseOptimizer` (`wrap_optimizer`)
+    and sets that optimizer's scales before each step's loss
+    (`before_step`).
 
     Created by `LayerwiseLearningRate.bind`; not meant to be built by hand.
 
     Args:
         config: the `LayerwiseLearningRate` it implements.
-        teacher: the teacher `keras.Model`.
+        teacher: the teacher `keras.Model`, or a list of them.
         student: the student `keras.Model`.
         name: name of the layer.
 
     Attributes:
         config: the `LayerwiseLearningRate` (a private copy).
-        scales: dict from student layer name to its scale variable.
-        divergences: dict from student layer name to its last divergence.
-        optimizers: dict from student layer name to its optimizer (empty
-            before `compile`).
-        layer_variables: dict from student layer name to the variables its
-            optimizer trains.
     """
 
     argument = "layerwise_lr"
 
     def __init__(self, config, teacher, student, name="layerwise_lr"):
         super().__init__(name=name)
-        self.check_backend()
         self.config = config
+        teachers = list(teacher) if isinstance(teacher, (list, tuple)) \
+            else [teacher]
         names = config.student_layers
-        teacher_tap = Tap(teacher, config.teacher_layers, "teacher")
         student_tap = Tap(student, names, "student")
-        self._taps = _Untracked(teacher=teacher_tap, student=student_tap,
-                                teacher_model=teacher, student_model=student)
-        self._check_shapes(teacher_tap.feature_shapes,
-                           student_tap.feature_shapes)
+        # Per pair, the (teacher index, position in its tap) of every
+        # teacher that has the pair's teacher layer.
+        sources = [[] for _ in config.pairs]
+        teacher_taps = []
+        for t, model in enumerate(teachers):
+            layers = []
+            for p, (_, t_name) in enumerate(config.pairs):
+                if len(teachers) == 1 or _has_layer(model, t_name):
+                    sources[p].append((t, len(layers)))
+                    layers.append(t_name)
+            teacher_taps.append(Tap(model, layers, "teacher"))
+        for (s_name, t_name), found in zip(config.pairs, sources):
+            if not found:
+                raise ValueError(
+                    f"No teacher has the layer '{t_name}' paired with the "
+                    f"student layer '{s_name}'; teachers: "
+                    f"{[model.name for model in teachers]}. Pair a layer "
+                    "that at least one teacher has."
+                )
+        self._taps = _Untracked(teachers=teacher_taps, student=student_tap,
+                                teacher_models=teachers,
+                                student_model=student, sources=sources)
+        for p, found in enumerate(sources):
+            for t, k in found:
+                self._check_shapes(
+                    config.pairs[p], teacher_taps[t].feature_shapes[k],
+                    student_tap.feature_shapes[p],
+                    teachers[t].name if len(teachers) > 1 else None)
         if config.signal != "attention":
-            self._check_outputs(teacher, student)
+            for model in teachers:
+                self._check_output(model, "teacher")
+            self._check_output(student, "student")
         self._groups = self._variable_groups(student)
         self._divergences = [
             self.add_weight(shape=(), initializer="zeros", trainable=False,
-                            name=f"divergence_{n}", aggregation="mean")
+                            name=f"divergence_{n}", aggregation="mean",
+                            dtype="float32")
             for n in names
         ]
-        self._scales = [
-            self.add_weight(shape=(), initializer="ones", trainable=False,
-                            name=f"scale_{n}", aggregation="mean")
-            for n in names
-        ]
-        self.layer_optimizers = []
-        self._owner = {}
-        self._global_clipnorm = None
+        self._bound = _Untracked(optimizer=None)
         self.built = True
 
     # Construction-time checks.
 
-    def _check_shapes(self, teacher_shapes, student_shapes):
-        for (s_name, t_name), t_shape, s_shape in zip(
-                self.config.pairs, teacher_shapes, student_shapes):
-            where = (
-                f"pair (student layer '{s_name}' {s_shape}, teacher layer "
-                f"'{t_name}' {t_shape})"
+    @staticmethod
+    def _check_shapes(pair, t_shape, s_shape, teacher_name=None):
+        s_name, t_name = pair
+        of = "" if teacher_name is None else f" of '{teacher_name}'"
+        where = (
+            f"pair (student layer '{s_name}' {s_shape}, teacher layer "
+            f"'{t_name}'{of} {t_shape})"
+        )
+        if len(t_shape) != len(s_shape) or len(s_shape) not in (2, 3, 4):
+            raise ValueError(
+                f"Cannot compare the maps of the {where}: both outputs "
+                "must have the same rank, 2 (batch, units), 3 (batch, "
+                "steps, channels) or 4 (batch, height, width, channels)."
             )
-            if len(t_shape) != len(s_shape) or len(s_shape) not in (2, 3, 4):
+        if len(s_shape) == 2:
+            if t_shape[1] != s_shape[1]:
                 raise ValueError(
-                    f"Cannot compare the maps of the {where}: both outputs "
-                    "must have the same rank, 2 (batch, units), 3 (batch, "
-                    "steps, channels) or 4 (batch, height, width, channels)."
+                    f"Cannot compare the maps of the {where}: rank-2 "
+                    "outputs are compared unit by unit and need the "
+                    "same number of units."
                 )
-            if len(s_shape) == 2:
-                if t_shape[1] != s_shape[1]:
-                    raise ValueError(
-                        f"Cannot compare the maps of the {where}: rank-2 "
-                        "outputs are compared unit by unit and need the "
-                        "same number of units."
-                    )
-                continue
-            for t, s in zip(t_shape[1:-1], s_shape[1:-1]):
-                if t and s and max(t, s) % min(t, s):
-                    raise ValueError(
-                        f"Spatial sizes cannot be pooled to a common size "
-                        f"for the {where}: each size must divide the other."
-                    )
+            return
+        for t, s in zip(t_shape[1:-1], s_shape[1:-1]):
+            if t and s and max(t, s) % min(t, s):
+                raise ValueError(
+                    f"Spatial sizes cannot be pooled to a common size "
+                    f"for the {where}: each size must divide the other."
+                )
 
-    def _check_outputs(self, teacher, student):
-        for role, model in (("teacher", teacher), ("student", student)):
-            outputs = model.outputs
-            if len(outputs) != 1 or len(outputs[0].shape) != 2:
-                raise ValueError(
-                    f"The '{self.config.signal}' signal needs a single "
-                    f"output of shape (batch, classes), but the {role} "
-                    f"model '{model.name}' outputs "
-                    f"{[tuple(o.shape) for o in outputs]}. Use "
-                    "signal='attention', which reads activations only."
-                )
+    def _check_output(self, model, role):
+        outputs = model.outputs
+        if len(outputs) != 1 or len(outputs[0].shape) != 2:
+            raise ValueError(
+                f"The '{self.config.signal}' signal needs a single "
+                f"output of shape (batch, classes), but the {role} "
+                f"model '{model.name}' outputs "
+                f"{[tuple(o.shape) for o in outputs]}. Use "
+                "signal='attention', which reads activations only."
+            )
 
     def _variable_groups(self, student):
         """For each pair, the student layers whose variables its optimizer
@@ -390,16 +440,31 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
         return self.config.student_layers
 
     @property
+    def optimizer(self):
+        """The `keras_kd.LayerwiseOptimizer` the distiller trains with
+        (`None` before `compile`)."""
+        return self._bound.optimizer
+
+    @property
     def scales(self):
-        return dict(zip(self.student_layers, self._scales))
+        """Dict from student layer name to its learning-rate scale, a
+        variable of the compiled `LayerwiseOptimizer` (empty before
+        `compile`)."""
+        optimizer = self._bound.optimizer
+        return {} if optimizer is None else optimizer.scales
 
     @property
     def divergences(self):
+        """Dict from student layer name to its last measured divergence."""
         return dict(zip(self.student_layers, self._divergences))
 
     @property
     def optimizers(self):
-        return dict(zip(self.student_layers, self.layer_optimizers))
+        """Dict from student layer name to the optimizer that trains it
+        (copies of the compiled optimizer; empty before the optimizer is
+        built)."""
+        optimizer = self._bound.optimizer
+        return {} if optimizer is None else optimizer.group_optimizers
 
     @property
     def layer_variables(self):
@@ -419,187 +484,169 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
         return out
 
     def logs(self):
-        """`{"lr_scale/<student layer>": scale}` for the training logs."""
-        return {
-            f"lr_scale/{name}": _read(variable)
-            for name, variable in self.scales.items()
-        }
+        """`{"lr_scale/<student layer>": scale}` for the training logs.
 
-    # Optimizers.
+        The scales are computed from the divergences (model state), as the
+        step set them in the optimizer, so that the logs read no optimizer
+        variable."""
+        scales = self._current_scales()
+        return {f"lr_scale/{name}": scales[index]
+                for index, name in enumerate(self.student_layers)}
 
-    def on_compile(self, optimizer, variables):
-        """Builds the per-pair optimizers (see `build_optimizers`)."""
-        self.build_optimizers(optimizer, variables)
+    def _current_scales(self):
+        return divergence_scales(
+            ops.stack([v.value for v in self._divergences]),
+            self.config.min_scale, self.config.max_scale)
 
-    def build_optimizers(self, optimizer, trainable_variables):
-        """Create one optimizer per pair from `optimizer`'s config and build
-        every optimizer on its own variables. Called by `Distiller.compile`.
+    # The optimizer.
+
+    def wrap_optimizer(self, optimizer):
+        """The optimizer the distiller trains with: `optimizer` wrapped in a
+        `keras_kd.LayerwiseOptimizer` with one group per paired student
+        layer.
+
+        A `keras.optimizers.LossScaleOptimizer` stays outermost: a new one,
+        with the same configuration, around the wrapped inner optimizer
+        (the object passed to `compile` is left as it is). An optimizer
+        that already is (or holds) this state's `LayerwiseOptimizer` is
+        returned unchanged, as when Keras adds a `LossScaleOptimizer` under
+        `"mixed_float16"`.
 
         Args:
-            optimizer: the compiled optimizer; built here on the variables
-                outside every pair.
-            trainable_variables: every variable the distiller trains.
+            optimizer: the optimizer `compile` sets, or `None`.
         """
-        self._check_optimizer(optimizer)
-        trained = {id(v) for v in trainable_variables}
-        owner, per_layer = {}, []
-        for index, (name, group) in enumerate(
-                zip(self.student_layers, self._groups)):
-            variables = [v for v in self._trainable_in(group)
-                         if id(v) in trained and id(v) not in owner]
-            if not variables:
-                raise ValueError(
-                    f"The student layer '{name}' has no trainable variables "
-                    "left to give its own optimizer (is it frozen?)."
-                )
-            owner.update((id(v), index) for v in variables)
-            per_layer.append(variables)
-        config = optimizer.get_config()
-        self._global_clipnorm = config.get("global_clipnorm")
-        config["global_clipnorm"] = None  # applied once, to all gradients
-        config["learning_rate"] = float(
-            ops.convert_to_numpy(optimizer.learning_rate))
-        optimizers = []
-        for name, variables in zip(self.student_layers, per_layer):
-            layer_config = dict(config, name=f"{config['name']}_{name}")
-            layer_optimizer = type(optimizer).from_config(layer_config)
-            layer_optimizer.build(variables)
-            optimizers.append(layer_optimizer)
-        self.layer_optimizers = optimizers
-        self._owner = owner
-        optimizer.build([v for v in trainable_variables
-                         if id(v) not in owner])
+        if optimizer is None:
+            return None
+        lso = keras.optimizers.LossScaleOptimizer
+        if isinstance(optimizer, lso):
+            inner = optimizer.inner_optimizer
+            if isinstance(inner, LayerwiseOptimizer):
+                self._bind(inner)
+                return optimizer
+            config = optimizer.get_config()
+            config.pop("inner_optimizer")
+            return lso(self._wrap(inner), **config)
+        if isinstance(optimizer, LayerwiseOptimizer):
+            self._bind(optimizer)
+            return optimizer
+        return self._wrap(optimizer)
 
-    def _check_optimizer(self, optimizer):
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    def _wrap(self, inner):
+        previous = self._bound.optimizer
+        if previous is not None and previous.inner_optimizer is inner:
+            return previous  # compiled again with the same optimizer
+        if inner.built:
             raise ValueError(
-                "`layerwise_lr` does not support `LossScaleOptimizer` (its "
-                "dynamic loss scale cannot be shared by per-layer "
-                "optimizers). Compile with the inner optimizer, or without "
-                "`layerwise_lr`."
-            )
-        if getattr(optimizer, "gradient_accumulation_steps", None):
-            raise ValueError(
-                "`layerwise_lr` does not support optimizers with "
-                "`gradient_accumulation_steps`; got "
-                f"{optimizer.gradient_accumulation_steps}."
-            )
-        if getattr(optimizer, "use_ema", False):
-            raise ValueError(
-                "`layerwise_lr` does not support optimizers with "
-                "`use_ema=True`: the moving averages would be split "
-                "across optimizers."
-            )
-        if optimizer.built:
-            raise ValueError(
-                f"The optimizer '{optimizer.name}' is already built; "
+                f"The optimizer '{inner.name}' is already built; "
                 "`layerwise_lr` builds it on the variables outside every "
                 "pair. Pass a new optimizer to `compile()`."
             )
+        optimizer = LayerwiseOptimizer(
+            inner, groups=self.layer_variables,
+            name=f"layerwise_{inner.name}")
+        self._bind(optimizer)
+        return optimizer
 
-    def apply_gradients(self, optimizer, gradients, variables):
-        """Route each pair's gradients to its optimizer at
-        `lr_0 * scale`, and the rest to the compiled `optimizer`."""
-        if not self.layer_optimizers:
+    def _bind(self, optimizer):
+        if optimizer.group_names != self.student_layers:
             raise ValueError(
-                "The distiller's per-layer optimizers are not built: compile "
-                "the distiller before training."
+                f"The `LayerwiseOptimizer` '{optimizer.name}' has the groups "
+                f"{optimizer.group_names}, but `layerwise_lr` pairs the "
+                f"student layers {self.student_layers}. Compile with the "
+                "optimizer it wraps instead."
             )
-        base_lr = ops.cast(optimizer.learning_rate, "float32")
-        gradients = list(gradients)
-        if self._global_clipnorm:
-            gradients = _clip_by_global_norm(gradients,
-                                             self._global_clipnorm)
-        groups = [[] for _ in self.layer_optimizers]
-        rest = []
-        for gradient, variable in zip(gradients, variables):
-            index = self._owner.get(id(variable))
-            target = rest if index is None else groups[index]
-            target.append((gradient, variable))
-        for layer_optimizer, scale, pairs in zip(
-                self.layer_optimizers, self._scales, groups):
-            layer_optimizer.learning_rate = base_lr * scale
-            if pairs:
-                layer_optimizer.apply_gradients(pairs)
-        if rest:
-            optimizer.apply_gradients(rest)
-        else:
-            optimizer.iterations.assign_add(1)
+        self._bound.optimizer = optimizer
 
     # Divergences and scales.
 
     def before_step(self, x, iteration):
-        """Updates the scales before the step's loss (see `update_scales`)."""
-        self.update_scales(x, iteration)
-
-    def update_scales(self, x, step):
-        """Re-estimate the divergences and scales when `step` is a multiple
-        of `update_every`; keep them otherwise. Runs inside the train step
-        (graph or XLA): the branch is an `ops.cond`."""
-        current = ops.stack([_read(v) for v in self._divergences])
-        due = ops.equal(ops.mod(ops.cast(step, "int64"),
+        """Re-estimates the divergences when `iteration` is a multiple of
+        `update_every` (keeps them otherwise) and sets the optimizer's
+        scales from them. Runs inside the train step (graph, XLA or JAX
+        `jit`): the branch is an `ops.cond` that assigns no variable."""
+        optimizer = self._bound.optimizer
+        if optimizer is None:
+            raise ValueError(
+                "The distiller with `layerwise_lr` is not compiled: call "
+                "`compile()` before training."
+            )
+        seed = None
+        if self.config.signal == "hessian":
+            seed = probe_seed(iteration)
+        current = ops.stack([v.value for v in self._divergences])
+        due = ops.equal(ops.mod(ops.cast(iteration, "int32"),
                                 self.config.update_every), 0)
-        new = ops.cond(due, lambda: self.measure(x, step),
+        new = ops.cond(due, lambda: self.measure(x, seed),
                        lambda: current)
+        for index, variable in enumerate(self._divergences):
+            variable.assign(new[index])
         scales = divergence_scales(new, self.config.min_scale,
                                    self.config.max_scale)
-        for index in range(len(self._scales)):
-            self._divergences[index].assign(new[index])
-            self._scales[index].assign(scales[index])
+        for index, name in enumerate(self.student_layers):
+            optimizer.scales[name].assign(scales[index])
 
-    def signal_maps(self, x, step=0):
+    def signal_maps(self, x, seed=None):
         """The collapsed teacher and student maps of every pair on batch `x`.
 
         Args:
             x: a batch of inputs.
-            step: iteration number that seeds the Hessian probes.
+            seed: for the Hessian signal, the seed of the probes, a tensor
+                of shape `(2,)` (`probe_seed(iteration)`, as training uses);
+                `None` for `probe_seed(0)`.
 
         Returns:
-            `(teacher_maps, student_maps)`, lists with one map per pair, as
-            returned by `collapse_channels` (before pooling and
-            normalization).
+            `(teacher_maps, student_maps)`, lists with one entry per pair,
+            as returned by `collapse_channels` (before pooling and
+            normalization). With several teachers a teacher entry is the
+            list of the maps of the teachers that have the pair's teacher
+            layer (a single map when one teacher has it).
         """
         taps = self._taps
         signal, p = self.config.signal, self.config.p
         x = keras.tree.map_structure(ops.convert_to_tensor, x)
+        roles = ["teacher"] * len(taps.teachers)
         if signal == "attention":
-            _, teacher = taps.teacher(x, training=False)
-            _, student = taps.student(x, training=False)
+            teacher = [tap(x, training=False)[1] for tap in taps.teachers]
+            student = taps.student(x, training=False)[1]
         elif signal == "jacobian":
-            classes, teacher = top_logit_gradients(taps.teacher, x,
-                                                   role="teacher")
-            _, student = top_logit_gradients(taps.student, x, classes,
-                                             role="student")
+            classes, teacher = joint_top_logit_gradients(
+                taps.teachers, x, roles=roles)
+            _, (student,) = joint_top_logit_gradients(
+                [taps.student], x, classes, ["student"])
         else:
-            outputs, _ = taps.teacher(x, training=False)
-            outputs = single_output(outputs, "teacher", taps.teacher.model)
-            classes = ops.stop_gradient(ops.argmax(outputs, axis=-1))
-            samples = self.config.hutchinson_samples
-            teacher = hutchinson_diagonals(taps.teacher, x, classes, samples,
-                                           step, 1, "teacher")
-            student = hutchinson_diagonals(taps.student, x, classes, samples,
-                                           step, 2, "student")
-        teacher = [collapse_channels(ops.stop_gradient(t), p) for t in teacher]
-        student = [collapse_channels(ops.stop_gradient(s), p) for s in student]
-        return teacher, student
+            outputs = [
+                single_output(tap(x, training=False)[0], "teacher",
+                              tap.model)
+                for tap in taps.teachers
+            ]
+            mean = sum(outputs) / float(len(outputs))
+            classes = ops.stop_gradient(ops.argmax(mean, axis=-1))
+            if seed is None:
+                seed = probe_seed(0)
+            estimates = hutchinson_diagonals(
+                taps.teachers + [taps.student], x, classes,
+                self.config.hutchinson_samples, seed,
+                roles + ["student"])
+            teacher, student = estimates[:-1], estimates[-1]
+        teacher_maps = []
+        for found in taps.sources:
+            maps = [collapse_channels(ops.stop_gradient(teacher[t][k]), p)
+                    for t, k in found]
+            teacher_maps.append(maps[0] if len(maps) == 1 else maps)
+        student_maps = [collapse_channels(ops.stop_gradient(s), p)
+                        for s in student]
+        return teacher_maps, student_maps
 
-    def measure(self, x, step=0):
-        """The divergence of every pair on batch `x`, shape `(pairs,)`."""
-        teacher, student = self.signal_maps(x, step)
-        return ops.stack([map_divergence(t, s)
-                          for t, s in zip(teacher, student)])
-
-
-def _read(variable):
-    """The current value of a Keras variable as a tensor (a copy, so that a
-    later assignment does not change it)."""
-    return ops.copy(variable.value)
-
-
-def _clip_by_global_norm(gradients, clipnorm):
-    present = [g for g in gradients if g is not None]
-    norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32")))
-                        for g in present))
-    factor = ops.minimum(1.0, clipnorm / ops.maximum(norm, 1e-12))
-    return [None if g is None else g * ops.cast(factor, g.dtype)
-            for g in gradients]
+    def measure(self, x, seed=None):
+        """The divergence of every pair on batch `x`, shape `(pairs,)`:
+        with several teachers, the mean over the teachers that have the
+        pair's teacher layer."""
+        teacher, student = self.signal_maps(x, seed)
+        divergences = []
+        for t_maps, s_map in zip(teacher, student):
+            if not isinstance(t_maps, list):
+                t_maps = [t_maps]
+            divergences.append(
+                sum(map_divergence(t, s_map) for t in t_maps)
+                / float(len(t_maps)))
+        return ops.stack(divergences)

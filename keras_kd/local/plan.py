@@ -264,12 +264,10 @@ class LocalModulePlan(ModuleChain):
     """
 
     argument = "local_modules"
-    backends = ("tensorflow", "jax", "torch")
 
     def __init__(self, spec, teachers, student, terms, assembly,
                  ensemble="logits", teacher_augmentation=None,
                  diagnostics=None):
-        self.check_backend()
         self.spec = spec
         self.assembly = assembly
         self.terms = list(terms)

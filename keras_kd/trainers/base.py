@@ -144,8 +144,9 @@ class DistillerTrainer:
                            gradients, teacher, student)
 
     def _apply_gradients(self, gradients, variables):
-        """Applies the gradients with the compiled optimizer, or through the
-        gradient-routing extension (layer-wise learning rates)."""
+        """Applies the gradients with the compiled optimizer (with
+        layer-wise learning rates, a `keras_kd.LayerwiseOptimizer` that
+        routes each to its group)."""
         if not variables:
             warnings.warn(
                 f"The distiller '{self.name}' has no trainable variables "
@@ -153,11 +154,7 @@ class DistillerTrainer:
                 stacklevel=3,
             )
             return
-        routing = self._gradient_routing()
-        if routing is not None:
-            routing.apply_gradients(self.optimizer, gradients, variables)
-        else:
-            self.optimizer.apply_gradients(zip(gradients, variables))
+        self.optimizer.apply_gradients(zip(gradients, variables))
 
     # Logs.
 

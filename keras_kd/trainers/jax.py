@@ -4,7 +4,8 @@ built on `jax.value_and_grad`, as Keras' own JAX trainer.
 Every piece of state a step changes goes in as a value and comes back as a
 value: the trainable variables (through the optimizer), the non-trainable
 ones (batch-norm moving statistics, the seed generators of augmentation
-layers, layer-wise scales), the optimizer's and the metrics'. Each part of
+layers, layer-wise divergences), the optimizer's (layer-wise scales
+included) and the metrics'. Each part of
 the step runs in a `keras.StatelessScope` that maps every variable of the
 distiller to its current value, so nothing is read from, or written to, a
 variable directly; under `jit` such state would be silently frozen.
@@ -42,6 +43,25 @@ class JAXTrainer(DistillerTrainer):
             metrics = current(metric_variables, metrics)
         return out, non_trainable, metrics
 
+    def _before_step(self, routing, x, trainable, non_trainable,
+                     optimizer_values):
+        """`routing.before_step` with the distiller's and the optimizer's
+        variables read from the given values (layer-wise learning rates
+        set the optimizer's scales); returns their new values."""
+        groups = [(self.trainable_variables, trainable),
+                  (self.non_trainable_variables, non_trainable),
+                  (self.optimizer.variables, optimizer_values)]
+        mapping = [pair for refs, values in groups
+                   for pair in zip(refs, values)]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            routing.before_step(x, self.optimizer.iterations)
+        new = []
+        for refs, values in groups[1:]:
+            current = [scope.get_current_value(v) for v in refs]
+            new.append([v if n is None else n
+                        for v, n in zip(values, current)])
+        return new
+
     def _scaled(self, loss, optimizer_values):
         """`optimizer.scale_loss(loss)` with the optimizer's variables read
         from `optimizer_values` (a loss-scale optimizer's scale)."""
@@ -61,6 +81,10 @@ class JAXTrainer(DistillerTrainer):
             lambda: (step.teacher_outputs(x, augment=True),
                      step.student_inputs(x, augment=True)),
             trainable, non_trainable)
+        routing = self._gradient_routing()
+        if routing is not None:
+            non_trainable, optimizer_values = self._before_step(
+                routing, x, trainable, non_trainable, optimizer_values)
 
         def loss_fn(trainable, non_trainable, metrics):
             # The metrics too: the compiled loss of a multi-output student

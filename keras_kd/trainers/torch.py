@@ -23,6 +23,9 @@ class TorchTrainer(DistillerTrainer):
         with torch.no_grad():
             teacher = step.teacher_outputs(x, augment=True)
         x_student = step.student_inputs(x, augment=True)
+        routing = self._gradient_routing()
+        if routing is not None:
+            routing.before_step(x, self.optimizer.iterations)
         # Clear the gradients left by the previous step.
         self.zero_grad()
         outcome = step(x_student, y, sample_weight, teacher, training=True)
