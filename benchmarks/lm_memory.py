@@ -228,8 +228,6 @@ def child_memory(form, config, sizes, divergence, steps):
     step, args = build(form, config, sizes, divergence)
     result = {"form": form, "config": config}
     if keras.backend.backend() == "jax":
-        import jax
-
         compiled = step.lower(*args).compile()
         analysis = compiled.memory_analysis()
         if analysis is not None:

@@ -10,7 +10,7 @@ from sklearn.metrics import mutual_info_score
 
 import keras_kd
 from keras_kd import Distiller, Term
-from keras_kd.losses import KD, AttentionTransfer
+from keras_kd.losses import AttentionTransfer
 from keras_kd.metrics import (AttentionIoU, ExpectedCalibrationError,
                               MutualInformation, TeacherKL, TopOneAgreement)
 

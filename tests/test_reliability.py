@@ -4,7 +4,6 @@ names, numbers, the teacher's safety, features and augmentations."""
 
 import math
 import re
-import warnings
 from pathlib import Path
 
 import keras
