@@ -234,6 +234,8 @@ class TrainSteps:
         model.make_train_function()
         self.state = None
         if BACKEND == "jax":
+            if not model.built:  # keras.distillation.Distiller
+                model(x)
             model.optimizer.build(model.trainable_variables)
             self.state = (
                 [v.value for v in model.trainable_variables],
