@@ -661,10 +661,12 @@ class ForwardKL(TokenDivergence):
 
     Example:
 
-    >>> loss = keras_kd.losses.ForwardKL(chunk_size=256)
-    >>> teacher_logits = np.zeros((2, 8, 100))  # (batch, time, vocab)
+    >>> loss = keras_kd.losses.ForwardKL(chunk_size=4)
+    >>> rng = np.random.default_rng(0)
+    >>> teacher_logits = rng.normal(size=(2, 8, 100))  # (batch, time, vocab)
+    >>> student_logits = rng.normal(size=(2, 8, 100))
     >>> loss(teacher_logits, teacher_logits)  # equal distributions: 0
-    >>> padding = np.array([[1] * 8, [1] * 5 + [0] * 3])
+    >>> padding = np.array([[1] * 8, [1] * 5 + [0] * 3])  # (batch, time)
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
@@ -693,7 +695,8 @@ class ReverseKL(TokenDivergence):
 
     Example:
 
-    >>> loss = keras_kd.losses.ReverseKL(chunk_size=256)
+    >>> # teacher_logits, student_logits and padding as in ForwardKL's
+    >>> loss = keras_kd.losses.ReverseKL(chunk_size=4)
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
@@ -733,7 +736,8 @@ class GeneralizedJSD(TokenDivergence):
 
     Example:
 
-    >>> loss = keras_kd.losses.GeneralizedJSD(beta=0.5, chunk_size=256)
+    >>> # teacher_logits, student_logits and padding as in ForwardKL's
+    >>> loss = keras_kd.losses.GeneralizedJSD(beta=0.5, chunk_size=4)
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
@@ -781,7 +785,8 @@ class SkewKL(TokenDivergence):
 
     Example:
 
-    >>> loss = keras_kd.losses.SkewKL(alpha=0.1, chunk_size=256)
+    >>> # teacher_logits, student_logits and padding as in ForwardKL's
+    >>> loss = keras_kd.losses.SkewKL(alpha=0.1, chunk_size=4)
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
