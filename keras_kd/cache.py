@@ -39,6 +39,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_kd.losses.divergences import TokenDivergence, TopKDistribution
 from keras_kd.teachers import TeacherOutputs, Teachers, as_teacher_list
 
 CACHE_KEY = "keras_kd_teacher_cache"
@@ -53,7 +54,8 @@ _MIN_PROBABILITY = 1e-30
 # Lowest top-k log-probability stored (float16 reaches -65504).
 _MIN_LOG_PROBABILITY = -1e4
 _INDEX_DTYPES = (("int16", 2**15 - 1), ("int32", 2**31 - 1))
-_TAG = re.compile(r"^t([0-9a-f]{16})_c(\d+)_k(\d+)_(mean|each)$")
+_TAG = re.compile(r"^t([0-9a-f]{16})_c(\d+)_k(\d+)_(mean|each)"
+                  r"(?:_tokens_tau([0-9.e+-]+))?$")
 
 # Teacher names per fingerprint, for error messages.
 _KNOWN_TEACHERS = {}
@@ -71,16 +73,30 @@ class CacheTag(NamedTuple):
         top_k: the number of stored logits per sample, or 0 (full outputs).
         mode: `"mean"` (one array: the teachers' averaged outputs) or
             `"each"` (one per teacher).
+        temperature: for a per-token top-k cache (outputs of shape
+            `(batch, time, vocab)`), the temperature of its stored
+            log-probabilities, which the divergences reading it must use;
+            `None` for every other cache.
     """
 
     fingerprint: str
     num_classes: int
     top_k: int
     mode: str
+    temperature: object = None
+
+    @property
+    def per_token(self):
+        """Whether the cache holds per-token top-k distributions
+        (`keras_kd.losses.TopKDistribution`)."""
+        return self.temperature is not None
 
     def __str__(self):
-        return (f"t{self.fingerprint}_c{self.num_classes}_k{self.top_k}_"
+        text = (f"t{self.fingerprint}_c{self.num_classes}_k{self.top_k}_"
                 f"{self.mode}")
+        if self.per_token:
+            text += f"_tokens_tau{float(self.temperature)!r}"
+        return text
 
     @classmethod
     def parse(cls, text):
@@ -91,8 +107,9 @@ class CacheTag(NamedTuple):
                 "the data with `TeacherCache.inputs` or "
                 "`TeacherCache.dataset`."
             )
-        fingerprint, classes, k, mode = match.groups()
-        return cls(fingerprint, int(classes), int(k), mode)
+        fingerprint, classes, k, mode, temperature = match.groups()
+        return cls(fingerprint, int(classes), int(k), mode,
+                   None if temperature is None else float(temperature))
 
 
 # Fingerprints.
@@ -225,6 +242,26 @@ class CacheReader:
             stored = entry["outputs"]
             each = (None if info.mode == "mean"
                     else [stored[:, i] for i in range(count)])
+        elif info.per_token:
+            # Per-token top-k: the divergences read the sparse form; no
+            # dense (batch, time, vocab) tensor is rebuilt.
+            def sparse(*index):
+                return TopKDistribution(
+                    *(entry[key][(slice(None),) + index]
+                      for key in ("indices", "log_probs", "tail_mass")))
+
+            stored = sparse() if info.mode == "mean" else None
+            each = (None if info.mode == "mean"
+                    else [sparse(i) for i in range(count)])
+            if each is not None and count == 1:
+                stored = each[0]
+            outputs = stored if (
+                self.teachers.ensemble == "logits" or count == 1) else each
+            outputs, features = keras.tree.map_structure(
+                ops.stop_gradient, (outputs, self._features(entry)))
+            # No dense teacher logits: `verify` refuses diagnostics.
+            return TeacherOutputs(outputs, features, None,
+                                  [[] for _ in range(count)])
         else:
             stored = None
             if info.mode == "mean":
@@ -244,6 +281,13 @@ class CacheReader:
             mean = ops.mean(ops.stack(each), axis=0)
         outputs = mean if (
             self.teachers.ensemble == "logits" or count == 1) else each
+        return keras.tree.map_structure(
+            ops.stop_gradient,
+            TeacherOutputs(outputs, self._features(entry), mean,
+                           [[] for _ in range(count)]))
+
+    def _features(self, entry):
+        """Per feature term, the cached teacher feature(s) it reads."""
         features = []
         for term_index, layer in enumerate(self.feature_layers):
             values = [
@@ -251,10 +295,7 @@ class CacheReader:
                 for teacher in self.teachers.term_teachers[term_index]
             ]
             features.append(values[0] if len(values) == 1 else values)
-        return keras.tree.map_structure(
-            ops.stop_gradient,
-            TeacherOutputs(outputs, features, mean,
-                           [[] for _ in range(count)]))
+        return features
 
 
 def _cached_feature(entry, teacher, layer):
@@ -338,6 +379,8 @@ def verify(distiller, tag, feature_keys, memo=None):
             "teacher's outputs: "
             "build the cache with `ensemble=\"losses\"`."
         )
+    if info.per_token:
+        _verify_per_token(distiller, info, len(names))
     missing = []
     feature_terms = [b for b in step.terms if b.reads_features]
     for term, users in zip(feature_terms, teachers.term_teachers):
@@ -355,6 +398,58 @@ def verify(distiller, tag, feature_keys, memo=None):
             "much more room than outputs), or train with the live teachers."
         )
     step.cache_reader.verified.add(str(tag))
+
+
+def _verify_per_token(distiller, info, count):
+    """The checks of a per-token top-k cache: only the token divergences
+    read its sparse distributions, at the temperature it was built with, on
+    a student of the same vocabulary."""
+    step = distiller.distillation_step
+    where = (f"This teacher cache holds per-token top-{info.top_k} "
+             f"distributions (temperature {info.temperature:g})")
+    if distiller.diagnostics_feed.metrics:
+        raise ValueError(
+            f"{where}, but the diagnostics compare full teacher logits; "
+            "build the cache with `top_k=None`, or leave `diagnostics` out.")
+    if info.mode == "each" and count > 1 and \
+            step.teachers.ensemble == "logits":
+        raise ValueError(
+            f"{where} of each teacher, but the distiller averages its "
+            "teachers' logits (`ensemble=\"logits\"`), which sparse "
+            "distributions cannot give: build the cache with "
+            "`ensemble=\"logits\"`.")
+    for bound in step.terms:
+        if bound.reads_features:
+            continue
+        loss = bound.loss
+        if not isinstance(loss, TokenDivergence):
+            raise ValueError(
+                f"{where}; the term '{bound.name}' reads it with "
+                f"{type(loss).__name__}, but only the token divergences "
+                "(`keras_kd.losses.ForwardKL`, `ReverseKL`, "
+                "`GeneralizedJSD`, `SkewKL`) read sparse teachers. Use one "
+                "of them, or build the cache with `top_k=None`.")
+        if not math.isclose(loss.temperature, info.temperature,
+                            rel_tol=1e-6):
+            raise ValueError(
+                f"{where}; the term '{bound.name}' uses temperature "
+                f"{loss.temperature:g}. A sparse teacher cannot be "
+                "re-softened: build the cache with "
+                f"`temperature={loss.temperature:g}`, or give the loss "
+                f"`temperature={info.temperature:g}`.")
+        if loss.teacher_lm_head is not None:
+            raise ValueError(
+                f"{where}, not teacher hidden states; leave "
+                f"`teacher_lm_head` of the term '{bound.name}' unset.")
+        student_shape = bound.student_choice.shape
+        vocab = loss.vocab_sizes(None, student_shape)[1]
+        if vocab is not None and vocab != info.num_classes:
+            raise ValueError(
+                f"{where} over {info.num_classes} tokens, but the student "
+                f"'{bound.student_choice.model_name}' of the term "
+                f"'{bound.name}' predicts {vocab}. A sparse cache needs "
+                "equal vocabularies (`vocab_mapping` applies to dense "
+                "teachers only).")
 
 
 def _unpack_x(element):
@@ -585,21 +680,43 @@ class _Appender:
             os.remove(self.path + ".partial")
 
 
-def _top_k(outputs, k):
+def _top_k(outputs, k, temperature=1.0, with_tail=False):
     """`(log-probabilities float16, indices)` of the k largest logits of each
-    row, largest first."""
-    logits = outputs.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    top = np.argpartition(-log_probs, k - 1, axis=-1)[..., :k]
-    values = np.take_along_axis(log_probs, top, axis=-1)
-    order = np.argsort(-values, axis=-1, kind="stable")
-    values = np.take_along_axis(values, order, axis=-1)
-    top = np.take_along_axis(top, order, axis=-1)
+    row (last axis), largest first, under `softmax(outputs / temperature)`;
+    with `with_tail`, also the float32 probability of all other entries
+    together (`1 - sum(p_top)`, from float64).
+
+    Rows are processed in blocks, so that a batch of (batch, time, vocab)
+    logits needs float64 room for a block only."""
     classes = outputs.shape[-1]
+    rows = np.reshape(outputs, (-1, classes))
+    block = max(1, (2 ** 25) // classes)
+    values, indices, tails = [], [], []
+    for start in range(0, rows.shape[0], block):
+        logits = rows[start:start + block].astype(np.float64) / temperature
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(
+            np.exp(shifted).sum(axis=-1, keepdims=True))
+        if k < classes:
+            top = np.argpartition(-log_probs, k - 1, axis=-1)[..., :k]
+        else:
+            top = np.broadcast_to(np.arange(classes), log_probs.shape)
+        picked = np.take_along_axis(log_probs, top, axis=-1)
+        order = np.argsort(-picked, axis=-1, kind="stable")
+        values.append(np.take_along_axis(picked, order, axis=-1))
+        indices.append(np.take_along_axis(top, order, axis=-1))
+        if with_tail:
+            tails.append(np.clip(1.0 - np.exp(values[-1]).sum(axis=-1),
+                                 0.0, 1.0))
+    shape = outputs.shape[:-1] + (k,)
     index_dtype = next(d for d, most in _INDEX_DTYPES if classes - 1 <= most)
-    return (np.maximum(values, _MIN_LOG_PROBABILITY).astype(np.float16),
-            top.astype(index_dtype))
+    values = np.concatenate(values).reshape(shape)
+    result = (np.maximum(values, _MIN_LOG_PROBABILITY).astype(np.float16),
+              np.concatenate(indices).reshape(shape).astype(index_dtype))
+    if with_tail:
+        result += (np.concatenate(tails).reshape(
+            outputs.shape[:-1]).astype(np.float32),)
+    return result
 
 
 def _size(nbytes):
@@ -612,7 +729,7 @@ def _size(nbytes):
 
 def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
                           layers=None, ensemble="logits", directory=None,
-                          overwrite=False, verbose="auto"):
+                          overwrite=False, verbose="auto", temperature=1.0):
     """Runs the teachers once over a data set (inference mode) and stores
     their outputs.
 
@@ -636,7 +753,13 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
             and their class indices (int16 up to 32,767 classes, else int32);
             the step rebuilds the other classes' probabilities as the rest of
             the mass spread evenly (`reconstruct_logits`). The outputs must
-            be logits, shape `(batch, classes)`, with `k < classes`.
+            be logits, shape `(batch, classes)`, with `k < classes`; or, per
+            token, `(batch, time, vocab)` with `k <= vocab`: then each
+            token's k largest log-probabilities (float16), their indices and
+            the tail mass `1 - sum(p_top)` (float32) are stored, and the
+            step gives the token divergences (`keras_kd.losses.ForwardKL`
+            and its siblings) a `keras_kd.losses.TopKDistribution`, with no
+            dense logits rebuilt.
         layers: names of teacher layers whose outputs are cached too, for the
             terms that read them (every teacher that has the layer). Features
             are large: a warning gives their size.
@@ -648,6 +771,11 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
             again with `TeacherCache.load(directory)`.
         overwrite: replace a cache already in `directory`.
         verbose: `"auto"` or 1 shows a progress bar, 0 none.
+        temperature: for a per-token top-k cache, the temperature `tau` of
+            the stored log-probabilities (`log_softmax(z / tau)`); the
+            divergences that read the cache must use the same temperature,
+            since a sparse distribution cannot be re-softened. Other caches
+            take 1.
 
     Returns:
         A `TeacherCache`.
@@ -663,6 +791,10 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
             raise ValueError(
                 "`top_k` must be `None` or a positive integer, got "
                 f"{top_k!r}.")
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(
+            f"`temperature` must be positive, got {temperature}.")
     if ensemble not in ("logits", "losses"):
         raise ValueError(
             f"`ensemble` must be 'logits' or 'losses', got {ensemble!r}.")
@@ -701,9 +833,12 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
     try:
         for batch_index, x_batch in enumerate(batches):
             out = runner.predict_on_batch(x_batch)
-            arrays = _batch_arrays(out, mode, top_k, term_teachers, layers)
             if not appenders:
-                _check_first_batch(out, top_k, arrays, layers, num_samples)
+                _check_outputs(out, top_k, temperature)
+            arrays = _batch_arrays(out, mode, top_k, temperature,
+                                   term_teachers, layers)
+            if not appenders:
+                _warn_feature_size(arrays, layers, num_samples)
                 for key, value in arrays.items():
                     path = None
                     if directory is not None:
@@ -740,6 +875,8 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
         "num_classes": int(outputs.shape[-1]),
         "output_shape": list(outputs.shape[1:]),
         "top_k": top_k,
+        "temperature": (float(temperature)
+                        if "tail_mass" in stored else None),
         "arrays": {key: {"file": files.get(key),
                          "dtype": str(value.dtype),
                          "shape": list(value.shape)}
@@ -758,7 +895,7 @@ def _file_name(key, index):
     return f"{key}.npy"
 
 
-def _batch_arrays(out, mode, top_k, term_teachers, layers):
+def _batch_arrays(out, mode, top_k, temperature, term_teachers, layers):
     """The arrays one batch adds to the cache, by key."""
     arrays = {}
     if mode == "mean":
@@ -767,6 +904,10 @@ def _batch_arrays(out, mode, top_k, term_teachers, layers):
         outputs = np.stack([np.asarray(o) for o in out["each"]], axis=1)
     if top_k is None:
         arrays["outputs"] = outputs
+    elif np.ndim(out["mean"]) == 3:
+        (arrays["log_probs"], arrays["indices"],
+         arrays["tail_mass"]) = _top_k(outputs, top_k, temperature,
+                                       with_tail=True)
     else:
         arrays["log_probs"], arrays["indices"] = _top_k(outputs, top_k)
     for layer, users, values in zip(layers, term_teachers, out["features"]):
@@ -776,23 +917,46 @@ def _batch_arrays(out, mode, top_k, term_teachers, layers):
     return arrays
 
 
-def _check_first_batch(out, top_k, arrays, layers, num_samples):
+def _check_outputs(out, top_k, temperature):
+    """Checks the first batch's outputs against `top_k` and
+    `temperature`."""
     outputs = out["mean"]
     if isinstance(outputs, (list, tuple, dict)):
         raise ValueError(
             "A teacher cache stores one output tensor per teacher; these "
             "teachers return a structure of outputs.")
     if top_k is not None:
-        if np.ndim(outputs) != 2:
+        rank = np.ndim(outputs)
+        if rank not in (2, 3):
             raise ValueError(
-                "`top_k` needs logits of shape (batch, classes); the teachers "
-                f"output shape {tuple(np.shape(outputs))}. Cache them at "
-                "full precision (`top_k=None`).")
-        if top_k >= outputs.shape[-1]:
+                "`top_k` needs logits of shape (batch, classes) or, per "
+                "token, (batch, time, vocab); the teachers output shape "
+                f"{tuple(np.shape(outputs))}. Cache them at full precision "
+                "(`top_k=None`).")
+        if rank == 2 and top_k >= outputs.shape[-1]:
             raise ValueError(
                 f"`top_k` must be smaller than the number of classes "
                 f"({outputs.shape[-1]}), got {top_k}; use `top_k=None` to "
                 "store every output.")
+        if rank == 3 and top_k > outputs.shape[-1]:
+            raise ValueError(
+                f"`top_k` must be at most the vocabulary size "
+                f"({outputs.shape[-1]}), got {top_k}.")
+        if rank == 2 and temperature != 1.0:
+            raise ValueError(
+                "`temperature` applies to per-token top-k caches (outputs "
+                "of shape (batch, time, vocab)); a (batch, classes) top-k "
+                "cache stores log-probabilities at temperature 1, and the "
+                "losses soften the rebuilt logits themselves. Leave "
+                f"`temperature` at 1, got {temperature}.")
+    elif temperature != 1.0:
+        raise ValueError(
+            "`temperature` applies to per-token top-k caches only; a cache "
+            f"without `top_k` stores the outputs as they are, got "
+            f"temperature={temperature}.")
+
+
+def _warn_feature_size(arrays, layers, num_samples):
     if layers:
         n = next(iter(arrays.values())).shape[0]
         per_sample = {
@@ -864,7 +1028,8 @@ class TeacherCache:
         as text)."""
         return str(CacheTag(self.fingerprint,
                             int(self.manifest["num_classes"]),
-                            int(self.top_k or 0), self.manifest["ensemble"]))
+                            int(self.top_k or 0), self.manifest["ensemble"],
+                            self.manifest.get("temperature")))
 
     @property
     def feature_keys(self):

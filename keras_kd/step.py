@@ -17,6 +17,7 @@ from keras import ops
 from keras_kd.augment import apply_checked
 from keras_kd.cache import CacheReader, model_inputs
 from keras_kd.distribution import scale_for_replicas
+from keras_kd.losses.divergences import TopKDistribution
 from keras_kd.outputs import OutputChoice, check_same_shape
 from keras_kd.teachers import ensemble_loss
 
@@ -83,15 +84,18 @@ class BoundTerm:
             (one per teacher) when `per_teacher`.
         """
         if per_teacher:
-            teacher_value = [choice(o) for choice, o in
+            teacher_value = [_choose(choice, o) for choice, o in
                              zip(self.teacher_choices, teacher_outputs)]
             reference = teacher_value[0]
         else:
-            teacher_value = reference = self.teacher_choices[0](
-                teacher_outputs)
+            teacher_value = reference = _choose(self.teacher_choices[0],
+                                                teacher_outputs)
         student_value = self.student_choice(student_outputs)
-        self._check_shapes(tuple(reference.shape),
-                           tuple(student_value.shape))
+        # A sparse teacher from a per-token top-k cache was checked
+        # against the student when the cache was (`cache.verify`).
+        if not isinstance(reference, TopKDistribution):
+            self._check_shapes(tuple(reference.shape),
+                               tuple(student_value.shape))
         return teacher_value, student_value
 
     def _check_shapes(self, teacher_shape, student_shape):
@@ -151,6 +155,14 @@ class BoundTerm:
 
     def __repr__(self):
         return f"BoundTerm({self.name!r}, {self.term!r})"
+
+
+def _choose(choice, outputs):
+    """A teacher's chosen output; a cached `TopKDistribution` is the
+    output itself (a cache stores one output per teacher)."""
+    if isinstance(outputs, TopKDistribution):
+        return outputs
+    return choice(outputs)
 
 
 def unique_names(terms, reserved=()):

@@ -172,8 +172,9 @@ def _teacher_has_layer(teacher, layer_name):
 
 def ensemble_loss(loss, teacher_value, student_value, sample_weight=None):
     """`loss(teacher_value, student_value)`, or its mean over teachers when
-    `teacher_value` is a list (one entry per teacher)."""
-    if isinstance(teacher_value, (list, tuple)):
+    `teacher_value` is a list (one entry per teacher; a tuple, such as a
+    `keras_kd.losses.TopKDistribution`, is one teacher's value)."""
+    if isinstance(teacher_value, list):
         values = [loss(t, student_value, sample_weight=sample_weight)
                   for t in teacher_value]
         return ops.mean(ops.stack(values), axis=0)
