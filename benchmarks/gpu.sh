@@ -9,13 +9,15 @@
 #   5. teacher_cache.py  an epoch distilled from a teacher cache vs the
 #                        student alone (and live teacher, cache build, size)
 #   6. layerwise.py      step time with layer-wise learning rates vs without
+#   7. lm_cache.py       a per-token top-k LM teacher cache: size on disk,
+#                        reading it vs recomputing the teacher
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit; a
 # part that runs out prints so. Parts 1-3 end within 8 minutes; all parts
-# take up to 14, more than one 10-minute device command: name the parts to
+# take up to 16, more than one 10-minute device command: name the parts to
 # run, e.g. `bash benchmarks/gpu.sh out step_overhead losses lakd_memory`,
-# then `bash benchmarks/gpu.sh out lm_memory teacher_cache layerwise`.
+# then `bash benchmarks/gpu.sh out lm_memory teacher_cache layerwise lm_cache`.
 #
 # Usage: bash benchmarks/gpu.sh [output folder [part ...]]
 #        (default: gpu_results, every part)
@@ -66,3 +68,4 @@ part lm_memory 120 "$python" benchmarks/lm_memory.py --backend jax \
 part teacher_cache 120 "$python" benchmarks/teacher_cache.py
 part layerwise 120 "$python" benchmarks/layerwise.py --backend jax \
   --rounds 9
+part lm_cache 120 "$python" benchmarks/lm_cache.py --backend jax

@@ -5,7 +5,8 @@ or PyTorch).
 Every configuration trains the same teacher/student pair (three-stage CNNs on
 synthetic 32x32x3 images, KD + attention transfer, SGD with momentum).
 Configurations are timed in interleaved rounds of `--steps` training steps
-each (after one warm-up round that traces and compiles the functions). Each
+each, in an order that rotates every round (after one warm-up round that
+traces and compiles the functions). Each
 round's time is divided by the baseline's time in the same round. Three
 ratios are printed: of the median process CPU time per step (all threads;
 the least disturbed by other jobs on a shared machine), of the fastest
@@ -259,8 +260,12 @@ def main(argv=None):
     for times in (wall, cpu):
         for name in times:
             times[name].clear()
-    for _ in range(args.rounds):
-        for name in configs:
+    names = list(configs)
+    for index in range(args.rounds):
+        # The order rotates every round, so that no configuration always
+        # follows the same one.
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
             run(name)
 
     if BACKEND == "jax":

@@ -233,7 +233,6 @@ def child_memory(form, config, sizes, divergence, steps):
         if analysis is not None:
             result["xla_temp_mib"] = analysis.temp_size_in_bytes / MIB
             result["xla_out_mib"] = analysis.output_size_in_bytes / MIB
-        del jax
     gpu = _device_kind() == "gpu"
     device = _DeviceMemory() if gpu else None
     if device is not None and keras.backend.backend() == "jax":
