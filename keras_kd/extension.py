@@ -50,15 +50,45 @@ class GradientRouting(TrainingExtension):
     `wrap_optimizer` returns (layer-wise learning rates: a
     `keras_kd.LayerwiseOptimizer`).
 
-    A training step calls `before_step` on the batch, differentiates the
-    total loss once, and applies the gradients with `distiller.optimizer`
-    as any Keras model does.
+    A training step calls `refresh` and then `before_step` on the batch,
+    differentiates the total loss once, and applies the gradients with
+    `distiller.optimizer` as any Keras model does.
+
+    `refresh` may run as a program of its own, before the step's: under
+    `jit` the JAX trainer decides on the host, with `refresh_due`, which
+    steps refresh, and runs a compiled refresh on those steps only, so
+    that a costly refresh is not part of every step's program.
     """
 
+    def refresh_due(self, iteration):
+        """Whether the step at `iteration` refreshes: a Python bool for a
+        Python int (the JAX trainer asks on the host), a boolean tensor
+        for a tensor. By default never.
+
+        Args:
+            iteration: the compiled optimizer's iteration count.
+        """
+        return False
+
+    def refresh(self, x, iteration, due=None):
+        """Updates the extension's own state from the batch `x` on the
+        steps where `refresh_due(iteration)` (for example re-estimates
+        statistics). It reads the distiller's variables and may assign the
+        distiller's non-trainable variables; it must not assign the
+        optimizer's.
+
+        Args:
+            x: the batch of inputs.
+            iteration: the compiled optimizer's iteration count.
+            due: `None` to decide inside the compiled step; `True` or
+                `False` when the trainer has decided (on the host).
+        """
+
     def before_step(self, x, iteration):
-        """Updates the extension's state from the batch `x` before the loss
-        is computed. It may assign the distiller's variables and the
-        optimizer's (the JAX trainer maps both).
+        """Sets the optimizer's state for this step from the extension's
+        state, after `refresh` and before the loss is computed. It may
+        assign the distiller's variables and the optimizer's (the JAX
+        trainer maps both).
 
         Args:
             x: the batch of inputs.

@@ -337,18 +337,25 @@ def test_backup_and_restore_resumes_identically(tmp_path, data):
 
 
 @pytest.mark.backends("tensorflow", "jax")  # PyTorch: no XLA here
-def test_jit_matches_no_jit(data):
+@pytest.mark.parametrize("accumulate", [None, 2])
+def test_jit_matches_no_jit(data, accumulate):
     """TensorFlow `jit_compile=True` (XLA) and JAX `jit` (Keras' default
-    there) against the same training without it."""
+    there) against the same training without it. Under `jit`, JAX decides
+    on the host which steps re-estimate (with gradient accumulation the
+    iteration count moves every other step) and runs the re-estimation as
+    a program of its own; its train function loops over 3 steps a call."""
     x, y = data
     results = []
     for jit in (False, True):
         keras.utils.set_random_seed(2)
         d = make(layerwise(signal="jacobian", update_every=2, min_scale=0.1,
                            max_scale=10.0), jit_compile=jit,
-                 student=make_cnn("s", 4, batchnorm=False))
+                 student=make_cnn("s", 4, batchnorm=False),
+                 optimizer=keras.optimizers.Adam(
+                     1e-2, gradient_accumulation_steps=accumulate),
+                 steps_per_execution=3 if jit else 1)
         assert d.jit_compile == jit
-        history = d.fit(x, y, epochs=1, batch_size=8, verbose=0,
+        history = d.fit(x, y, epochs=2, batch_size=4, verbose=0,
                         shuffle=False)
         results.append((history.history, values(d.student.weights)))
     for key in SCALE_KEYS + ["loss"]:
@@ -356,6 +363,85 @@ def test_jit_matches_no_jit(data):
                                    rtol=1e-4, err_msg=key)
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.backends("jax")
+def test_jax_step_program_holds_no_reestimation(data, monkeypatch):
+    """On JAX under `jit` the divergences are re-estimated in a program of
+    their own: the step's program never traces `measure`, so it holds none
+    of its buffers."""
+    from keras_kd.layerwise.state import LayerwiseState
+    from keras_kd.trainers.jax import JAXTrainer
+
+    inside_step, traced = [False], []
+    step, measure = JAXTrainer._train_step, LayerwiseState.measure
+
+    def spy_step(self, *args, **kwargs):
+        inside_step[0] = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            inside_step[0] = False
+
+    def spy_measure(self, *args, **kwargs):
+        traced.append(inside_step[0])
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(JAXTrainer, "_train_step", spy_step)
+    monkeypatch.setattr(LayerwiseState, "measure", spy_measure)
+    x, y = data
+    d = make(layerwise(update_every=2))
+    history = d.fit(x, y, epochs=2, batch_size=8, verbose=0, shuffle=False)
+    assert traced == [False]  # traced once, outside the step
+    # ... and the re-estimation ran: the scales moved from 1.
+    assert any(abs(history.history[k][-1] - 1.0) > 1e-3 for k in SCALE_KEYS)
+    traced.clear()
+    # Without `jit` Keras calls the step itself, which re-estimates inside.
+    d = make(layerwise(update_every=2), run_eagerly=True)
+    d.fit(x[:8], y[:8], epochs=1, batch_size=8, verbose=0)
+    assert traced == [True]
+
+
+@pytest.mark.backends("jax")
+def test_jax_refresh_schedule_finds_every_due_step():
+    """The host-side schedule of the JAX trainer agrees with the in-step
+    rule on every step, when the iteration count stalls (a loss-scale
+    optimizer skipping steps, gradient accumulation) and when it is
+    changed between steps (a restore), and reads the count rarely."""
+    from keras_kd.trainers.jax import _RefreshSchedule
+
+    every = 5
+    rng = np.random.default_rng(0)
+    true = [0]
+    for _ in range(400):  # +1 mostly; stalls, in runs like accumulation
+        true.append(true[-1] + int(rng.random() < 0.7))
+    true[200:] = [t + 37 for t in true[200:]]  # restored to a later count
+    true[300:] = [t - 90 for t in true[300:]]  # ... and an earlier one
+    reads = []
+
+    def read(values):
+        reads.append(values[0])
+        return values[0]
+
+    schedule = _RefreshSchedule(lambda i: i % every == 0, read)
+    values = [true[0]]
+    for step, count in enumerate(true[:-1]):
+        if step in (200, 300):
+            values = [count]  # state that did not come from the last step
+        assert schedule.due(values) == (count % every == 0), step
+        values = [true[step + 1]]
+        schedule.stepped(values)
+    # A count that moves every step is read on the due steps and the step
+    # after each (and the first), not on the others.
+    reads.clear()
+    schedule = _RefreshSchedule(lambda i: i % every == 0, read)
+    values = [0]
+    for count in range(100):
+        assert schedule.due(values) == (count % every == 0)
+        values = [count + 1]
+        schedule.stepped(values)
+    assert sorted(set(reads)) == sorted(
+        {c for c in range(100) if c % every in (0, 1)})
 
 
 def test_export_and_teacher_unaffected(tmp_path, data):

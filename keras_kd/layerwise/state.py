@@ -293,7 +293,8 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
     every pair (non-trainable variables, saved with the model). It wraps the
     compiled optimizer in a `keras_kd.LayerwiseOptimizer` (`wrap_optimizer`)
     and sets that optimizer's scales before each step's loss
-    (`before_step`).
+    (`refresh` re-estimates the divergences when due, `before_step` sets
+    the scales from them).
 
     Created by `LayerwiseLearningRate.bind`; not meant to be built by hand.
 
@@ -559,29 +560,50 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
 
     # Divergences and scales.
 
+    def refresh_due(self, iteration):
+        """Whether the step at `iteration` re-estimates the divergences:
+        `iteration` is a multiple of `update_every`. A Python bool for a
+        Python int, a boolean tensor for a tensor."""
+        every = self.config.update_every
+        if isinstance(iteration, int):
+            return iteration % every == 0
+        return ops.equal(ops.mod(ops.cast(iteration, "int32"), every), 0)
+
+    def refresh(self, x, iteration, due=None):
+        """Re-estimates the divergences from batch `x` on the steps where
+        `refresh_due(iteration)`, and keeps them otherwise.
+
+        Args:
+            x: the batch of inputs.
+            iteration: the compiled optimizer's iteration count.
+            due: `None` to decide inside the compiled step (graph, XLA or
+                JAX `jit`), with an `ops.cond` that assigns no variable;
+                `True` or `False` when the caller has decided.
+        """
+        if due is not None and not due:
+            return
+        seed = None
+        if self.config.signal == "hessian":
+            seed = probe_seed(iteration)
+        if due is None:
+            current = ops.stack([v.value for v in self._divergences])
+            new = ops.cond(self.refresh_due(iteration),
+                           lambda: self.measure(x, seed), lambda: current)
+        else:
+            new = self.measure(x, seed)
+        for index, variable in enumerate(self._divergences):
+            variable.assign(new[index])
+
     def before_step(self, x, iteration):
-        """Re-estimates the divergences when `iteration` is a multiple of
-        `update_every` (keeps them otherwise) and sets the optimizer's
-        scales from them. Runs inside the train step (graph, XLA or JAX
-        `jit`): the branch is an `ops.cond` that assigns no variable."""
+        """Sets the optimizer's scales from the divergences (after
+        `refresh`)."""
         optimizer = self._bound.optimizer
         if optimizer is None:
             raise ValueError(
                 "The distiller with `layerwise_lr` is not compiled: call "
                 "`compile()` before training."
             )
-        seed = None
-        if self.config.signal == "hessian":
-            seed = probe_seed(iteration)
-        current = ops.stack([v.value for v in self._divergences])
-        due = ops.equal(ops.mod(ops.cast(iteration, "int32"),
-                                self.config.update_every), 0)
-        new = ops.cond(due, lambda: self.measure(x, seed),
-                       lambda: current)
-        for index, variable in enumerate(self._divergences):
-            variable.assign(new[index])
-        scales = divergence_scales(new, self.config.min_scale,
-                                   self.config.max_scale)
+        scales = self._current_scales()
         for index, name in enumerate(self.student_layers):
             optimizer.scales[name].assign(scales[index])
 

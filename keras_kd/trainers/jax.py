@@ -43,24 +43,97 @@ class JAXTrainer(DistillerTrainer):
             metrics = current(metric_variables, metrics)
         return out, non_trainable, metrics
 
-    def _before_step(self, routing, x, trainable, non_trainable,
-                     optimizer_values):
-        """`routing.before_step` with the distiller's and the optimizer's
-        variables read from the given values (layer-wise learning rates
-        set the optimizer's scales); returns their new values."""
+    def _routed(self, fn, trainable, non_trainable, optimizer_values):
+        """Runs `fn()` (a gradient routing's `refresh` or `before_step`)
+        with the distiller's and the optimizer's variables read from the
+        given values; returns their new non-trainable and optimizer
+        values."""
         groups = [(self.trainable_variables, trainable),
                   (self.non_trainable_variables, non_trainable),
                   (self.optimizer.variables, optimizer_values)]
         mapping = [pair for refs, values in groups
                    for pair in zip(refs, values)]
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            routing.before_step(x, self.optimizer.iterations)
+            fn()
         new = []
         for refs, values in groups[1:]:
             current = [scope.get_current_value(v) for v in refs]
             new.append([v if n is None else n
                         for v, n in zip(values, current)])
         return new
+
+    def _refresh(self, trainable, non_trainable, optimizer_values, x,
+                 due=None):
+        """The gradient routing's `refresh` on batch `x`; returns the new
+        non-trainable values."""
+        routing = self._gradient_routing()
+        non_trainable, _ = self._routed(
+            lambda: routing.refresh(x, self.optimizer.iterations, due),
+            trainable, non_trainable, optimizer_values)
+        return non_trainable
+
+    def _iteration(self, optimizer_values):
+        """The compiled optimizer's iteration count, read from the given
+        optimizer values."""
+        mapping = list(zip(self.optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return keras.ops.convert_to_tensor(self.optimizer.iterations)
+
+    def make_train_function(self, force=False):
+        """Keras' train function, with one change for gradient routing
+        (layer-wise learning rates) under `jit`: the routing's `refresh`
+        is a compiled program of its own, run only on the steps that
+        refresh, decided on the host (`_RefreshSchedule`).
+
+        Inside the step, the refresh would be an `ops.cond`. XLA gives a
+        program the memory of every branch of its `cond`s, and on a CPU
+        every call allocates that memory anew (large blocks come fresh
+        from the operating system, page by page), so every step would pay
+        for the buffers of a re-estimation that runs once every
+        `update_every` steps; and XLA on a CPU runs gradients inside a
+        `cond` branch more slowly than outside one. Under a
+        `keras.distribution`, or without `jit`, Keras builds the train
+        function as usual, and the step refreshes inside.
+        """
+        if self.train_function is not None and not force:
+            return
+        routing = self._gradient_routing()
+        if (routing is None or self.run_eagerly or not self.jit_compile
+                or keras.distribution.distribution() is not None):
+            super().make_train_function(force=force)
+            return
+        refresh = jax.jit(
+            lambda *args: self._refresh(*args, due=True), donate_argnums=1)
+        train = jax.jit(
+            lambda state, data: self._train_step(state, data, refresh=False),
+            donate_argnums=0)
+        iteration = jax.jit(self._iteration)
+        schedule = _RefreshSchedule(
+            routing.refresh_due, lambda values: int(iteration(values)))
+
+        def one_step(state, data):
+            trainable, non_trainable, optimizer_values, metrics = state
+            if schedule.due(optimizer_values):
+                data = jax.device_put(data)  # once, for both programs
+                x = keras.utils.unpack_x_y_sample_weight(data)[0]
+                non_trainable = refresh(trainable, non_trainable,
+                                        optimizer_values, x)
+            logs, state = train(
+                (trainable, non_trainable, optimizer_values, metrics), data)
+            schedule.stepped(state[2])
+            return logs, state
+
+        def train_function(state, iterator):
+            logs, state = one_step(state, next(iterator))
+            for _ in range(self.steps_per_execution - 1):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    break
+                logs, state = one_step(state, data)
+            return logs, state
+
+        self.train_function = train_function
 
     def _scaled(self, loss, optimizer_values):
         """`optimizer.scale_loss(loss)` with the optimizer's variables read
@@ -70,6 +143,11 @@ class JAXTrainer(DistillerTrainer):
             return self.optimizer.scale_loss(loss)
 
     def train_step(self, state, data):
+        return self._train_step(state, data, refresh=True)
+
+    def _train_step(self, state, data, refresh):
+        """The step; `refresh=False` leaves the gradient routing's
+        `refresh` to a program of its own (`make_train_function`)."""
         if self._module_chain() is not None:
             return self._train_modules(state, data)
         trainable, non_trainable, optimizer_values, metrics = state
@@ -83,8 +161,12 @@ class JAXTrainer(DistillerTrainer):
             trainable, non_trainable)
         routing = self._gradient_routing()
         if routing is not None:
-            non_trainable, optimizer_values = self._before_step(
-                routing, x, trainable, non_trainable, optimizer_values)
+            if refresh:
+                non_trainable = self._refresh(
+                    trainable, non_trainable, optimizer_values, x)
+            non_trainable, optimizer_values = self._routed(
+                lambda: routing.before_step(x, self.optimizer.iterations),
+                trainable, non_trainable, optimizer_values)
 
         def loss_fn(trainable, non_trainable, metrics):
             # The metrics too: the compiled loss of a multi-output student
@@ -170,3 +252,43 @@ class JAXTrainer(DistillerTrainer):
             lambda: self._stateful_test_step(data),
             trainable, non_trainable, metrics)
         return logs, (trainable, non_trainable, metrics)
+
+
+class _RefreshSchedule:
+    """Decides on the host which training steps run the gradient routing's
+    refresh, reading the optimizer's iteration count from the device only
+    on some steps (a read waits for the previous step to finish).
+
+    It predicts the count as one more per step. The true count never runs
+    ahead of the prediction: a step adds one at most (none when a
+    loss-scale optimizer skips a step, or between the updates of gradient
+    accumulation). So reading the true count whenever the prediction is
+    due, and on the step after every refresh (the count may not have
+    moved), finds every step that `refresh_due` selects. The count is
+    read too whenever the optimizer values did not come from the previous
+    step (a new epoch, a callback that read the variables, a restore).
+
+    Args:
+        refresh_due: `refresh_due(iteration)` for a Python int.
+        read: `read(optimizer_values)`, the iteration count as an int.
+    """
+
+    def __init__(self, refresh_due, read):
+        self._refresh_due, self._read = refresh_due, read
+        self._predicted = None
+        self._last = None
+        self._check = True
+
+    def due(self, optimizer_values):
+        """Whether the step about to run on `optimizer_values` refreshes."""
+        if (self._check or optimizer_values is not self._last
+                or self._refresh_due(self._predicted)):
+            self._predicted = self._read(optimizer_values)
+        due = bool(self._refresh_due(self._predicted))
+        self._check = due
+        return due
+
+    def stepped(self, optimizer_values):
+        """Records the optimizer values a step returned."""
+        self._predicted += 1
+        self._last = optimizer_values

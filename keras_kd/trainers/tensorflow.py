@@ -56,6 +56,7 @@ class TensorFlowTrainer(DistillerTrainer):
         x_student = step.student_inputs(x, augment=True)
         routing = self._gradient_routing()
         if routing is not None:
+            routing.refresh(x, self.optimizer.iterations)
             routing.before_step(x, self.optimizer.iterations)
         with tf.GradientTape() as tape:
             outcome = step(x_student, y, sample_weight, teacher,

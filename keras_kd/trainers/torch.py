@@ -25,6 +25,7 @@ class TorchTrainer(DistillerTrainer):
         x_student = step.student_inputs(x, augment=True)
         routing = self._gradient_routing()
         if routing is not None:
+            routing.refresh(x, self.optimizer.iterations)
             routing.before_step(x, self.optimizer.iterations)
         # Clear the gradients left by the previous step.
         self.zero_grad()
