@@ -26,6 +26,10 @@ Two drivers run the steps:
   asynchronous dispatch hides the end of a step from a callback).
 
 Printed:
+- the minor page faults per step of every configuration (`--driver
+  steps`): memory taken fresh from the operating system. On a CPU, XLA
+  allocates a program's memory at every call, and glibc hands blocks above
+  its mmap threshold back to the system when they are freed.
 - `ratio <signal>`: step time with `LayerwiseLearningRate(signal=...)` at the
   default `update_every` over the step time without it (target <= 1.10 for
   attention and Jacobian).
@@ -77,6 +81,16 @@ if BACKEND not in ("tensorflow", "jax", "torch"):
 CLASSES = 10
 PAIRS = [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2"),
          ("s_stage3", "t_stage3")]
+
+
+def _minor_faults():
+    """The process's minor page faults so far (0 where `resource` is
+    missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cnn(prefix, width, size):
@@ -237,6 +251,7 @@ def main(argv=None):
                    for name, d in distillers.items()}
     wall = {name: [] for name in configs}
     cpu = {name: [] for name in configs}
+    faults = {name: [] for name in configs}
 
     def steps_of(name):
         return args.update_steps if "every step" in name else args.steps
@@ -247,9 +262,11 @@ def main(argv=None):
             runner(steps)
             w, c = runner.elapsed
         else:
+            f0 = _minor_faults()
             w0, c0 = time.perf_counter(), time.process_time()
             runner(steps)
             w, c = time.perf_counter() - w0, time.process_time() - c0
+            faults[name].append((_minor_faults() - f0) / steps)
         wall[name].append(w / steps)
         cpu[name].append(c / steps)
 
@@ -257,7 +274,7 @@ def main(argv=None):
     for name in configs:  # warm-up: tracing and compilation
         run(name)
     compile_seconds = time.perf_counter() - compile_start
-    for times in (wall, cpu):
+    for times in (wall, cpu, faults):
         for name in times:
             times[name].clear()
     names = list(configs)
@@ -292,6 +309,11 @@ def main(argv=None):
         print(f"  {name:22s} wall median {1000 * med(wall[name]):7.1f} "
               f"min {1000 * min(wall[name]):7.1f} ms/step | process CPU "
               f"median {1000 * med(cpu[name]):7.1f} ms/step")
+    if faults["baseline"]:
+        print("minor page faults per step (memory the process took fresh "
+              "from the system), median over rounds:")
+        print("  " + " | ".join(f"{name} {med(faults[name]):.0f}"
+                                for name in configs))
 
     def ratios(name):
         """(CPU-time ratio of medians, wall ratio of the fastest rounds,
