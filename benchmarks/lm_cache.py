@@ -43,20 +43,13 @@ import sys
 import tempfile
 import time
 
+from _common import backend_from_argv
+
 FULL = dict(samples=256, dense_samples=32, time=128, vocab=32000, batch=8,
             top_k=10, rounds=5,
             teachers={"small": (256, 2), "large": (768, 6)})
 QUICK = dict(samples=16, dense_samples=8, time=16, vocab=500, batch=4,
              top_k=5, rounds=2, teachers={"small": (32, 1), "large": (64, 2)})
-
-
-def _backend_from_argv(argv):
-    for index, arg in enumerate(argv):
-        if arg == "--backend" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--backend="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def causal_lm(name, vocab, width, depth, time_steps, seed):
@@ -127,7 +120,7 @@ def directory_bytes(path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    backend = _backend_from_argv(argv)
+    backend = backend_from_argv(argv)
     if backend:
         os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -55,19 +55,10 @@ import statistics
 import sys
 import time
 
-def _backend_from_argv(argv):
-    """The `--backend` value, read before Keras is imported (Keras picks
-    its backend at import)."""
-    for index, arg in enumerate(argv):
-        if arg == "--backend" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--backend="):
-            return arg.split("=", 1)[1]
-    return None
+from _common import backend_from_argv
 
-
-if _backend_from_argv(sys.argv[1:]):
-    os.environ["KERAS_BACKEND"] = _backend_from_argv(sys.argv[1:])
+if backend_from_argv(sys.argv[1:]):
+    os.environ["KERAS_BACKEND"] = backend_from_argv(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
