@@ -250,13 +250,11 @@ class CacheReader:
                     *(entry[key][(slice(None),) + index]
                       for key in ("indices", "log_probs", "tail_mass")))
 
-            stored = sparse() if info.mode == "mean" else None
-            each = (None if info.mode == "mean"
-                    else [sparse(i) for i in range(count)])
-            if each is not None and count == 1:
-                stored = each[0]
-            outputs = stored if (
-                self.teachers.ensemble == "logits" or count == 1) else each
+            # `verify` lets an "each" cache (several teachers, built with
+            # `ensemble="losses"`) reach only a distiller that ensembles
+            # losses, and a "mean" cache only one that reads the mean.
+            outputs = (sparse() if info.mode == "mean"
+                       else [sparse(i) for i in range(count)])
             outputs, features = keras.tree.map_structure(
                 ops.stop_gradient, (outputs, self._features(entry)))
             # No dense teacher logits: `verify` refuses diagnostics.

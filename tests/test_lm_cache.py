@@ -99,6 +99,35 @@ def test_top_k_equal_to_vocab_trains_as_the_live_teacher(monkeypatch):
                                live_history["forward_kl_loss"], atol=2e-4)
 
 
+
+@pytest.mark.parametrize("ensemble", ["logits", "losses"])
+def test_top_k_cache_of_two_teachers_trains_as_the_live_ensemble(
+        monkeypatch, ensemble):
+    """Two teachers: `ensemble="losses"` stores each teacher's top-k and
+    averages the divergences over them; `"logits"` stores the top-k of the
+    averaged logits. At k = V either trains as the live ensemble."""
+    teachers = [token_model("t1", 8), token_model("t2", 8)]
+    student = token_model("s", 4)
+    tokens = padded_tokens([8, 3, 5, 8, 2, 6, 8, 4], seed=3)
+    cache = cache_of(teachers, tokens, top_k=VOCAB, ensemble=ensemble)
+    assert cache.arrays["log_probs"].shape == (
+        (8, 2, 8, VOCAB) if ensemble == "losses" else (8, 8, VOCAB))
+    live = compiled(teachers, student, ensemble=ensemble)
+    cached = compiled(teachers, student, ensemble=ensemble)
+    fit = dict(batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    live_history = live.fit(tokens, **fit).history
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+    monkeypatch.setattr(Teachers, "__call__", no_teacher)
+    cached_history = cached.fit(cache.inputs(tokens), **fit).history
+    monkeypatch.undo()
+    assert max_difference(live.student, student) > 1e-2  # it trained
+    assert max_difference(live.student, cached.student) <= 1e-3
+    np.testing.assert_allclose(cached_history["forward_kl_loss"],
+                               live_history["forward_kl_loss"], atol=2e-4)
+
 def np_sparse_kl(indices, log_t, tail_t, student_logits, reverse=False):
     """KL on the k + 1 bins (top-k tokens, then the rest), in NumPy."""
     log_s = log_softmax(student_logits)
