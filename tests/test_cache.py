@@ -75,15 +75,18 @@ def test_full_cache_trains_as_the_live_teacher(data, monkeypatch):
     monkeypatch.setattr(Teachers, "__call__", no_teacher)
     cached_history = cached.fit(cache.inputs(x), y, **fit).history
     assert max_difference(live.student, student) > 1e-3  # it trained
-    assert max_difference(live.student, cached.student) <= 1e-6
+    # Equal up to rounding, which these 8 steps amplify to weight
+    # differences of up to 1e-4; a misaligned or noisy cache moves them by
+    # 0.016 or more (docs/teacher_cache.md, benchmarks/cache_rounding.py).
+    assert max_difference(live.student, cached.student) <= 1e-3
     for name, values in live_history.items():
-        np.testing.assert_allclose(cached_history[name], values, rtol=1e-5)
+        np.testing.assert_allclose(cached_history[name], values, rtol=1e-3)
     cached_logs = cached.evaluate(cache.inputs(x), y, return_dict=True,
                                   verbose=0)
     monkeypatch.undo()
     live_logs = live.evaluate(x, y, return_dict=True, verbose=0)
     for name, value in live_logs.items():
-        np.testing.assert_allclose(cached_logs[name], value, rtol=1e-5)
+        np.testing.assert_allclose(cached_logs[name], value, rtol=1e-3)
     # `predict` and `call` give the student the inputs alone.
     np.testing.assert_allclose(
         cached.predict(cache.inputs(x), batch_size=BATCH, verbose=0),

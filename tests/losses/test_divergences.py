@@ -193,13 +193,17 @@ def test_keras_mask_is_honoured():
     per = np_divergence("forward", to_numpy(t), to_numpy(s))
     expected = (per * mask).sum() / mask.sum()
     assert abs(expected - per.mean()) > 0.01 * expected
+    # These two untrained models nearly agree: a KL near 5e-3 is a
+    # difference of float32 log-probabilities near -2.4, which alone carries
+    # relative errors up to 2e-5 (NumPy in float32 too). 1e-4 still sits far
+    # below the 1% that ignoring the mask would move the value.
     np.testing.assert_allclose(value(ForwardKL(chunk_size=3), t, s),
-                               expected, rtol=1e-5)
+                               expected, rtol=1e-4)
     # The mask and a sample weight combine.
     w = np.array([[2.0] * 7, [1.0] * 7, [0.5] * 7], "float32")
     np.testing.assert_allclose(value(ForwardKL(), t, s, w),
                                (per * mask * w).sum() / (mask * w).sum(),
-                               rtol=1e-5)
+                               rtol=1e-4)
 
 
 PADDING = np.array([[1.0] * 7, [1.0] * 2 + [0.0] * 5, [1.0] * 4 + [0.0] * 3],
