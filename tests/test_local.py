@@ -50,13 +50,12 @@ MODULE_LAYERS = [["s_stage1"], ["s_pool", "s_stage2"], ["s_gap", "s_logits"]]
 def test_modules_cover_the_student_as_a_chain():
     d = make_lakd(batchnorm=False)
     runner = d.local_plan
-    names = [[layer.name for layer in m.layers
-              if not isinstance(layer, keras.layers.InputLayer)]
-             for m in runner.models]
+    names = [[layer.name for layer in m.layers] for m in runner.parts]
     assert [sorted(n) for n in names] == [sorted(n) for n in MODULE_LAYERS]
-    # Module sub-models share the student's layers (no copies).
-    assert runner.models[1].get_layer("s_stage2") is \
-        d.student.get_layer("s_stage2")
+    # Modules run the student's own layers (no copies).
+    stage2 = next(layer for layer in runner.parts[1].layers
+                  if layer.name == "s_stage2")
+    assert stage2 is d.student.get_layer("s_stage2")
     # 4 vs 8 and 8 vs 16 channels: one adapter per split, owned by it.
     assert list(d.adapters) == ["local_1", "local_2"]
     owned = {id(v) for v in runner.module_variables(0)}
@@ -381,7 +380,7 @@ def test_split_that_is_not_a_chain():
     # Splitting after the merge is a chain.
     d = make_lakd(student=residual_student(), split_at=["r_add"],
                   teacher_layers=["t_stage1"])
-    assert len(d.local_plan.models) == 2
+    assert len(d.local_plan.parts) == 2
 
 
 def test_unknown_names_and_wrong_lengths():

@@ -115,13 +115,43 @@ def owner_of_layers(parts):
     return {id(layer): k for k, layers in enumerate(parts) for layer in layers}
 
 
-class Part:
-    """A sub-model from `start` to `(end, features)` over a model's own
-    layers (shared weights). Keras cannot list one tensor twice among the
-    outputs of a model cut at an inner tensor, so repeated tensors are
-    output once."""
+class _GraphRun(keras.layers.Layer):
+    """Runs a `keras.Function` over a model's own layers inside one layer
+    call, so that `training` reaches every layer of the graph (Keras passes
+    an outer call's `training` to the layers called inside it).
 
-    def __init__(self, start, end, features, name):
+    A `keras.Function` reuses the model's call nodes: unlike a
+    `keras.Model` built on an inner tensor, it adds no node to the model's
+    layers, so the user's model is left exactly as it was.
+    """
+
+    def __init__(self, function, name):
+        super().__init__(name=name, autocast=False)
+        self._function = [function]  # A list: not tracked as a sublayer.
+        self.built = True
+
+    def call(self, x, training=None):
+        del training  # Reaches the layers through the call context.
+        return self._function[0](x)
+
+
+class Part:
+    """A sub-graph of a model from `start` to `(end, features)`, run with
+    the model's own layers (shared weights) and without changing the model.
+
+    Repeated feature tensors are output once.
+
+    Args:
+        start: the symbolic input(s) of the part (a model input or the
+            output of an inner layer).
+        end: the symbolic output(s) of the part.
+        features: further symbolic tensors inside the part to return.
+        layers: the layers of the part (their weights and losses are the
+            part's).
+        name: a name for messages.
+    """
+
+    def __init__(self, start, end, features, layers, name):
         single_end = not isinstance(end, (list, tuple, dict))
         extras, self.index = [], []
         for feature in features:
@@ -133,9 +163,22 @@ class Part:
             self.index.append(
                 1 + next(i for i, e in enumerate(extras) if e is feature)
             )
-        self.model = keras.Model(start, (end, extras), name=name)
+        self.layers = list(layers)
+        self.name = name
+        self._run = _GraphRun(
+            keras.Function(start, (end, extras), name=name), name=name)
+
+    @property
+    def trainable_variables(self):
+        """The trainable variables of the part's layers."""
+        return [v for layer in self.layers for v in layer.trainable_variables]
+
+    @property
+    def losses(self):
+        """The regularization losses of the part's layers."""
+        return [loss for layer in self.layers for loss in layer.losses]
 
     def __call__(self, x, training):
-        end, extras = self.model(x, training=training)
+        end, extras = self._run(x, training=training)
         outputs = [end] + list(extras)
         return end, [outputs[i] for i in self.index]

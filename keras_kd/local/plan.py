@@ -251,11 +251,11 @@ class LocalModulePlan(ModuleChain):
 
     Attributes:
         spec: the `LocalModules` it implements.
-        models: the module sub-models, in order (they share the student's
-            layers).
+        parts: the modules, in order: sub-graphs of the student run with
+            its own layers (`keras_kd.local.graph.Part`).
         adapters: `{name: layer}`, the adapters of the activation-mapping
             losses (for the distiller to track and save).
-        num_modules: `len(models)`.
+        num_modules: `len(parts)`.
         loss_names: the names of the modules' activation-mapping losses.
         feature_terms: per module, the indices (in the distiller's term
             order) of the feature terms that read a layer inside it.
@@ -345,9 +345,8 @@ class LocalModulePlan(ModuleChain):
             self.parts.append(Part(
                 starts[k], ends[k],
                 [student.get_layer(name).output for name in names],
-                name=f"{student.name}_module{k + 1}",
+                module_layers[k], name=f"{student.name}_module{k + 1}",
             ))
-        self.models = [part.model for part in self.parts]
 
         # Adapters from each module's output to the teacher's channels
         # where they differ.
@@ -391,7 +390,7 @@ class LocalModulePlan(ModuleChain):
                 starts[j], ends[j],
                 [teacher.get_layer(self.terms[i].teacher_layer).output
                  for i in self.segment_terms[j]],
-                name=f"{teacher.name}_segment{j + 1}",
+                parts[j], name=f"{teacher.name}_segment{j + 1}",
             )
             for j in range(n + 1)
         ]
@@ -442,7 +441,7 @@ class LocalModulePlan(ModuleChain):
     def module_variables(self, k):
         """The trainable variables updated by module `k`'s loss (0-based):
         its layers' and its adapters'."""
-        variables = list(self.models[k].trainable_variables)
+        variables = list(self.parts[k].trainable_variables)
         bounds = [self.terms[i] for i in self.feature_terms[k]]
         if k < self.n_splits:
             bounds.append(self.local_terms[k])
@@ -489,7 +488,7 @@ class LocalModulePlan(ModuleChain):
         losses = self.assembly(
             pairs, sample_weight, y=y if last else None,
             y_pred=out if last else None,
-            regularization=self.models[k].losses,
+            regularization=self.parts[k].losses,
         )
         return ModuleStep(out, losses, diagnostic)
 
