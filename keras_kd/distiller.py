@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd import batches
 from keras_kd import _keras_compat as compat
 from keras_kd import cache as teacher_cache
 from keras_kd import losses as kd_losses
@@ -377,20 +378,26 @@ class Distiller(Trainer, keras.Model):
     def call(self, inputs, training=None):
         """Runs the student (on the inputs alone when they carry a teacher
         cache)."""
-        return self.student(teacher_cache.model_inputs(inputs),
-                            training=training)
+        return self.student(
+            teacher_cache.model_inputs(batches.without_weights(inputs)),
+            training=training)
 
     # Data that carries a teacher cache (`keras_kd.cache`) is checked
     # against the teachers before Keras runs a step.
 
+    # Sample weights without labels (`fit(x, sample_weight=w)`), which
+    # Keras drops, travel inside `x` (`keras_kd.batches`).
+
     def fit(self, *args, **kwargs):
         args, kwargs = teacher_cache.check_call(
             self, "fit", args, kwargs)
+        args, kwargs = batches.carry_call_weights("fit", args, kwargs)
         return super().fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         args, kwargs = teacher_cache.check_call(
             self, "evaluate", args, kwargs)
+        args, kwargs = batches.carry_call_weights("evaluate", args, kwargs)
         return super().evaluate(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import keras
 
+from keras_kd.batches import unpack
 from keras_kd.distribution import unscale_for_replicas
 from keras_kd.extension import GradientRouting, ModuleChain
 from keras_kd.step import StepLosses, batch_size
@@ -47,17 +48,6 @@ class ModulesPass(NamedTuple):
     gradients: dict
     teacher: object
     student: object
-
-
-def unpack(data):
-    """`(x, y, sample_weight)` of a batch, as tensors of the backend (a
-    batch given to `train_on_batch` may still hold NumPy arrays)."""
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-
-    def tensor(value):
-        return None if value is None else keras.ops.convert_to_tensor(value)
-
-    return keras.tree.map_structure(tensor, (x, y, sample_weight))
 
 
 def merge_losses(parts):

@@ -14,7 +14,8 @@ variable directly; under `jit` such state would be silently frozen.
 import jax
 import keras
 
-from keras_kd.trainers.base import DistillerTrainer, merge_losses, unpack
+from keras_kd.batches import unpack
+from keras_kd.trainers.base import DistillerTrainer, merge_losses
 
 
 class JAXTrainer(DistillerTrainer):
@@ -115,7 +116,7 @@ class JAXTrainer(DistillerTrainer):
             trainable, non_trainable, optimizer_values, metrics = state
             if schedule.due(optimizer_values):
                 data = jax.device_put(data)  # once, for both programs
-                x = keras.utils.unpack_x_y_sample_weight(data)[0]
+                x = unpack(data)[0]
                 non_trainable = refresh(trainable, non_trainable,
                                         optimizer_values, x)
             logs, state = train(

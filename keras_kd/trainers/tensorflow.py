@@ -9,7 +9,8 @@ first.
 
 import tensorflow as tf
 
-from keras_kd.trainers.base import DistillerTrainer, unpack
+from keras_kd.batches import unpack
+from keras_kd.trainers.base import DistillerTrainer
 
 
 def _multi_worker(strategy):

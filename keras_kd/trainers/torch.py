@@ -9,7 +9,8 @@ recorded, and `backward()` fills the gradients of the trained variables.
 import keras
 import torch
 
-from keras_kd.trainers.base import DistillerTrainer, unpack
+from keras_kd.batches import unpack
+from keras_kd.trainers.base import DistillerTrainer
 
 
 class TorchTrainer(DistillerTrainer):
