@@ -171,6 +171,8 @@ class Distiller(Trainer, keras.Model):
         student_loss_weight = _checks.non_negative(
             "student_loss_weight", student_loss_weight)
         self._check_extensions(layerwise_lr, local_modules)
+        _check_something_trains(terms, student_loss_weight, local_modules,
+                                name)
         self.teachers = teachers
         self.student = student
         self.student_loss_weight = student_loss_weight
@@ -598,6 +600,23 @@ def _check_loss_shapes(bound, teacher_shape, student_shape, where):
     check = getattr(bound.loss, "check_shapes", None)
     if check is not None and None not in (teacher_shape, student_shape):
         check(teacher_shape, student_shape, where)
+
+
+def _check_something_trains(terms, student_loss_weight, local_modules,
+                            name):
+    """Refuses a distiller in which every loss has weight 0: nothing would
+    train the student (each backend would fail differently, or train on a
+    zero loss without a word)."""
+    if student_loss_weight or any(term.weight for term in terms) or \
+            local_modules is not None:
+        return
+    raise ValueError(
+        f"Every loss of the distiller '{name}' has weight 0 "
+        f"(`student_loss_weight=0` and terms "
+        f"{[term.name for term in terms]} all of weight 0), so nothing "
+        "would train the student. Give the student loss or a term a "
+        "positive weight."
+    )
 
 
 def _output_loss_names(student):

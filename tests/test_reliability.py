@@ -318,6 +318,56 @@ class NaNLoss(DistillationLoss):
         return ops.mean(student_output, axis=-1) * math.nan
 
 
+def test_every_loss_of_weight_zero_is_refused_at_construction():
+    with pytest.raises(ValueError, match="weight 0.*'kd', 'fit'"):
+        Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=[
+            Term(KD(), weight=0.0), Term(FeatureMSE(), weight=0.0,
+                                         teacher_layer="t_stage2",
+                                         student_layer="s_stage2",
+                                         name="fit")],
+            student_loss_weight=0.0)
+    # One positive weight is enough.
+    Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=[
+        Term(KD(), weight=0.0)], student_loss_weight=0.5)
+
+
+def test_a_module_loss_that_misses_its_variables_trains(data):
+    """LAKD: a last module with only a weight-0 feature term (an adapter
+    its loss never reaches) gets zero gradients on every backend."""
+    x, y = data
+    student = make_cnn("s", 4, batchnorm=False)
+    before = weights_of(student)
+    d = Distiller(make_cnn("t", 8), student, terms=[
+        Term(FeatureMSE(), weight=0.0, teacher_layer="t_stage2",
+             student_layer="s_stage2")],
+        student_loss_weight=0.0,
+        local_modules=keras_kd.LocalModules(split_at=["s_pool"],
+                                            teacher_layers=["t_pool"]))
+    d.compile(optimizer=keras.optimizers.SGD(0.05), loss=SCCE)
+    d.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    after = weights_of(student)
+    names = [w.path for w in student.weights]
+    for name, a, b in zip(names, before, after):
+        # The first module trains by its activation mapping; the second
+        # (stage 2 and the classifier) has no loss of positive weight.
+        if "stage1" in name:
+            assert np.any(a != b), name
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.backends("tensorflow")
+def test_an_empty_data_set_is_named():
+    import tensorflow as tf
+
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4))
+    d.compile(optimizer="sgd", loss=SCCE)
+    empty = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((0, 8, 8, 1), "float32"), np.zeros((0,), "int64"))).batch(4)
+    with pytest.raises(ValueError, match="'distiller' is empty"):
+        d.fit(empty, epochs=1, verbose=0)
+
+
 def test_weight_zero_parts_cannot_poison_the_total(data):
     x, y = data
 
@@ -625,6 +675,8 @@ DOCUMENTED_ERRORS = {
         *_cnn(), diagnostics=[TopOneAgreement(name="kd_loss")]),
     "an `AttentionIoU` diagnostic": lambda: Distiller(
         *_cnn(), diagnostics=[keras_kd.metrics.AttentionIoU()]),
+    "every loss of weight 0": lambda: Distiller(
+        *_cnn(), terms=[Term(KD(), weight=0.0)], student_loss_weight=0.0),
     "a `MutualInformation` diagnostic": lambda: Distiller(
         *_cnn(), diagnostics=[keras_kd.metrics.MutualInformation(
             num_classes=3)]),

@@ -104,12 +104,19 @@ class TensorFlowTrainer(DistillerTrainer):
         if iterator is not None and self.distribute_strategy is not None:
             strategy = self.distribute_strategy
             for _, _, batches in iterator:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise ValueError(
+                        f"The data given to the distiller '{self.name}' is "
+                        "empty: it yielded no batch. Pass a data set with "
+                        "at least one sample.") from None
                 data_batch = tf.nest.map_structure(
                     lambda value: strategy.experimental_local_results(
                         value)[0]
                     if isinstance(value, tf.distribute.DistributedValues)
                     else value,
-                    next(batches))
+                    batch)
                 break
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator,

@@ -51,10 +51,16 @@ class TorchTrainer(DistillerTrainer):
 
         def differentiate(k, run):
             module = run()
-            variables = chain.module_variables(k)
-            gradients = torch.autograd.grad(
-                self.optimizer.scale_loss(module.losses.total),
-                [v.value for v in variables])
+            values = [v.value for v in chain.module_variables(k)]
+            loss = self.optimizer.scale_loss(module.losses.total)
+            if loss.requires_grad:
+                # A variable the module's loss does not reach (a term of
+                # weight 0 with an adapter) gets a zero gradient, as on
+                # TensorFlow and JAX.
+                gradients = torch.autograd.grad(
+                    loss, values, allow_unused=True, materialize_grads=True)
+            else:  # no part of the module's loss has a weight
+                gradients = [torch.zeros_like(v) for v in values]
             # Without their graphs, the module's activations are freed.
             return _detached(module), list(gradients)
 
