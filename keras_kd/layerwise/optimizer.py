@@ -15,16 +15,9 @@ import keras
 from keras import ops
 
 from keras_kd import _keras_compat as compat
+from keras_kd._untracked import Untracked
 
 _LSO = keras.optimizers.LossScaleOptimizer
-
-
-class _Hidden:
-    """Holds model variables out of reach of the optimizer's variable
-    tracking (they belong to the model)."""
-
-    def __init__(self, **items):
-        self.__dict__.update(items)
 
 
 class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -169,7 +162,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         # where `get_config` cannot read the learning rate.
         config = inner_optimizer.get_config()
         config["global_clipnorm"] = None  # clipped once, by the wrapper
-        self._groups = _Hidden(
+        self._groups = Untracked(
             config=config,
             names=[str(name) for name in groups],
             paths=[_paths(variables) for variables in groups.values()],

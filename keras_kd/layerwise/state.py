@@ -45,6 +45,7 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd._untracked import Untracked
 from keras_kd.extension import GradientRouting
 from keras_kd.layerwise.autodiff import (
     hutchinson_diagonals, joint_top_logit_gradients, single_output,
@@ -58,14 +59,6 @@ from keras_kd.taps import Tap, find_layer
 SIGNALS = ("attention", "jacobian", "hessian")
 SCOPES = ("layer", "block")
 _PROBE_SEED = 1337
-
-
-class _Untracked:
-    """Holds helpers whose variables belong to the teacher or the student and
-    are tracked there, and the optimizer, tracked by the distiller."""
-
-    def __init__(self, **items):
-        self.__dict__.update(items)
 
 
 # The user-facing configuration.
@@ -336,7 +329,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
                     f"{[model.name for model in teachers]}. Pair a layer "
                     "that at least one teacher has."
                 )
-        self._taps = _Untracked(teachers=teacher_taps, student=student_tap,
+        self._taps = Untracked(teachers=teacher_taps, student=student_tap,
                                 teacher_models=teachers,
                                 student_model=student, sources=sources)
         for p, found in enumerate(sources):
@@ -356,7 +349,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
                             dtype="float32")
             for n in names
         ]
-        self._bound = _Untracked(optimizer=None)
+        self._bound = Untracked(optimizer=None)
         self.built = True
 
     # Construction-time checks.
