@@ -370,7 +370,7 @@ def test_jax_step_program_holds_no_reestimation(data, monkeypatch):
     """On JAX under `jit` the divergences are re-estimated in a program of
     their own: the step's program never traces `measure`, so it holds none
     of its buffers."""
-    from keras_kd.layerwise.state import LayerwiseState
+    from keras_kd.layerwise.routing import LayerwiseState
     from keras_kd.trainers.jax import JAXTrainer
 
     inside_step, traced = [False], []
