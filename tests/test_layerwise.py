@@ -132,6 +132,46 @@ def test_hessian_vector_products_are_exact():
     assert np.abs(expected).max() > 1e-3
 
 
+def test_perturbed_call_adds_eps_downstream_in_inference_mode():
+    """The perturbed forward pass adds each `eps` to its layer's output and
+    everything downstream sees it (a skip connection included), runs the
+    layers in inference mode even within a call in training mode, and adds
+    no call to the user's layers: they can still be tapped."""
+    from keras_kd.layerwise.perturb import perturbed_call
+
+    class TrainingOnly(keras.layers.Layer):
+        def call(self, x, training=None):
+            return x + 100.0 if training else x
+
+    class Outer(keras.layers.Layer):
+        def call(self, x, training=None):
+            return perturbed_call(tap, x, eps)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    a = keras.layers.Dense(4, name="a")(inputs)
+    b = keras.layers.Dense(4, name="b")(
+        keras.layers.Dropout(0.9)(TrainingOnly()(a)))
+    out = keras.layers.Dense(2, name="head")(keras.layers.Add()([a, b]))
+    model = keras.Model(inputs, out)
+    tap = Tap(model, ["b", "a", "b"], "student")  # not in graph order
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype("float32")
+    eps = [rng.normal(size=(5, 4)).astype("float32") for _ in range(3)]
+    outputs, features = Outer()(x, training=True)
+    w = {n: [to_numpy(v) for v in model.get_layer(n).weights]
+         for n in ("a", "b", "head")}
+    ref_a = x @ w["a"][0] + w["a"][1] + eps[1]
+    ref_b = ref_a @ w["b"][0] + w["b"][1] + eps[0] + eps[2]
+    ref_out = (ref_a + ref_b) @ w["head"][0] + w["head"][1]
+    np.testing.assert_allclose(to_numpy(outputs), ref_out, rtol=1e-5,
+                               atol=1e-5)
+    for feature, ref in zip(features, [ref_b, ref_a, ref_b]):
+        np.testing.assert_allclose(to_numpy(feature), ref, rtol=1e-5,
+                                   atol=1e-5)
+    assert Tap(model, ["a", "b"], "student").feature_shapes == [(None, 4)] * 2
+
+
 def test_jacobian_map_matches_closed_form(data):
     x, _ = data
     teacher, student = make_cnn("t", 8), make_cnn("s", 4)

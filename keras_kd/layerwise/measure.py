@@ -38,6 +38,7 @@ from keras import ops
 from keras_kd.layerwise.autodiff import (
     hutchinson_diagonals, joint_top_logit_gradients, single_output,
 )
+from keras_kd.layerwise.perturb import segments_for
 from keras_kd.layerwise.signals import collapse_channels, map_divergence
 from keras_kd.taps import Tap
 
@@ -157,6 +158,11 @@ class Measurement:
             for model in teachers:
                 check_output(model, "teacher", config.signal)
             check_output(student, "student", config.signal)
+            # The perturbed forward passes, built now rather than in the
+            # first traced step.
+            for tap in self.teachers + [self.student]:
+                if tap.extractor is not None:
+                    segments_for(tap)
 
     def signal_maps(self, x, seed=None):
         """The collapsed teacher and student maps of every pair on batch `x`.
