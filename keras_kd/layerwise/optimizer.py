@@ -338,7 +338,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        out = self._variables + self.inner_optimizer.variables
+        out = super().variables + self.inner_optimizer.variables
         for optimizer in self._group_optimizers:
             out = out + optimizer.variables
         return out
