@@ -443,14 +443,14 @@ def test_jax_step_program_holds_no_reestimation(data, monkeypatch):
 def test_jax_refresh_schedule_finds_every_due_step():
     """The host-side schedule of the JAX trainer agrees with the in-step
     rule on every step, when the iteration count stalls (a loss-scale
-    optimizer skipping steps, gradient accumulation) and when it is
+    optimizer skipping steps) and when it is
     changed between steps (a restore), and reads the count rarely."""
     from keras_kd.trainers.jax import _RefreshSchedule
 
     every = 5
     rng = np.random.default_rng(0)
     true = [0]
-    for _ in range(400):  # +1 mostly; stalls, in runs like accumulation
+    for _ in range(400):  # +1 mostly; stalls, in runs
         true.append(true[-1] + int(rng.random() < 0.7))
     true[200:] = [t + 37 for t in true[200:]]  # restored to a later count
     true[300:] = [t - 90 for t in true[300:]]  # ... and an earlier one
