@@ -48,20 +48,6 @@ def keras_mask(tensor):
     return get_keras_mask(tensor)
 
 
-def iteration_variable(optimizer):
-    """The variable an optimizer counts its applied steps in (its
-    `iterations` property is a tensor with gradient accumulation).
-    Checked on Keras 3.15."""
-    return optimizer._iterations
-
-
-def accumulated_gradient(optimizer, variable):
-    """The gradient an optimizer with `gradient_accumulation_steps` has
-    accumulated for one of its variables. Checked on Keras 3.15."""
-    return optimizer._accumulated_gradients[
-        optimizer._get_variable_index(variable)]
-
-
 def run_graph(model, inputs, call_fn):
     """Runs a Functional model's graph on `inputs`, each layer called as
     `call_fn(layer, *args, **kwargs)`; returns the model's outputs.

@@ -132,6 +132,46 @@ def test_hessian_vector_products_are_exact():
     assert np.abs(expected).max() > 1e-3
 
 
+def test_perturbed_call_adds_eps_downstream_in_inference_mode():
+    """The perturbed forward pass adds each `eps` to its layer's output and
+    everything downstream sees it (a skip connection included), runs the
+    layers in inference mode even within a call in training mode, and adds
+    no call to the user's layers: they can still be tapped."""
+    from keras_kd.layerwise.perturb import perturbed_call
+
+    class TrainingOnly(keras.layers.Layer):
+        def call(self, x, training=None):
+            return x + 100.0 if training else x
+
+    class Outer(keras.layers.Layer):
+        def call(self, x, training=None):
+            return perturbed_call(tap, x, eps)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    a = keras.layers.Dense(4, name="a")(inputs)
+    b = keras.layers.Dense(4, name="b")(
+        keras.layers.Dropout(0.9)(TrainingOnly()(a)))
+    out = keras.layers.Dense(2, name="head")(keras.layers.Add()([a, b]))
+    model = keras.Model(inputs, out)
+    tap = Tap(model, ["b", "a", "b"], "student")  # not in graph order
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype("float32")
+    eps = [rng.normal(size=(5, 4)).astype("float32") for _ in range(3)]
+    outputs, features = Outer()(x, training=True)
+    w = {n: [to_numpy(v) for v in model.get_layer(n).weights]
+         for n in ("a", "b", "head")}
+    ref_a = x @ w["a"][0] + w["a"][1] + eps[1]
+    ref_b = ref_a @ w["b"][0] + w["b"][1] + eps[0] + eps[2]
+    ref_out = (ref_a + ref_b) @ w["head"][0] + w["head"][1]
+    np.testing.assert_allclose(to_numpy(outputs), ref_out, rtol=1e-5,
+                               atol=1e-5)
+    for feature, ref in zip(features, [ref_b, ref_a, ref_b]):
+        np.testing.assert_allclose(to_numpy(feature), ref, rtol=1e-5,
+                                   atol=1e-5)
+    assert Tap(model, ["a", "b"], "student").feature_shapes == [(None, 4)] * 2
+
+
 def test_jacobian_map_matches_closed_form(data):
     x, _ = data
     teacher, student = make_cnn("t", 8), make_cnn("s", 4)
@@ -337,13 +377,11 @@ def test_backup_and_restore_resumes_identically(tmp_path, data):
 
 
 @pytest.mark.backends("tensorflow", "jax")  # PyTorch: no XLA here
-@pytest.mark.parametrize("accumulate", [None, 2])
-def test_jit_matches_no_jit(data, accumulate):
+def test_jit_matches_no_jit(data):
     """TensorFlow `jit_compile=True` (XLA) and JAX `jit` (Keras' default
     there) against the same training without it. Under `jit`, JAX decides
-    on the host which steps re-estimate (with gradient accumulation the
-    iteration count moves every other step) and runs the re-estimation as
-    a program of its own; its train function loops over 3 steps a call."""
+    on the host which steps re-estimate and runs the re-estimation as a
+    program of its own; its train function loops over 3 steps a call."""
     x, y = data
     results = []
     for jit in (False, True):
@@ -351,8 +389,7 @@ def test_jit_matches_no_jit(data, accumulate):
         d = make(layerwise(signal="jacobian", update_every=2, min_scale=0.1,
                            max_scale=10.0), jit_compile=jit,
                  student=make_cnn("s", 4, batchnorm=False),
-                 optimizer=keras.optimizers.Adam(
-                     1e-2, gradient_accumulation_steps=accumulate),
+                 optimizer=keras.optimizers.Adam(1e-2),
                  steps_per_execution=3 if jit else 1)
         assert d.jit_compile == jit
         history = d.fit(x, y, epochs=2, batch_size=4, verbose=0,
@@ -370,7 +407,7 @@ def test_jax_step_program_holds_no_reestimation(data, monkeypatch):
     """On JAX under `jit` the divergences are re-estimated in a program of
     their own: the step's program never traces `measure`, so it holds none
     of its buffers."""
-    from keras_kd.layerwise.state import LayerwiseState
+    from keras_kd.layerwise.routing import LayerwiseState
     from keras_kd.trainers.jax import JAXTrainer
 
     inside_step, traced = [False], []
@@ -406,14 +443,14 @@ def test_jax_step_program_holds_no_reestimation(data, monkeypatch):
 def test_jax_refresh_schedule_finds_every_due_step():
     """The host-side schedule of the JAX trainer agrees with the in-step
     rule on every step, when the iteration count stalls (a loss-scale
-    optimizer skipping steps, gradient accumulation) and when it is
+    optimizer skipping steps) and when it is
     changed between steps (a restore), and reads the count rarely."""
     from keras_kd.trainers.jax import _RefreshSchedule
 
     every = 5
     rng = np.random.default_rng(0)
     true = [0]
-    for _ in range(400):  # +1 mostly; stalls, in runs like accumulation
+    for _ in range(400):  # +1 mostly; stalls, in runs
         true.append(true[-1] + int(rng.random() < 0.7))
     true[200:] = [t + 37 for t in true[200:]]  # restored to a later count
     true[300:] = [t - 90 for t in true[300:]]  # ... and an earlier one
@@ -511,14 +548,12 @@ def _dense_model(seed=0):
     dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(
         0.05, 1, 0.7), momentum=0.9),
     dict(global_clipnorm=0.5),
-    dict(gradient_accumulation_steps=2, global_clipnorm=0.25),
     dict(use_ema=True, ema_momentum=0.5),
-], ids=["schedule", "global_clipnorm", "accumulation+clipnorm", "ema"])
+], ids=["schedule", "global_clipnorm", "ema"])
 def test_layerwise_optimizer_at_scale_one_is_the_inner_optimizer(options):
     """With every scale at 1, the wrapper trains exactly as the optimizer it
-    wraps: same schedule at each step, one global clip over all gradients
-    (on the averaged accumulated ones with accumulation), the same
-    moving averages swapped in at the end of `fit`."""
+    wraps: same schedule at each step, one global clip over all gradients,
+    the same moving averages swapped in at the end of `fit`."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype("float32")
     y = (x.sum(1, keepdims=True) * 3).astype("float32")
@@ -544,10 +579,35 @@ def test_layerwise_optimizer_at_scale_one_is_the_inner_optimizer(options):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     assert any(np.abs(a - b).max() > 1e-3
                for a, b in zip(start, values(model.weights)))
-    steps = 8 // options.get("gradient_accumulation_steps", 1)
-    assert int(to_numpy(wrapper.iterations)) == steps
-    assert all(int(to_numpy(o.iterations)) == steps
+    assert int(to_numpy(wrapper.iterations)) == 8
+    assert all(int(to_numpy(o.iterations)) == 8
                for o in wrapper.group_optimizers.values())
+
+
+def test_layerwise_optimizer_counts_steps_without_variables_outside():
+    """With every variable in a group, the inner optimizer trains nothing
+    but still counts the steps: the groups' learning rates follow its
+    schedule, as a single optimizer's would."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = (x.sum(1, keepdims=True) * 3).astype("float32")
+
+    def schedule():
+        return keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5)
+
+    reference = _dense_model()
+    reference.compile(keras.optimizers.SGD(schedule()), "mse")
+    model = _dense_model()
+    wrapper = LayerwiseOptimizer(keras.optimizers.SGD(schedule()), groups={
+        name: model.get_layer(name).trainable_variables
+        for name in ("hidden", "head")})
+    model.compile(wrapper, "mse")
+    reference.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    assert wrapper.group_variables[None] == []
+    assert int(to_numpy(wrapper.inner_optimizer.iterations)) == 8
+    for a, b in zip(values(reference.weights), values(model.weights)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_layerwise_optimizer_scales_each_group_and_round_trips(tmp_path):
@@ -592,11 +652,10 @@ def test_layerwise_optimizer_scales_each_group_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("options", [
-    dict(gradient_accumulation_steps=2),
     dict(use_ema=True, ema_momentum=0.5),
     dict(global_clipnorm=0.5),
     dict(loss_scale=True),
-], ids=["accumulation", "ema", "global_clipnorm", "loss_scale_optimizer"])
+], ids=["ema", "global_clipnorm", "loss_scale_optimizer"])
 def test_distiller_compositions_match_plain_distillation(data, options):
     """With `min_scale = max_scale = 1` the layer-wise distiller trains
     exactly as plain distillation with the same optimizer configuration:
@@ -631,10 +690,7 @@ def test_distiller_compositions_match_plain_distillation(data, options):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     assert int(to_numpy(lw.optimizer.iterations)) == int(
         to_numpy(plain.optimizer.iterations))
-    if options.get("gradient_accumulation_steps"):
-        # Weights move on every second step only.
-        assert all(u == 0 for u in updates[0::2])
-        assert all(u > 0 for u in updates[1::2])
+    assert len(updates) == 4 and all(u > 0 for u in updates)
     if loss_scale:
         assert isinstance(lw.optimizer, LSO)
         assert isinstance(lw.optimizer.inner_optimizer, LayerwiseOptimizer)
@@ -774,6 +830,31 @@ def test_optimizer_errors():
         "s_stage1": d.student.get_layer("s_stage1").trainable_variables})
     with pytest.raises(ValueError, match="groups \\['s_stage1'\\]"):
         d.compile(optimizer=other, loss=SCCE)
+
+
+@pytest.mark.parametrize("loss_scale", [False, True],
+                         ids=["plain", "loss_scale_optimizer"])
+def test_gradient_accumulation_is_refused_at_compile(loss_scale):
+    user = keras.optimizers.SGD(0.1, gradient_accumulation_steps=4)
+    if loss_scale:
+        user = LSO(user)
+    with pytest.raises(ValueError, match=(
+            "does not support `gradient_accumulation_steps`, set to 4 on "
+            "the optimizer 'sgd'.*batches 4 times larger")):
+        make(layerwise(), optimizer=user)
+    inner = user.inner_optimizer if loss_scale else user
+    assert not inner.built  # the user's optimizer is left as it was
+    model = _dense_model()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        LayerwiseOptimizer(
+            keras.optimizers.Adam(gradient_accumulation_steps=2),
+            groups={"hidden": model.get_layer("hidden").trainable_variables})
+    # Set after construction: refused when the optimizer is built.
+    wrapper = LayerwiseOptimizer(keras.optimizers.SGD(), groups={
+        "hidden": model.get_layer("hidden").trainable_variables})
+    wrapper.inner_optimizer.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        wrapper.build(model.trainable_variables)
 
 
 def test_public_name():

@@ -10,6 +10,6 @@ from keras_kd.layerwise.signals import divergence_scales
 from keras_kd.layerwise.signals import js_divergence
 from keras_kd.layerwise.signals import map_divergence
 from keras_kd.layerwise.signals import normalize_map
-from keras_kd.layerwise.state import LayerwiseLearningRate
-from keras_kd.layerwise.state import LayerwiseState
-from keras_kd.layerwise.state import attach
+from keras_kd.layerwise.config import LayerwiseLearningRate
+from keras_kd.layerwise.config import attach
+from keras_kd.layerwise.routing import LayerwiseState

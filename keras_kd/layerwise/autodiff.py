@@ -2,13 +2,11 @@
 Hessian signals, on TensorFlow, JAX and PyTorch.
 
 A model's activations at its paired layers are not inputs, and JAX can only
-differentiate a function with respect to its arguments. So the model's
-graph is run with a tensor `eps_k` added to the output of each paired layer
-`k` (zeros of the activation's shape): the derivative of the output with
-respect to `eps_k` at zero is its derivative with respect to the activation.
-The graph is that of the `keras_kd.taps.Tap` over the model, run layer by
-layer on the model's own layers (shared weights, inference mode); the model
-and its layers are left as they are.
+differentiate a function with respect to its arguments. So the model is run
+with a tensor `eps_k` added to the output of each paired layer `k` (zeros
+of the activation's shape; `keras_kd.layerwise.perturb`): the derivative of
+the output with respect to `eps_k` at zero is its derivative with respect to
+the activation.
 
 Per backend, in one small set of functions (each imports its backend when
 it runs): TensorFlow `tf.GradientTape` (nested for Hessian-vector
@@ -16,12 +14,10 @@ products), JAX `jax.value_and_grad` and `jax.linearize` (forward over
 reverse), PyTorch `torch.autograd.grad(create_graph=True)`.
 """
 
-import inspect
-
 import keras
 from keras import ops
 
-from keras_kd import _keras_compat as compat
+from keras_kd.layerwise.perturb import perturbed_call
 
 
 def single_output(outputs, role, model):
@@ -47,59 +43,7 @@ def cross_entropy_at(outputs, classes):
                                   classes))
 
 
-# Running a model with perturbed activations.
-
-_ACCEPTS_TRAINING = {}
-
-
-def _accepts_training(operation):
-    key = type(operation)
-    if key not in _ACCEPTS_TRAINING:
-        call = getattr(operation, "call", None)
-        try:
-            parameters = inspect.signature(call).parameters
-        except (TypeError, ValueError):
-            parameters = {}
-        _ACCEPTS_TRAINING[key] = "training" in parameters
-    return _ACCEPTS_TRAINING[key]
-
-
-def perturbed_call(tap, x, eps):
-    """The tap's `(outputs, features)` on `x` in inference mode, with
-    `eps[k]` added to the output of tapped layer `k`.
-
-    Args:
-        tap: a `keras_kd.taps.Tap` over a Functional or Sequential model.
-        x: a batch of inputs.
-        eps: one tensor per tapped layer, shaped like its output.
-
-    Returns:
-        `(outputs, features)`, the features including their `eps`.
-    """
-    graph = tap.extractor
-    if graph is None:
-        return tap.model(x, training=False), []
-    where = {}
-    for k, name in enumerate(tap.layer_names):
-        where.setdefault(id(tap.model.get_layer(name)), []).append(k)
-    done = set()
-
-    def call(operation, *args, **kwargs):
-        if _accepts_training(operation):
-            kwargs["training"] = False
-        out = operation(*args, **kwargs)
-        slots = where.get(id(operation))
-        if slots and id(operation) not in done:
-            # A layer called twice is perturbed at its first call, the
-            # output its `layer.output` names.
-            done.add(id(operation))
-            for k in slots:
-                out = out + ops.cast(eps[k], out.dtype)
-        return out
-
-    outputs, features = compat.run_graph(graph, x, call)
-    return outputs, list(features)
-
+# Shapes of the perturbations.
 
 def feature_shapes(tap, x):
     """The shapes of the tapped features for the batch `x` (the batch size

@@ -14,17 +14,9 @@ are Keras variables of the wrapper, so they are optimizer state: listed in
 import keras
 from keras import ops
 
-from keras_kd import _keras_compat as compat
+from keras_kd._untracked import Untracked
 
 _LSO = keras.optimizers.LossScaleOptimizer
-
-
-class _Hidden:
-    """Holds model variables out of reach of the optimizer's variable
-    tracking (they belong to the model)."""
-
-    def __init__(self, **items):
-        self.__dict__.update(items)
 
 
 class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -51,6 +43,22 @@ class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         # Rebuilt by `LayerwiseOptimizer.build`, never deserialized.
         return {"scale": self.scale.path}
+
+
+def _refuse_accumulation(optimizer):
+    steps = optimizer.gradient_accumulation_steps
+    if steps:
+        raise ValueError(
+            "`LayerwiseOptimizer` (and `layerwise_lr`) does not support "
+            "`gradient_accumulation_steps`, set to "
+            f"{steps} on the optimizer '{optimizer.name}': the accumulated "
+            "gradients, and the step count that moves between updates, are "
+            "not part of Keras' public optimizer API. Pass an optimizer "
+            "without `gradient_accumulation_steps` and train on batches "
+            f"{steps} times larger instead (the same updates, up to layers "
+            "whose output depends on the batch, such as batch "
+            "normalization)."
+        )
 
 
 def _same_path(saved, path):
@@ -98,12 +106,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     `inner_optimizer`. It composes with:
 
     - `global_clipnorm` of `inner_optimizer`: the wrapper clips all
-      gradients together, once, as a single optimizer would (with
-      `gradient_accumulation_steps`, the averaged accumulated gradients on
-      the update step, as Keras does); the copies do not clip again.
+      gradients together, once, as a single optimizer would; the copies do
+      not clip again.
     - `clipnorm`, `clipvalue`, `weight_decay`, `use_ema`,
-      `gradient_accumulation_steps`, `loss_scale_factor`: each copy keeps
-      them, so every group follows Keras' semantics for its variables
+      `loss_scale_factor`: each copy keeps them, so every group follows
+      Keras' semantics for its variables
       (with `use_ema`, `finalize_variable_values` swaps in every group's
       averages). Settings made by methods rather than the configuration
       (`exclude_from_weight_decay`) reach the variables outside the groups
@@ -112,9 +119,14 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
       inside it): Keras' `compile` adds it under the `"mixed_float16"`
       policy.
 
+    `gradient_accumulation_steps` on `inner_optimizer` is refused with a
+    `ValueError`: Keras keeps the accumulated gradients, and the step count
+    that moves without an update, out of its public API.
+
     Args:
         inner_optimizer: the `keras.optimizers.Optimizer` to wrap (not
-            built yet). It trains the variables outside every group, and
+            built yet, without `gradient_accumulation_steps`). It trains
+            the variables outside every group, and
             its configuration is copied for each group.
         groups: dict from group name to the variables the group trains,
             each a `keras.Variable` or a variable path (`variable.path`;
@@ -159,6 +171,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "`LossScaleOptimizer(LayerwiseOptimizer(optimizer, groups))`, "
                 "so that the loss scale is shared by every group."
             )
+        _refuse_accumulation(inner_optimizer)
         if not isinstance(groups, dict) or not groups:
             raise ValueError(
                 "`groups` must be a non-empty dict from group name to a "
@@ -169,7 +182,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         # where `get_config` cannot read the learning rate.
         config = inner_optimizer.get_config()
         config["global_clipnorm"] = None  # clipped once, by the wrapper
-        self._groups = _Hidden(
+        self._groups = Untracked(
             config=config,
             names=[str(name) for name in groups],
             paths=[_paths(variables) for variables in groups.values()],
@@ -288,6 +301,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "`LayerwiseOptimizer` builds it on the variables outside "
                 "its groups. Pass a new optimizer."
             )
+        _refuse_accumulation(inner)
         var_list = list(var_list)
         count = len(self._groups.names)
         members = [[] for _ in range(count + 1)]
@@ -324,7 +338,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        out = self._variables + self.inner_optimizer.variables
+        out = super().variables + self.inner_optimizer.variables
         for optimizer in self._group_optimizers:
             out = out + optimizer.variables
         return out
@@ -351,7 +365,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         trainable_variables = list(trainable_variables)
         if not self.built:
             self.build(trainable_variables)
-        grads = self._clip_together(list(grads), trainable_variables)
+        grads = self._clip_together(list(grads))
         optimizers = self._optimizers()
         routed = [([], []) for _ in optimizers]
         for grad, variable in zip(grads, trainable_variables):
@@ -371,55 +385,28 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 # No gradient for the group this step (or no variable
                 # outside the groups): still count the step, so that every
                 # optimizer's iterations and schedules stay in step.
-                compat.iteration_variable(optimizer).assign_add(1)
+                # Without gradient accumulation (refused), `iterations` is
+                # the optimizer's step counter itself.
+                optimizer.iterations.assign_add(1)
 
-    def _clip_together(self, grads, variables):
+    def _clip_together(self, grads):
         """`inner_optimizer.global_clipnorm` applied to all gradients
         together, as a single optimizer applies it."""
-        clipnorm = self.inner_optimizer.global_clipnorm
+        inner = self.inner_optimizer
+        clipnorm = inner.global_clipnorm
         if not clipnorm:
             return grads
-        inner = self.inner_optimizer
+        # Keras clips the unscaled gradients.
         scale = inner.loss_scale_factor
-        steps = inner.gradient_accumulation_steps
-        optimizers = self._optimizers()
-        # The gradients Keras would clip: unscaled and, with accumulation,
-        # averaged with the accumulated ones (accumulators hold unscaled
-        # gradients).
-        present = [(g, v) for g, v in zip(grads, variables) if g is not None]
-        clipped = []
-        for g, v in present:
-            g = g if scale is None else g / scale
-            if steps:
-                owner = optimizers[self._groups.owner[id(v)]]
-                g = (g + compat.accumulated_gradient(owner, v)) / steps
-            clipped.append(g)
+        present = [g if scale is None else g / scale
+                   for g in grads if g is not None]
         norm = ops.sqrt(ops.sum(ops.stack(
-            [ops.sum(ops.square(g)) for g in clipped])))
+            [ops.sum(ops.square(g)) for g in present])))
         # As `keras.optimizers` clips: NaN for a non-finite norm.
         factor = clipnorm * ops.minimum(1.0 / norm, 1.0 / clipnorm)
         factor = factor + (norm - norm)
-        if steps:
-            update = ops.equal(
-                (compat.iteration_variable(inner) + 1) % steps, 0)
-            factor = ops.where(update, factor, ops.ones_like(factor))
-        out = []
-        for g, v in zip(grads, variables):
-            if g is None:
-                out.append(None)
-                continue
-            f = ops.cast(factor, g.dtype)
-            if steps:
-                # The optimizer computes (g / scale + acc) / steps; give it
-                # the g that makes this factor * (g / scale + acc) / steps.
-                owner = optimizers[self._groups.owner[id(v)]]
-                acc = ops.cast(compat.accumulated_gradient(owner, v), g.dtype)
-                s = 1.0 if scale is None else scale
-                g = f * g + (f - 1.0) * s * acc
-            else:
-                g = f * g
-            out.append(g)
-        return out
+        return [None if g is None else g * ops.cast(factor, g.dtype)
+                for g in grads]
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
