@@ -46,11 +46,3 @@ def keras_mask(tensor):
     except ImportError:  # pragma: no cover - a Keras that moved it
         return getattr(tensor, "_keras_mask", None)
     return get_keras_mask(tensor)
-
-
-def run_graph(model, inputs, call_fn):
-    """Runs a Functional model's graph on `inputs`, each layer called as
-    `call_fn(layer, *args, **kwargs)`; returns the model's outputs.
-    Checked on Keras 3.15."""
-    return model._run_through_graph(inputs, operation_fn=lambda op: op,
-                                    call_fn=call_fn)

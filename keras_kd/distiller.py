@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd import batches
+from keras_kd._untracked import Untracked
 from keras_kd import _keras_compat as compat
 from keras_kd import cache as teacher_cache
 from keras_kd import losses as kd_losses
@@ -30,14 +31,6 @@ from keras_kd.teachers import Teachers, as_teacher_list
 from keras_kd.teachers import check_teacher_outputs, check_teachers_apart
 from keras_kd.term import Term
 from keras_kd.trainers import Trainer
-
-
-class _Untracked:
-    """Holds Python objects that Keras must not track (they hold the
-    teacher's and student's own layers, tracked there)."""
-
-    def __init__(self, **items):
-        self.__dict__.update(items)
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -186,7 +179,7 @@ class Distiller(Trainer, keras.Model):
         _check_validation_keys(
             terms, names, ["student"] + extra_losses + output_losses)
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
-        self._terms = _Untracked(user=terms, bound=bound)
+        self._terms = Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
         check_teacher_outputs(teachers)
         for b in bound:
@@ -222,7 +215,7 @@ class Distiller(Trainer, keras.Model):
         # state (saved, and threaded through JAX's stateless step).
         self.augmentations = _augmentation_layers(
             teacher_side.augmentations, student_augmentation)
-        self._sides = _Untracked(teachers=teacher_side,
+        self._sides = Untracked(teachers=teacher_side,
                                  student_augmentation=student_augmentation)
         self.adapters = self._build_adapters(
             feature_terms, teacher_side.feature_shapes,
@@ -233,7 +226,7 @@ class Distiller(Trainer, keras.Model):
             lambda y, y_pred, sample_weight: self.compute_loss(
                 y=y, y_pred=y_pred, sample_weight=sample_weight),
         )
-        self._step = _Untracked(step=DistillationStep(
+        self._step = Untracked(step=DistillationStep(
             teacher_side, student_tap, bound, assembly,
             student_augmentation=student_augmentation,
             num_diagnostic_features=len(self.diagnostics_feed.student_layers),
@@ -496,7 +489,8 @@ class Distiller(Trainer, keras.Model):
         same way; the compile configuration Keras saves keeps the
         optimizer as given, so `load_model` wraps it again.
         """
-        return self.__dict__.get("_compiled_optimizer")
+        slot = getattr(self, "_optimizer_slot", None)
+        return None if slot is None else slot.optimizer
 
     @optimizer.setter
     def optimizer(self, optimizer):
@@ -506,7 +500,9 @@ class Distiller(Trainer, keras.Model):
             extension = None
         if extension is not None:
             optimizer = extension.wrap_optimizer(optimizer)
-        self.__dict__["_compiled_optimizer"] = optimizer
+        # In a holder Keras does not track: the optimizer is the
+        # distiller's, saved as Keras saves a model's `optimizer`.
+        self._optimizer_slot = Untracked(optimizer=optimizer)
 
     # Export and serialization.
 

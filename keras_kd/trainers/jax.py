@@ -262,8 +262,7 @@ class _RefreshSchedule:
 
     It predicts the count as one more per step. The true count never runs
     ahead of the prediction: a step adds one at most (none when a
-    loss-scale optimizer skips a step, or between the updates of gradient
-    accumulation). So reading the true count whenever the prediction is
+    loss-scale optimizer skips a step). So reading the true count whenever the prediction is
     due, and on the step after every refresh (the count may not have
     moved), finds every step that `refresh_due` selects. The count is
     read too whenever the optimizer values did not come from the previous
