@@ -163,7 +163,7 @@ def test_cached_features_train_as_the_live_teacher(data):
 
 
 def test_top_k_rebuilds_the_teacher_distribution():
-    from keras_kd.cache import _top_k
+    from keras_kd.cache.build import _top_k
 
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=3.0, size=(6, 40)).astype("float32")
