@@ -322,10 +322,48 @@ def test_generators_are_checked_and_unchecked_batches_refused(data):
                                      batches[0][0])
     with pytest.raises(ValueError, match="was not checked"):
         fresh.distillation_step.teacher_outputs(batch)
-    cache.check(fresh)
+    fresh.check_teacher_cache(cache)
     outputs = fresh.distillation_step.teacher_outputs(batch)
     np.testing.assert_array_equal(to_numpy(outputs.outputs),
                                   cache.arrays["outputs"][:BATCH])
+
+
+def test_fit_checks_its_validation_data_once(data, monkeypatch):
+    """`fit` checks `x` and `validation_data` together before the first
+    step; the `evaluate` it runs for validation does not check them again
+    (the teachers' fingerprint is computed once per `fit`), and an
+    `evaluate` of its own checks, also after a `fit` that failed."""
+    x, y = data
+    teacher, student = make_cnn("t", 8), make_cnn("s", 4)
+    cache = cache_of(teacher, x)
+    d = distiller(teacher, student, [Term(KD())])
+    records = []
+    build = keras_kd.cache.requirements
+
+    def counted(*args, **kwargs):
+        records.append(build(*args, **kwargs))
+        return records[-1]
+
+    monkeypatch.setattr(keras_kd.cache, "requirements", counted)
+    history = d.fit(cache.inputs(x), y, batch_size=BATCH, epochs=2,
+                    validation_data=(cache.inputs(x), y), verbose=0)
+    assert len(history.history["val_loss"]) == 2
+    assert len(records) == 1
+    assert records[0].teachers == ("t",)
+    assert [t.name for t in records[0].terms] == ["kd"]
+    d.evaluate(cache.inputs(x), y, verbose=0)
+    assert len(records) == 2
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        d.fit(cache.inputs(x), y, batch_size=BATCH, callbacks=[Stop()],
+              verbose=0)
+    other = cache_of(make_cnn("t", 8), x)
+    with pytest.raises(ValueError, match="other teachers"):
+        d.evaluate(other.inputs(x), y, verbose=0)
 
 
 def test_dataset_batches_carry_their_own_outputs(data):

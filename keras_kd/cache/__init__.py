@@ -37,7 +37,9 @@ The modules, one concept each:
 """
 
 from keras_kd.cache.build import cache_teacher_outputs
-from keras_kd.cache.check import check_call, verify
+from keras_kd.cache.check import (CacheRequirements, TermRequirement,
+                                  check_call, check_data, requirements,
+                                  verify)
 from keras_kd.cache.files import FORMAT, MANIFEST, VERSION
 from keras_kd.cache.reader import (CACHE_KEY, INPUTS_KEY, CacheReader,
                                    is_cached, model_inputs, reconstruct_logits)

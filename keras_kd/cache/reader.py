@@ -91,8 +91,14 @@ class CacheReader:
     def __init__(self, teachers, feature_terms):
         self.teachers = teachers
         self.feature_layers = [t.teacher_layer for t in feature_terms]
-        # Tags checked against the teachers (`verify`).
+        # Tags of the caches checked against the distiller
+        # (`keras_kd.cache.check`), which its step may read.
         self.verified = set()
+
+    def accept(self, tag):
+        """Lets the step read batches of the cache `tag`, which the
+        distiller has checked (`keras_kd.cache.check.check_data`)."""
+        self.verified.add(str(tag))
 
     def __call__(self, x, augment=False):
         """The `TeacherOutputs` carried by `x`, or `None` when `x` carries
@@ -107,7 +113,7 @@ class CacheReader:
                 "`evaluate`, `train_on_batch` and `test_on_batch` check "
                 "arrays, `tf.data` datasets, `PyDataset`s and generators; "
                 "for other data (e.g. a PyTorch `DataLoader`) or a step run "
-                "directly, call `cache.check(distiller)` first."
+                "directly, call `distiller.check_teacher_cache(cache)` first."
             )
         if augment and has_teacher_augmentation(self.teachers):
             raise ValueError(AUGMENTATION_ERROR)

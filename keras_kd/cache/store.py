@@ -10,7 +10,6 @@ import keras
 import numpy as np
 
 from keras_kd.cache._data import as_numpy, is_tf_dataset, unpack_x
-from keras_kd.cache.check import verify
 from keras_kd.cache.digest import sample_digest
 from keras_kd.cache.files import FORMAT, MANIFEST, VERSION, file_name, size_text
 from keras_kd.cache.reader import (CACHE_KEY, INPUTS_KEY, feature_keys_of,
@@ -290,18 +289,6 @@ class TeacherCache:
         """
         return CachedDataset(self, x, y, sample_weight, batch_size, shuffle,
                              seed, check_samples=check_samples, **kwargs)
-
-    def check(self, distiller):
-        """Checks that this cache fits `distiller` (its teachers'
-        fingerprint, ensemble mode, cached features) and lets the
-        distiller's step read it. `fit`, `evaluate`, `train_on_batch` and
-        `test_on_batch` do this themselves; call it before running the
-        distiller's steps any other way (e.g. `train_step` directly).
-
-        Raises:
-            ValueError: see `keras_kd.cache.verify`.
-        """
-        verify(distiller, self.tag, self.feature_keys)
 
 
 class CachedDataset(keras.utils.PyDataset):
