@@ -11,9 +11,10 @@ import keras
 import numpy as np
 
 from keras_kd.cache._data import as_numpy, is_tf_dataset, unpack_x
-from keras_kd.cache.digest import sample_digest
-from keras_kd.cache.files import (FORMAT, MANIFEST, VERSION, Appender,
-                                  file_name, size_text)
+from keras_kd.cache.digest import METHOD as DIGEST_METHOD
+from keras_kd.cache.digest import row_digests, sample_digest
+from keras_kd.cache.files import (DIGESTS_FILE, FORMAT, MANIFEST, VERSION,
+                                  Appender, file_name, size_text)
 from keras_kd.cache.store import TeacherCache
 from keras_kd.cache.tag import teachers_fingerprint
 from keras_kd.teachers import Teachers, as_teacher_list
@@ -233,6 +234,8 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
                   if num_samples else [0])
     probes, last = {}, None
     appenders, files = {}, {}
+    digests = None
+    max_index = -1
     rows = 0
     try:
         for batch_index, x_batch in enumerate(batches):
@@ -252,7 +255,20 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
                                                value.shape[1:])
             for key, value in arrays.items():
                 appenders[key].append(value)
+            if "indices" in arrays:
+                max_index = max(max_index, int(np.max(arrays["indices"])))
+            batch_digests = row_digests(x_batch)
+            if digests is None:
+                digests = Appender(
+                    None if directory is None
+                    else os.path.join(directory, DIGESTS_FILE),
+                    batch_digests.dtype, batch_digests.shape[1:])
+            digests.append(batch_digests)
             n = next(iter(arrays.values())).shape[0]
+            if batch_digests.shape[0] != n:
+                raise ValueError(
+                    f"A batch of `x` holds {batch_digests.shape[0]} samples, "
+                    f"but the teachers returned {n} outputs.")
             for row in probe_rows:
                 if rows <= row < rows + n:
                     probes[str(row)] = sample_digest(x_batch, row - rows)
@@ -260,13 +276,15 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
             rows += n
             progbar.update(batch_index + 1)
     except BaseException:
-        for appender in appenders.values():
-            appender.abort()
+        for appender in list(appenders.values()) + [digests]:
+            if appender is not None:
+                appender.abort()
         raise
     if not rows:
         raise ValueError("`x` holds no sample: nothing to cache.")
     probes[str(last[0])] = last[1]
     stored = {key: a.close() for key, a in appenders.items()}
+    stored_digests = digests.close()
     outputs = out["mean"]
     manifest = {
         "format": FORMAT,
@@ -286,11 +304,19 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
                          "shape": list(value.shape)}
                    for key, value in stored.items()},
         "probes": probes,
+        "row_digests": {"file": (DIGESTS_FILE if directory is not None
+                                 else None),
+                        "dtype": str(stored_digests.dtype),
+                        "shape": list(stored_digests.shape),
+                        "method": DIGEST_METHOD},
     }
+    if max_index >= 0:
+        manifest["max_index"] = max_index
     if directory is not None:
         with open(os.path.join(directory, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-    return TeacherCache(manifest, stored, directory)
+    return TeacherCache(manifest, stored, directory,
+                        row_digests=stored_digests)
 
 
 

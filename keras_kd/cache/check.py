@@ -236,6 +236,15 @@ def _verify_per_token(needs, info):
                 f"{where}, not teacher hidden states; leave "
                 f"`teacher_lm_head` of the term '{term.name}' unset.")
         vocab = term.student_vocab
+        if vocab is not None and info.max_index is not None and \
+                info.max_index >= vocab:
+            # Out-of-range ids would give NaN on JAX, silently.
+            raise ValueError(
+                f"{where} with token ids up to {info.max_index}, but the "
+                f"student '{term.student}' of the term '{term.name}' "
+                f"predicts {vocab} tokens (ids 0 to {vocab - 1}). Rebuild "
+                "the cache with `keras_kd.cache_teacher_outputs` from a "
+                "teacher of the student's vocabulary.")
         if vocab is not None and vocab != info.num_classes:
             raise ValueError(
                 f"{where} over {info.num_classes} tokens, but the student "

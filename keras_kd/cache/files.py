@@ -1,6 +1,7 @@
-"""A cache's files: the manifest's constants, arrays appended batch by
-batch to `.npy` files, and sizes for messages."""
+"""A cache's files: the manifest, arrays appended batch by batch to `.npy`
+files and opened again memory-mapped, and sizes for messages."""
 
+import json
 import os
 
 import numpy as np
@@ -8,6 +9,9 @@ import numpy as np
 MANIFEST = "manifest.json"
 FORMAT = "keras_kd.teacher_cache"
 VERSION = 1
+# The per-row digests of the inputs (`keras_kd.cache.digest`), apart from
+# the arrays a batch carries.
+DIGESTS_FILE = "row_digests.npy"
 
 
 class Appender:
@@ -78,3 +82,73 @@ def size_text(nbytes):
         nbytes /= 1024.0
     return f"{nbytes} B"  # pragma: no cover
 
+
+
+def damaged(directory, name, what):
+    """The error for a damaged file of the cache in `directory`."""
+    return ValueError(
+        f"The teacher cache in '{directory}' is damaged: its file '{name}' "
+        f"{what}. Rebuild it with `keras_kd.cache_teacher_outputs(..., "
+        f"directory='{directory}', overwrite=True)`.")
+
+
+def read_manifest(directory):
+    """The manifest of the cache in `directory`, checked to be one.
+
+    Raises:
+        FileNotFoundError: no manifest (a build was interrupted).
+        ValueError: the manifest is not valid JSON, or not a keras_kd
+            teacher cache's of this version.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"'{directory}' holds no complete teacher cache (no "
+            f"{MANIFEST}; the manifest is written last, so a cache whose "
+            "building was interrupted has none). Build it again.")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise damaged(directory, MANIFEST,
+                      f"is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or \
+            manifest.get("format") != FORMAT or \
+            manifest.get("version") != VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
+        raise ValueError(
+            f"'{path}' is not a version-{VERSION} keras_kd teacher cache "
+            f"(format {found.get('format')!r}, version "
+            f"{found.get('version')!r}).")
+    if not isinstance(manifest.get("arrays"), dict) or not all(
+            isinstance(spec, dict) and {"file", "shape", "dtype"} <= set(spec)
+            for spec in manifest["arrays"].values()):
+        raise damaged(directory, MANIFEST, "does not list the arrays' "
+                      "files, shapes and dtypes")
+    return manifest
+
+
+def open_array(directory, spec):
+    """The array described by a manifest entry `spec` (`file`, `shape`,
+    `dtype`), memory-mapped read only.
+
+    Raises:
+        ValueError: the file is missing, truncated, not a `.npy` file, or
+            holds another shape or dtype than the manifest records.
+    """
+    name = spec["file"]
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise damaged(directory, name, "is missing")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        raise damaged(directory, name,
+                      f"cannot be read as an array ({error}); it may be "
+                      "truncated") from None
+    if list(array.shape) != list(spec["shape"]) or \
+            str(array.dtype) != spec["dtype"]:
+        raise damaged(directory, name,
+                      f"holds {array.dtype}{list(array.shape)}, but the "
+                      f"manifest records {spec['dtype']}{spec['shape']}")
+    return array

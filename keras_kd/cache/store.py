@@ -10,11 +10,17 @@ import keras
 import numpy as np
 
 from keras_kd.cache._data import as_numpy, is_tf_dataset, unpack_x
-from keras_kd.cache.digest import sample_digest
-from keras_kd.cache.files import FORMAT, MANIFEST, VERSION, file_name, size_text
+from keras_kd.cache.digest import (mismatched_rows, row_digests,
+                                   sample_digest, sample_error,
+                                   tf_digest_matches, tf_row_digest)
+from keras_kd.cache.files import (DIGESTS_FILE, MANIFEST, file_name, open_array,
+                                  read_manifest, size_text)
 from keras_kd.cache.reader import (CACHE_KEY, INPUTS_KEY, feature_keys_of,
                                    is_cached)
 from keras_kd.cache.tag import KNOWN_TEACHERS, CacheTag
+
+# Rows read at a time from the arrays (checks, on-disk `tf.data`).
+_BLOCK = 4096
 
 
 class TeacherCache:
@@ -32,12 +38,16 @@ class TeacherCache:
             fingerprints, number of samples, classes, `top_k`, arrays).
         arrays: `{key: array}`; NumPy memory maps for an on-disk cache.
         directory: where the cache is stored, or `None` (in memory).
+        row_digests: the digest of each sample's inputs
+            (`keras_kd.cache.digest.row_digests`), compared with the data
+            as it is read; `None` for a cache written without them.
     """
 
-    def __init__(self, manifest, arrays, directory=None):
+    def __init__(self, manifest, arrays, directory=None, row_digests=None):
         self.manifest = manifest
         self.arrays = dict(arrays)
         self.directory = directory
+        self.row_digests = row_digests
         KNOWN_TEACHERS[manifest["fingerprint"]] = self.teacher_names
 
     # Description.
@@ -65,10 +75,23 @@ class TeacherCache:
     def tag(self):
         """The key under which a batch carries this cache (a `CacheTag`
         as text)."""
+        temperature = self.manifest.get("temperature")
         return str(CacheTag(self.fingerprint,
                             int(self.manifest["num_classes"]),
                             int(self.top_k or 0), self.manifest["ensemble"],
-                            self.manifest.get("temperature")))
+                            temperature,
+                            None if temperature is None else self.max_index))
+
+    @property
+    def max_index(self):
+        """The largest stored class or token index of a top-k cache (from
+        the manifest; a cache written without it reads its indices once),
+        or `None`."""
+        if "indices" not in self.arrays:
+            return None
+        if "max_index" not in self.manifest:
+            self.manifest["max_index"] = int(np.max(self.arrays["indices"]))
+        return int(self.manifest["max_index"])
 
     @property
     def feature_keys(self):
@@ -93,33 +116,13 @@ class TeacherCache:
         """Opens a cache written by `cache_teacher_outputs(...,
         directory=...)` or `save`; its arrays are memory-mapped, read only."""
         directory = os.fspath(directory)
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"'{directory}' holds no complete teacher cache (no "
-                f"{MANIFEST}; the manifest is written last, so a cache whose "
-                "building was interrupted has none). Build it again.")
-        with open(path) as f:
-            manifest = json.load(f)
-        if manifest.get("format") != FORMAT or \
-                manifest.get("version") != VERSION:
-            raise ValueError(
-                f"'{path}' is not a version-{VERSION} keras_kd teacher cache "
-                f"(format {manifest.get('format')!r}, version "
-                f"{manifest.get('version')!r}).")
-        arrays = {}
-        for key, spec in manifest["arrays"].items():
-            array = np.load(os.path.join(directory, spec["file"]),
-                            mmap_mode="r")
-            if list(array.shape) != spec["shape"] or \
-                    str(array.dtype) != spec["dtype"]:
-                raise ValueError(
-                    f"'{spec['file']}' in '{directory}' holds "
-                    f"{array.dtype}{list(array.shape)}, but the manifest "
-                    f"records {spec['dtype']}{spec['shape']}: the cache is "
-                    "damaged; build it again.")
-            arrays[key] = array
-        return cls(manifest, arrays, directory)
+        manifest = read_manifest(directory)
+        arrays = {key: open_array(directory, spec)
+                  for key, spec in manifest["arrays"].items()}
+        digests = None
+        if manifest.get("row_digests") is not None:
+            digests = open_array(directory, manifest["row_digests"])
+        return cls(manifest, arrays, directory, row_digests=digests)
 
     def save(self, directory, overwrite=False):
         """Writes the cache to `directory` and returns it opened from
@@ -141,6 +144,12 @@ class TeacherCache:
                 np.save(f, np.asarray(array))
             os.replace(target + ".partial", target)
             manifest["arrays"][key]["file"] = name
+        if self.row_digests is not None:
+            target = os.path.join(directory, DIGESTS_FILE)
+            with open(target + ".partial", "wb") as f:
+                np.save(f, np.asarray(self.row_digests))
+            os.replace(target + ".partial", target)
+            manifest["row_digests"]["file"] = DIGESTS_FILE
         with open(path, "w") as f:
             json.dump(manifest, f, indent=1)
         return TeacherCache.load(directory)
@@ -168,13 +177,24 @@ class TeacherCache:
             if x_row is None:
                 continue
             if sample_digest(x_row, local) != expected:
-                raise ValueError(
-                    f"Sample {row} of `x` differs from sample {row} of the "
-                    "data the teacher cache was built on. Pair the cache with "
-                    "the same samples in the same order (shuffle through "
-                    "`fit`, not before); pass `check_samples=False` if the "
-                    "student deliberately sees other inputs (e.g. another "
-                    "resolution).")
+                raise sample_error(row)
+
+    def check_rows(self, x, rows, what="`x`"):
+        """Compares the digests of a batch `x` with those recorded for
+        `rows` (a slice or indices) when the cache was built; a cache
+        written without row digests passes.
+
+        Raises:
+            ValueError: naming the first sample of `x` that is not the
+                sample the cache was built on.
+        """
+        if self.row_digests is None:
+            return
+        expected = np.asarray(self.row_digests[rows])
+        bad = mismatched_rows(expected, row_digests(x))
+        if bad.size:
+            numbers = np.arange(self.num_samples)[rows]
+            raise sample_error(int(numbers[bad[0]]), what)
 
     def _check_length(self, n, what="`x`"):
         if n != self.num_samples:
@@ -193,8 +213,10 @@ class TeacherCache:
                 arrays (or a dict or list of them), or a `tf.data.Dataset`
                 of single samples (not batched; elements `x` or `(x, y[,
                 sample_weight])`), to be shuffled and batched after this.
-            check_samples: compare a few samples of `x` (the first, middle
-                and last) with those the cache was built on.
+            check_samples: compare `x` with the data the cache was built
+                on: a few samples (the first, middle and last) at once, and
+                every row's digest (`keras_kd.cache.digest`): all rows of
+                arrays at once, each sample of a dataset as it is read.
 
         Returns:
             For arrays, the dict `{"inputs": x, "keras_kd_teacher_cache":
@@ -204,7 +226,10 @@ class TeacherCache:
 
         Raises:
             ValueError: `x` holds another number of samples, or other
-                samples.
+                samples. (A dataset whose length `tf.data` cannot tell
+                beforehand raises `tf.errors.InvalidArgumentError` as it
+                is read, at its first other sample, or at its end when it
+                is shorter or longer than the cache.)
         """
         if is_cached(x):
             raise ValueError("`x` already carries a teacher cache.")
@@ -221,20 +246,23 @@ class TeacherCache:
         if check_samples:
             self._check_samples(lambda row: (
                 keras.tree.map_structure(lambda a: a[row:row + 1], x), 0))
+            # Every row, a block at a time.
+            for start in range(0, self.num_samples, _BLOCK):
+                rows = slice(start, start + _BLOCK)
+                self.check_rows(keras.tree.map_structure(
+                    lambda a: np.asarray(a[rows]), x), rows)
         return self._wrap(x, self.arrays)
 
     def _tf_inputs(self, dataset, check_samples):
         import tensorflow as tf
 
+        n = self.num_samples
         cardinality = int(dataset.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY:
             raise ValueError("The dataset is infinite; give the finite, "
                              "unbatched dataset the cache was built on.")
         if cardinality >= 0:
             self._check_length(cardinality, "The dataset")
-        else:
-            dataset = dataset.apply(
-                tf.data.experimental.assert_cardinality(self.num_samples))
         if check_samples:
             first = unpack_x(next(iter(dataset.take(1))))
             self._check_samples(lambda row: (
@@ -244,27 +272,77 @@ class TeacherCache:
         if self.directory is None:
             cached = tf.data.Dataset.from_tensor_slices(entry)
         else:
-            chunk = 4096
-
             def chunks():
-                for start in range(0, self.num_samples, chunk):
+                for start in range(0, n, _BLOCK):
                     yield keras.tree.map_structure(
-                        lambda a: np.asarray(a[start:start + chunk]), entry)
+                        lambda a: np.asarray(a[start:start + _BLOCK]), entry)
 
             signature = keras.tree.map_structure(
                 lambda a: tf.TensorSpec((None,) + a.shape[1:], a.dtype),
                 entry)
             cached = tf.data.Dataset.from_generator(
                 chunks, output_signature=signature).unbatch()
+        digests = self.row_digests if check_samples else None
+        if digests is None:
+            digests = np.zeros((n, 0), np.float64)
+        # Each sample's row of the cache: values, row number, digest.
+        side = tf.data.Dataset.zip((
+            cached, tf.data.Dataset.range(n),
+            tf.data.Dataset.from_tensor_slices(np.asarray(digests))))
+        # Each sample, and whether it is the end mark.
+        samples = tf.data.Dataset.zip((
+            dataset, tf.data.Dataset.from_tensors(False).repeat()))
+        if cardinality < 0:
+            # A length `tf.data` cannot tell beforehand: a row past the
+            # cache's end (row number n) meets a sample beyond it, and an
+            # end mark after the last sample (a copy of the first) meets a
+            # row before n when the dataset is shorter; a dataset of n
+            # samples pairs its end mark with row n, which is dropped.
+            # (The result's length stays unknown, so that Keras reads to
+            # the end and a longer dataset is never cut silently.)
+            side = side.concatenate(side.take(1).map(
+                lambda values, row, digest: (
+                    values, tf.constant(n, tf.int64), digest)))
+            samples = samples.concatenate(tf.data.Dataset.zip((
+                dataset.take(1), tf.data.Dataset.from_tensors(True))))
+            paired = tf.data.Dataset.zip((samples, side)).filter(
+                lambda sample, row: tf.logical_not(
+                    sample[1] & tf.equal(row[1], n)))
+        else:
+            paired = tf.data.Dataset.zip((samples, side))
         tag = self.tag
+        checked = self.row_digests is not None and check_samples
 
-        def attach(element, values):
+        def attach(sample, row):
+            (element, end), (values, index, digest) = sample, row
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
                 element)
+            checks = [
+                tf.debugging.Assert(tf.logical_not(end), [
+                    "The dataset holds", index, "samples, but the teacher "
+                    f"cache holds {n}: a cache pairs with the data it was "
+                    "built on, sample by sample."]),
+                tf.debugging.Assert(index < n, [
+                    f"The dataset holds more than {n} samples, but the "
+                    f"teacher cache holds {n}: a cache pairs with the data "
+                    "it was built on, sample by sample."]),
+            ]
+            if checked:
+                checks.append(tf.debugging.Assert(
+                    end | (index >= n)
+                    | tf_digest_matches(digest, tf_row_digest(x)), [
+                        "Sample", index, "of the dataset differs from the "
+                        "sample of that row of the data the teacher cache "
+                        "was built on. Pair the cache with the same samples "
+                        "in the same order (shuffle after `cache.inputs`, "
+                        "not before); pass `check_samples=False` if the "
+                        "student deliberately sees other inputs."]))
+            with tf.control_dependencies(checks):
+                values = tf.nest.map_structure(tf.identity, values)
             x = {INPUTS_KEY: x, CACHE_KEY: {tag: values}}
             return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
-        return tf.data.Dataset.zip((dataset, cached)).map(attach)
+        return paired.map(attach)
 
     def dataset(self, x, y=None, sample_weight=None, batch_size=32,
                 shuffle=True, seed=None, check_samples=True, **kwargs):
@@ -308,6 +386,7 @@ class CachedDataset(keras.utils.PyDataset):
                             ("`sample_weight`", sample_weight)):
             for leaf in keras.tree.flatten(value) if value is not None else []:
                 cache._check_length(int(leaf.shape[0]), name)
+        self.check_samples = check_samples
         if check_samples:
             cache._check_samples(lambda row: (
                 keras.tree.map_structure(lambda a: a[row:row + 1], x), 0))
@@ -337,7 +416,10 @@ class CachedDataset(keras.utils.PyDataset):
             return None if value is None else keras.tree.map_structure(
                 lambda a: np.asarray(a[rows]), value)
 
-        x = self.cache._wrap(take(self.x), {
+        inputs = take(self.x)
+        if self.check_samples:
+            self.cache.check_rows(inputs, rows)
+        x = self.cache._wrap(inputs, {
             key: np.asarray(a[rows]) for key, a in self.cache.arrays.items()})
         batch = (x, take(self.y), take(self.sample_weight))
         if batch[2] is None:

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 _TAG = re.compile(r"^t([0-9a-f]{16})_c(\d+)_k(\d+)_(mean|each)"
-                  r"(?:_tokens_tau([0-9.e+-]+))?$")
+                  r"(?:_tokens_tau([0-9.e+-]+?)(?:_i(\d+))?)?$")
 
 # Teacher names per fingerprint, for error messages.
 KNOWN_TEACHERS = {}
@@ -29,6 +29,8 @@ class CacheTag(NamedTuple):
             `(batch, time, vocab)`), the temperature of its stored
             log-probabilities, which the divergences reading it must use;
             `None` for every other cache.
+        max_index: for a per-token top-k cache, its largest stored token
+            id (checked against the student's vocabulary), or `None`.
     """
 
     fingerprint: str
@@ -36,6 +38,7 @@ class CacheTag(NamedTuple):
     top_k: int
     mode: str
     temperature: object = None
+    max_index: object = None
 
     @property
     def per_token(self):
@@ -48,6 +51,8 @@ class CacheTag(NamedTuple):
                 f"{self.mode}")
         if self.per_token:
             text += f"_tokens_tau{float(self.temperature)!r}"
+            if self.max_index is not None:
+                text += f"_i{int(self.max_index)}"
         return text
 
     @classmethod
@@ -59,9 +64,10 @@ class CacheTag(NamedTuple):
                 "the data with `TeacherCache.inputs` or "
                 "`TeacherCache.dataset`."
             )
-        fingerprint, classes, k, mode, temperature = match.groups()
+        fingerprint, classes, k, mode, temperature, index = match.groups()
         return cls(fingerprint, int(classes), int(k), mode,
-                   None if temperature is None else float(temperature))
+                   None if temperature is None else float(temperature),
+                   None if index is None else int(index))
 
 
 # Fingerprints.
