@@ -59,7 +59,8 @@ def test_cache_stores_each_tokens_top_k_and_tail_mass():
     assert arrays["indices"].dtype == np.int16
     assert arrays["tail_mass"].shape == (4, 8)
     assert arrays["tail_mass"].dtype == np.float32
-    assert cache.tag.endswith("_tokens_tau2.0")
+    assert cache.tag.endswith(
+        f"_tokens_tau2.0_i{int(arrays['indices'].max())}")
 
     reference = log_softmax(to_numpy(teacher(tokens)) / 2.0)
     top = np.argsort(-reference, axis=-1, kind="stable")[..., :4]

@@ -309,7 +309,9 @@ class TeacherCache:
                 lambda sample, row: tf.logical_not(
                     sample[1] & tf.equal(row[1], n)))
         else:
-            paired = tf.data.Dataset.zip((samples, side))
+            # Lengths checked: a length Keras can read beforehand.
+            paired = tf.data.Dataset.zip((samples, side)).apply(
+                tf.data.experimental.assert_cardinality(n))
         tag = self.tag
         checked = self.row_digests is not None and check_samples
 
