@@ -140,6 +140,8 @@ class Distiller(Trainer, keras.Model):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
+        # Whether `fit` is running (its validation data are checked).
+        self._fitting = False
         teachers = as_teacher_list(teacher)
         if not isinstance(student, keras.Model):
             raise TypeError(
@@ -380,29 +382,74 @@ class Distiller(Trainer, keras.Model):
     # Data that carries a teacher cache (`keras_kd.cache`) is checked
     # against the teachers before Keras runs a step.
 
+    def _cache_requirements(self):
+        """What a teacher cache must match to stand in for the teachers
+        (`keras_kd.cache.CacheRequirements`)."""
+        extensions = [name for name, value in (
+            ("local_modules", self.local_modules),
+            ("layerwise_lr", self.layerwise_lr)) if value is not None]
+        return teacher_cache.requirements(
+            self.name, self.teachers, self._sides.teachers,
+            self._terms.bound, self.diagnostics_feed, extensions)
+
+    def _check_cached_call(self, method, args, kwargs):
+        return teacher_cache.check_call(
+            self._cache_requirements, self.distillation_step.cache_reader,
+            method, args, kwargs)
+
+    def check_teacher_cache(self, data):
+        """Checks a teacher cache against this distiller (its teachers'
+        fingerprint, ensemble mode, terms and cached features) and lets
+        the distiller's step read it. `fit` (its `validation_data` too),
+        `evaluate`, `train_on_batch` and `test_on_batch` do this
+        themselves; call it before feeding cached batches any other way
+        (a PyTorch `DataLoader`, `train_step` called directly).
+
+        Args:
+            data: a `keras_kd.TeacherCache`, or data that carries one
+                (`cache.inputs(x)`, `cache.dataset(...)`, a batch).
+
+        Raises:
+            ValueError: the cache does not fit (other teachers or weights,
+                another ensemble mode, a missing feature, or options a
+                cache cannot replace).
+
+        Example:
+
+        >>> distiller.check_teacher_cache(cache)
+        >>> distiller.fit(torch_loader_of_cached_batches, epochs=3)
+        """
+        teacher_cache.check_data(self._cache_requirements,
+                                 self.distillation_step.cache_reader, data)
+
     # Sample weights without labels (`fit(x, sample_weight=w)`), which
     # Keras drops, travel inside `x` (`keras_kd.batches`).
 
     def fit(self, *args, **kwargs):
-        args, kwargs = teacher_cache.check_call(
-            self, "fit", args, kwargs)
+        args, kwargs = self._check_cached_call("fit", args, kwargs)
         args, kwargs = batches.carry_call_weights("fit", args, kwargs)
-        return super().fit(*args, **kwargs)
+        # `fit` checked its `validation_data`: the `evaluate` it runs on
+        # them does not check again.
+        outer, self._fitting = self._fitting, True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._fitting = outer
 
     def evaluate(self, *args, **kwargs):
-        args, kwargs = teacher_cache.check_call(
-            self, "evaluate", args, kwargs)
+        if not self._fitting:
+            args, kwargs = self._check_cached_call("evaluate", args, kwargs)
         args, kwargs = batches.carry_call_weights("evaluate", args, kwargs)
         return super().evaluate(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
-        args, kwargs = teacher_cache.check_call(
-            self, "train_on_batch", args, kwargs)
+        args, kwargs = self._check_cached_call(
+            "train_on_batch", args, kwargs)
         return super().train_on_batch(*args, **kwargs)
 
     def test_on_batch(self, *args, **kwargs):
-        args, kwargs = teacher_cache.check_call(
-            self, "test_on_batch", args, kwargs)
+        args, kwargs = self._check_cached_call(
+            "test_on_batch", args, kwargs)
         return super().test_on_batch(*args, **kwargs)
 
     @property

@@ -1,7 +1,9 @@
 """Teacher caches (`keras_kd.cache`): training from cached outputs is
 training with the live teachers; caches are checked before they are used."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -163,7 +165,7 @@ def test_cached_features_train_as_the_live_teacher(data):
 
 
 def test_top_k_rebuilds_the_teacher_distribution():
-    from keras_kd.cache import _top_k
+    from keras_kd.cache.build import _top_k
 
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=3.0, size=(6, 40)).astype("float32")
@@ -322,10 +324,48 @@ def test_generators_are_checked_and_unchecked_batches_refused(data):
                                      batches[0][0])
     with pytest.raises(ValueError, match="was not checked"):
         fresh.distillation_step.teacher_outputs(batch)
-    cache.check(fresh)
+    fresh.check_teacher_cache(cache)
     outputs = fresh.distillation_step.teacher_outputs(batch)
     np.testing.assert_array_equal(to_numpy(outputs.outputs),
                                   cache.arrays["outputs"][:BATCH])
+
+
+def test_fit_checks_its_validation_data_once(data, monkeypatch):
+    """`fit` checks `x` and `validation_data` together before the first
+    step; the `evaluate` it runs for validation does not check them again
+    (the teachers' fingerprint is computed once per `fit`), and an
+    `evaluate` of its own checks, also after a `fit` that failed."""
+    x, y = data
+    teacher, student = make_cnn("t", 8), make_cnn("s", 4)
+    cache = cache_of(teacher, x)
+    d = distiller(teacher, student, [Term(KD())])
+    records = []
+    build = keras_kd.cache.requirements
+
+    def counted(*args, **kwargs):
+        records.append(build(*args, **kwargs))
+        return records[-1]
+
+    monkeypatch.setattr(keras_kd.cache, "requirements", counted)
+    history = d.fit(cache.inputs(x), y, batch_size=BATCH, epochs=2,
+                    validation_data=(cache.inputs(x), y), verbose=0)
+    assert len(history.history["val_loss"]) == 2
+    assert len(records) == 1
+    assert records[0].teachers == ("t",)
+    assert [t.name for t in records[0].terms] == ["kd"]
+    d.evaluate(cache.inputs(x), y, verbose=0)
+    assert len(records) == 2
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        d.fit(cache.inputs(x), y, batch_size=BATCH, callbacks=[Stop()],
+              verbose=0)
+    other = cache_of(make_cnn("t", 8), x)
+    with pytest.raises(ValueError, match="other teachers"):
+        d.evaluate(other.inputs(x), y, verbose=0)
 
 
 def test_dataset_batches_carry_their_own_outputs(data):
@@ -459,3 +499,136 @@ def test_tf_data_carries_the_cache(data):
         cache.inputs(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
     with pytest.raises(ValueError, match="Sample 0"):
         cache.inputs(tf.data.Dataset.from_tensor_slices(x[::-1]))
+
+
+def two_input_teacher():
+    """A teacher of a dict of two inputs: an image and a vector."""
+    image = keras.Input((8, 8, 1), name="image")
+    extra = keras.Input((3,), name="extra")
+    merged = keras.layers.Concatenate()(
+        [keras.layers.Flatten()(image), extra])
+    return keras.Model({"image": image, "extra": extra},
+                       keras.layers.Dense(NUM_CLASSES)(merged), name="two")
+
+
+def test_every_row_is_compared_with_its_digest(data, tmp_path):
+    """Two swapped rows (rows the first/middle/last probes do not see), or
+    one input of a dict permuted, are refused by `inputs`, by the batches
+    of `dataset` as they are read and by a `tf.data` pipeline; a cache
+    written without row digests still loads and checks its probes."""
+    import tensorflow as tf
+
+    x, y = data
+    teacher = make_cnn("t", 8)
+    cache = cache_of(teacher, x)
+    assert cache.row_digests.shape == (32, 3)
+    swapped = x.copy()
+    swapped[[5, 6]] = x[[6, 5]]
+    with pytest.raises(ValueError, match="Sample 5 of `x` differs"):
+        cache.inputs(swapped)
+    cache.inputs(x.astype("float64"))  # another dtype alone passes
+    dataset = cache.dataset(swapped, y, batch_size=BATCH, shuffle=False)
+    with pytest.raises(ValueError, match="Sample 5 of `x` differs"):
+        dataset[0]
+    dataset[1]  # rows 8 to 15 are the cache's
+    # Shuffled batches, in `fit`: each row compared with its digest.
+    with pytest.raises(ValueError, match="Sample [56] of `x` differs"):
+        distiller(teacher, make_cnn("s", 4)).fit(
+            cache.dataset(swapped, y, batch_size=BATCH, seed=0), verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"\[Sample\] \[5\] \[of the dataset differs"):
+        list(cache.inputs(tf.data.Dataset.from_tensor_slices(
+            (swapped, y))).batch(BATCH))
+    list(cache.inputs(tf.data.Dataset.from_tensor_slices(
+        (swapped, y)), check_samples=False).batch(BATCH))
+
+    # One input of a dict permuted.
+    rng = np.random.default_rng(3)
+    inputs = {"image": x, "extra": rng.normal(size=(32, 3)).astype("f4")}
+    two = cache_of(two_input_teacher(), inputs)
+    assert two.row_digests.shape == (32, 6)
+    permuted = dict(inputs, extra=inputs["extra"][np.r_[0:3, 7, 4:7, 3,
+                                                        8:32]])
+    with pytest.raises(ValueError, match="Sample 3 of `x` differs"):
+        two.inputs(permuted)
+    with pytest.raises(ValueError, match="Sample 3 of `x` differs"):
+        two.dataset(permuted, batch_size=BATCH, shuffle=False)[0]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"\[Sample\] \[3\] \[of the dataset differs"):
+        list(two.inputs(tf.data.Dataset.from_tensor_slices(permuted)))
+    assert two.inputs(inputs)["inputs"] is inputs
+
+    # A cache written without row digests: the probes alone.
+    cache.save(tmp_path / "old")
+    manifest_path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["row_digests"]
+    manifest_path.write_text(json.dumps(manifest))
+    os.remove(tmp_path / "old" / "row_digests.npy")
+    old = TeacherCache.load(tmp_path / "old")
+    assert old.row_digests is None
+    old.inputs(swapped)  # rows 5 and 6 are not probed
+    old.dataset(swapped, y, batch_size=BATCH, shuffle=False)[0]
+    with pytest.raises(ValueError, match="Sample 0 of `x` differs"):
+        old.inputs(x[::-1])
+
+
+def test_tf_data_of_unknown_length_must_match_the_cache(data):
+    """A `tf.data` pipeline whose length `tf.data` cannot tell beforehand
+    is refused when it is longer (one sample inserted at row 10) or
+    shorter than the cache, as it is read; of the right length it trains
+    as the live teacher."""
+    import tensorflow as tf
+
+    x, y = data
+    teacher, student = make_cnn("t", 8), make_cnn("s", 4)
+    cache = cache_of(teacher, x)
+
+    def unknown(*arrays):
+        dataset = tf.data.Dataset.from_tensor_slices(arrays)
+        return dataset.filter(lambda *element: True)
+
+    assert int(unknown(x, y).cardinality()) < 0
+    inserted = (np.insert(x, 10, x[3], axis=0), np.insert(y, 10, y[3]))
+    d = distiller(teacher, student, [Term(KD())])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="holds more than 32 samples"):
+        d.fit(cache.inputs(unknown(*inserted), check_samples=False).batch(
+            BATCH), verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"\[Sample\] \[10\] \[of the dataset"):
+        list(cache.inputs(unknown(*inserted)).batch(BATCH))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"holds\] \[31\] \[samples, but the teacher"):
+        list(cache.inputs(unknown(x[:-1], y[:-1]),
+                          check_samples=False).batch(BATCH))
+    with pytest.raises(ValueError, match="The dataset holds 33 samples"):
+        cache.inputs(tf.data.Dataset.from_tensor_slices(inserted))
+    live = distiller(teacher, student, [Term(KD())])
+    live.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    cached = distiller(teacher, student, [Term(KD())])
+    cached.fit(cache.inputs(unknown(x, y)).batch(BATCH), verbose=0)
+    assert max_difference(live.student, cached.student) <= 1e-6
+
+
+def test_damaged_cache_files_are_named(data, tmp_path):
+    x, _ = data
+    directory = tmp_path / "damaged"
+    cache_of(make_cnn("t", 8), x, top_k=2, directory=directory)
+    TeacherCache.load(directory)
+    where = re.escape(f"The teacher cache in '{directory}' is damaged")
+    path = directory / "indices.npy"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    with pytest.raises(ValueError, match=where + r": its file "
+                       r"'indices.npy' cannot be read.*truncated.*"
+                       r"Rebuild it with `keras_kd.cache_teacher_outputs"):
+        TeacherCache.load(directory)
+    os.remove(path)
+    with pytest.raises(ValueError,
+                       match=where + ": its file 'indices.npy' is missing"):
+        TeacherCache.load(directory)
+    (directory / "manifest.json").write_text('{"format": "keras_kd.')
+    with pytest.raises(ValueError, match=where + ": its file "
+                       "'manifest.json' is not valid JSON"):
+        TeacherCache.load(directory)

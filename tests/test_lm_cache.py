@@ -59,7 +59,8 @@ def test_cache_stores_each_tokens_top_k_and_tail_mass():
     assert arrays["indices"].dtype == np.int16
     assert arrays["tail_mass"].shape == (4, 8)
     assert arrays["tail_mass"].dtype == np.float32
-    assert cache.tag.endswith("_tokens_tau2.0")
+    assert cache.tag.endswith(
+        f"_tokens_tau2.0_i{int(arrays['indices'].max())}")
 
     reference = log_softmax(to_numpy(teacher(tokens)) / 2.0)
     top = np.argsort(-reference, axis=-1, kind="stable")[..., :4]
@@ -206,3 +207,30 @@ def test_per_token_caches_are_checked():
         cache_of(teacher, tokens, top_k=VOCAB + 1)
     with pytest.raises(ValueError, match="per-token top-k caches only"):
         cache_of(teacher, tokens, temperature=2.0)
+
+
+def test_cached_token_ids_beyond_the_students_vocabulary_are_refused():
+    """The manifest records the largest cached token id; a cache whose ids
+    reach past the student's vocabulary (a damaged or hand-made one: on
+    JAX the divergence would be NaN, silently) is refused before the first
+    step, naming both sizes. A manifest without it reads the indices."""
+    teacher, student = token_model("t", 8), token_model("s", 4)
+    tokens = padded_tokens([8, 3, 5, 8], seed=5)
+    cache = cache_of(teacher, tokens, top_k=4)
+    assert cache.manifest["max_index"] == int(cache.arrays["indices"].max())
+    assert cache.tag.endswith(f"_i{cache.manifest['max_index']}")
+    indices = np.array(cache.arrays["indices"])
+    indices[1, 2, 0] = VOCAB + 2
+    manifest = dict(cache.manifest)
+    del manifest["max_index"]  # as in a cache written without it
+    damaged = TeacherCache(manifest, dict(cache.arrays, indices=indices))
+    assert damaged.max_index == VOCAB + 2
+    d = compiled(teacher, student)
+    before = d.student.get_weights()
+    with pytest.raises(ValueError, match=(
+            f"token ids up to {VOCAB + 2}, but the student 's' of the term "
+            f"'forward_kl' predicts {VOCAB} tokens")):
+        d.fit(damaged.inputs(tokens), batch_size=BATCH, verbose=0)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(before, d.student.get_weights()))
+    d.fit(cache.inputs(tokens), batch_size=BATCH, verbose=0)
