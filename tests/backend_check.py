@@ -4,9 +4,10 @@
     python backend_check.py step OUT.npz
         One SGD step of KD plus a feature term from fixed NumPy weights;
         writes the student's weights after the step.
-    python backend_check.py save DIR
-        Trains a distiller for one epoch and saves it as DIR/d.keras, with
-        its weights and evaluation logs in DIR/saved.npz.
+    python backend_check.py save DIR [layerwise]
+        Trains a distiller (with layer-wise learning rates when asked) for
+        one epoch and saves it as DIR/d.keras, with its weights and
+        evaluation logs in DIR/saved.npz.
     python backend_check.py resume DIR
         Loads DIR/d.keras, evaluates it, trains one more epoch and writes
         DIR/resumed.npz.
@@ -35,14 +36,19 @@ def batch():
     return x, y
 
 
-def distiller(batchnorm):
+def distiller(batchnorm, layerwise=False):
     teacher = make_cnn("t", 8, batchnorm=batchnorm)
     student = make_cnn("s", 4, batchnorm=batchnorm)
+    layerwise_lr = None
+    if layerwise:
+        layerwise_lr = keras_kd.LayerwiseLearningRate(
+            pairs=[("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")],
+            update_every=1)
     return keras_kd.Distiller(teacher, student, terms=[
         keras_kd.Term(keras_kd.losses.KD(2.0), 0.9),
         keras_kd.Term(keras_kd.losses.FeatureMSE(), 1.0,
                       teacher_layer="t_stage2", student_layer="s_stage2"),
-    ], student_loss_weight=0.1)
+    ], student_loss_weight=0.1, layerwise_lr=layerwise_lr)
 
 
 def fixed_weights(model, seed):
@@ -55,7 +61,8 @@ def values(variables):
     return [keras.ops.convert_to_numpy(v) for v in variables]
 
 
-def step(out):
+def step(out, layerwise=False):
+    del layerwise
     d = distiller(batchnorm=False)
     fixed_weights(d.teacher, 1)
     fixed_weights(d.student, 2)
@@ -67,9 +74,9 @@ def step(out):
     np.savez(out, *values(d.student.weights))
 
 
-def save(folder):
+def save(folder, layerwise=False):
     keras.utils.set_random_seed(0)
-    d = distiller(batchnorm=True)
+    d = distiller(batchnorm=True, layerwise=layerwise)
     d.compile(optimizer=keras.optimizers.Adam(1e-2), loss=SCCE,
               metrics=["accuracy"])
     x, y = batch()
@@ -84,7 +91,8 @@ def save(folder):
              **{f"w{i}": w for i, w in enumerate(values(d.weights))})
 
 
-def resume(folder):
+def resume(folder, layerwise=False):
+    del layerwise  # read from the file
     d = keras.saving.load_model(os.path.join(folder, "d.keras"))
     x, y = batch()
     logs = d.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
@@ -107,5 +115,7 @@ def resume(folder):
 
 if __name__ == "__main__":
     command, target = sys.argv[1], sys.argv[2]
-    {"step": step, "save": save, "resume": resume}[command](target)
+    options = {"layerwise": True} if "layerwise" in sys.argv[3:] else {}
+    {"step": step, "save": save, "resume": resume}[command](target,
+                                                            **options)
     print("DONE", keras.backend.backend())

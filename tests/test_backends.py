@@ -51,11 +51,21 @@ def test_one_sgd_step_agrees_across_backends(tmp_path):
     assert initial_gap > 0.1  # the weights are not trivially small
 
 
-def test_saved_on_tensorflow_loads_and_trains_on_jax(tmp_path):
-    if not installed("jax"):
-        pytest.skip("jax is not installed")
-    run("tensorflow", "save", str(tmp_path))
-    run("jax", "resume", str(tmp_path))
+# A `.keras` file is backend-free: saved on one backend, it loads and trains
+# on another (the optimizer under its public class, not PyTorch's or JAX's
+# own; `jit_compile` resolved for the backend that loads it).
+SAVE_LOAD = [("tensorflow", "jax", ""), ("torch", "tensorflow", ""),
+             ("torch", "jax", ""), ("jax", "torch", "layerwise")]
+
+
+@pytest.mark.parametrize("saved_on,loaded_on,options", SAVE_LOAD)
+def test_saved_on_one_backend_loads_and_trains_on_another(
+        tmp_path, saved_on, loaded_on, options):
+    for backend in (saved_on, loaded_on):
+        if not installed(backend):
+            pytest.skip(f"{backend} is not installed")
+    run(saved_on, "save", str(tmp_path), *filter(None, [options]))
+    run(loaded_on, "resume", str(tmp_path))
     with np.load(tmp_path / "saved.npz") as saved, \
             np.load(tmp_path / "resumed.npz") as resumed:
         weights = sorted((k for k in saved.files if k.startswith("w")),
