@@ -4,6 +4,8 @@ Keras has no public accessor for these. Each was checked on Keras 3.12 to
 3.15; if a Keras release moves one, only this file changes.
 """
 
+import keras
+
 
 def compiled_loss(model):
     """The loss object that `model.compile(loss=...)` built (Keras'
@@ -17,6 +19,13 @@ def producer(tensor):
     history = tensor._keras_history
     operation = history.operation
     return operation, operation._inbound_nodes[history.node_index]
+
+
+def producer_layer(tensor):
+    """The layer that produced a symbolic `KerasTensor`, or `None` for
+    anything else (a computed tensor, `None`)."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
 
 
 def node_is_input(node):
@@ -46,3 +55,15 @@ def keras_mask(tensor):
     except ImportError:  # pragma: no cover - a Keras that moved it
         return getattr(tensor, "_keras_mask", None)
     return get_keras_mask(tensor)
+
+
+def public_optimizer(config):
+    """A serialized built-in optimizer under `keras.optimizers`: Keras
+    saves the backend's own subclass (`keras.src.backend.torch.optimizers.
+    torch_adam` on PyTorch, checked on Keras 3.15), which runs on that
+    backend only."""
+    if isinstance(config, dict) and str(config.get("module", "")).startswith(
+            "keras.src.backend.") and hasattr(
+            keras.optimizers, str(config.get("class_name"))):
+        config = dict(config, module="keras.optimizers")
+    return config

@@ -279,3 +279,15 @@ def affinity(model, dataset, augmentation, batch_size=256):
             "affinity (augmented / clean accuracy) is undefined."
         )
     return _accuracy(model, dataset, augmentation, batch_size) / clean
+
+
+def distinct_layers(teacher_augmentations, student_augmentation):
+    """The distinct Keras-layer augmentations, teachers' then student's."""
+    if not isinstance(teacher_augmentations, list):
+        teacher_augmentations = [teacher_augmentations]
+    layers = []
+    for item in teacher_augmentations + [student_augmentation]:
+        if isinstance(item, keras.layers.Layer) and not any(
+                item is seen for seen in layers):
+            layers.append(item)
+    return layers

@@ -7,6 +7,8 @@ import difflib
 import keras
 
 from keras_kd import metrics as kd_metrics
+from keras_kd.outputs import describe, output_names, outputs_as_list
+from keras_kd.outputs import symbolic_outputs
 from keras_kd.taps import find_layer, static_shape
 
 
@@ -201,3 +203,18 @@ class Diagnostics:
 
     def get_config(self):
         return [keras.saving.serialize_keras_object(m) for m in self.metrics]
+
+
+def check_single_outputs(teachers, student):
+    """The diagnostics compare the models' logits: refuses a model with
+    several outputs."""
+    for role, model in [("teacher", t) for t in teachers] + [
+            ("student", student)]:
+        outputs = symbolic_outputs(model)
+        if outputs is not None and len(outputs_as_list(outputs)) > 1:
+            raise ValueError(
+                f"`diagnostics` compare the models' logits, but the {role} "
+                f"'{model.name}' has several outputs "
+                f"({describe(outputs, output_names(model, outputs))}); "
+                "leave `diagnostics` out for multi-output models."
+            )

@@ -8,24 +8,25 @@ model's state; the loss assembly is `keras_kd.step`, and the backend trainer
 that differentiates and applies is picked at import from `keras_kd.trainers`.
 """
 
+import inspect
+
 import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.adapters import check_loss_shapes, feature_adapters
 from keras_kd import batches
+from keras_kd import log_names
 from keras_kd._untracked import Untracked
 from keras_kd import _keras_compat as compat
 from keras_kd import cache as teacher_cache
 from keras_kd import losses as kd_losses
 from keras_kd.augment import check_augmentation, check_augmentation_shape
-from keras_kd.diagnostics import Diagnostics
+from keras_kd.augment import distinct_layers
+from keras_kd.diagnostics import Diagnostics, check_single_outputs
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
-from keras_kd.losses.features import check_poolable
-from keras_kd.outputs import describe, output_names, outputs_as_list
-from keras_kd.outputs import symbolic_outputs
 from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
-from keras_kd.step import unique_names
 from keras_kd.taps import Tap
 from keras_kd.teachers import Teachers, as_teacher_list
 from keras_kd.teachers import check_teacher_outputs, check_teachers_apart
@@ -165,21 +166,18 @@ class Distiller(Trainer, keras.Model):
             )
         student_loss_weight = _checks.non_negative(
             "student_loss_weight", student_loss_weight)
-        self._check_extensions(layerwise_lr, local_modules)
-        _check_something_trains(terms, student_loss_weight, local_modules,
-                                name)
+        _checks.one_extension(layerwise_lr, local_modules)
+        _checks.something_trains(terms, student_loss_weight, local_modules,
+                                 name)
         self.teachers = teachers
         self.student = student
         self.student_loss_weight = student_loss_weight
 
         # The distiller's own log names: the user's Terms are not renamed.
-        extra_losses = list(local_modules.loss_names) if local_modules else []
-        output_losses = _output_loss_names(student)
-        _check_term_names(terms, extra_losses, output_losses)
-        names = unique_names(
-            terms, reserved=["student"] + extra_losses + output_losses)
-        _check_validation_keys(
-            terms, names, ["student"] + extra_losses + output_losses)
+        logs = log_names.LogNames.of(
+            terms, student,
+            list(local_modules.loss_names) if local_modules else [])
+        names, extra_losses = logs.terms, logs.extensions
         bound = [BoundTerm(t, n) for t, n in zip(terms, names)]
         self._terms = Untracked(user=terms, bound=bound)
         feature_terms = [b for b in bound if b.reads_features]
@@ -187,16 +185,15 @@ class Distiller(Trainer, keras.Model):
         for b in bound:
             if not b.reads_features:
                 b.bind_outputs(teachers, student)
-                _check_loss_shapes(
+                check_loss_shapes(
                     b, b.teacher_choices[0].shape, b.student_choice.shape,
                     f"term '{b.name}' (final outputs)")
 
         if diagnostics:
-            _check_single_outputs(teachers, student)
+            check_single_outputs(teachers, student)
         self.diagnostics_feed = Diagnostics(
             diagnostics, teachers, student,
-            reserved=["loss", "student_loss"]
-            + [f"{n}_loss" for n in names + extra_losses + output_losses],
+            reserved=logs.loss_keys,
         )
         teacher_side = Teachers(
             teachers, feature_terms, ensemble=ensemble,
@@ -215,11 +212,11 @@ class Distiller(Trainer, keras.Model):
         )
         # Tracked, so that their seed generators are part of the model's
         # state (saved, and threaded through JAX's stateless step).
-        self.augmentations = _augmentation_layers(
+        self.augmentations = distinct_layers(
             teacher_side.augmentations, student_augmentation)
         self._sides = Untracked(teachers=teacher_side,
                                  student_augmentation=student_augmentation)
-        self.adapters = self._build_adapters(
+        self.adapters = feature_adapters(
             feature_terms, teacher_side.feature_shapes,
             student_tap.feature_shapes)
 
@@ -257,15 +254,6 @@ class Distiller(Trainer, keras.Model):
         self.diagnostics = self.diagnostics_feed.metrics
         if all(t.built for t in teachers) and student.built:
             self.built = True
-
-    @staticmethod
-    def _check_extensions(layerwise_lr, local_modules):
-        if local_modules is not None and layerwise_lr is not None:
-            raise ValueError(
-                "`local_modules` and `layerwise_lr` cannot be combined: "
-                "local modules train each module by its own gradient and "
-                "do not update layer-wise learning-rate scales."
-            )
 
     # Read-only views.
 
@@ -334,41 +322,6 @@ class Distiller(Trainer, keras.Model):
         """`{name: Mean}`: the trackers of `student_loss`, of each term's
         `<name>_loss` and of each extension loss."""
         return dict(zip(self._tracker_names, self._loss_trackers))
-
-    # Construction-time validation and adapters.
-
-    @staticmethod
-    def _build_adapters(feature_terms, teacher_shapes, student_shapes):
-        """A trainable `Dense` adapter on the student side of each feature
-        term whose loss needs equal channel counts that differ (a plain
-        `keras.losses.Loss` counts as needing them)."""
-        adapters = {}
-        for bound, t_shape, s_shape in zip(feature_terms, teacher_shapes,
-                                           student_shapes):
-            where = (
-                f"term '{bound.name}' (teacher layer '{bound.teacher_layer}' "
-                f"{t_shape}, student layer '{bound.student_layer}' {s_shape})"
-            )
-            check_poolable(t_shape, s_shape, where)
-            _check_loss_shapes(bound, t_shape, s_shape, where)
-            if not isinstance(bound.loss, kd_losses.DistillationLoss) and \
-                    tuple(t_shape[1:-1]) != tuple(s_shape[1:-1]):
-                raise ValueError(
-                    f"The loss {type(bound.loss).__name__} of {where} is a "
-                    "plain `keras.losses.Loss`, which compares the features "
-                    "element by element: their spatial sizes must be equal "
-                    "(the distillation losses of `keras_kd.losses` pool the "
-                    "larger map instead)."
-                )
-            if getattr(bound.loss, "matches_channels", True) and \
-                    t_shape[-1] != s_shape[-1]:
-                adapter = keras.layers.Dense(
-                    t_shape[-1], name=f"{bound.name}_adapter"
-                )
-                adapter.build(s_shape)
-                adapters[bound.name] = adapter
-                bound.adapter = adapter
-        return adapters
 
     # Keras model API.
 
@@ -551,6 +504,36 @@ class Distiller(Trainer, keras.Model):
         # distiller's, saved as Keras saves a model's `optimizer`.
         self._optimizer_slot = Untracked(optimizer=optimizer)
 
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`, with the same arguments. The distiller
+        remembers the `jit_compile` asked for (`"auto"` by default), so
+        that a saved distiller resolves it again on the backend that
+        loads it."""
+        try:
+            bound = inspect.signature(keras.Model.compile).bind(
+                self, *args, **kwargs)
+            self._jit_request = Untracked(value=bound.arguments.get(
+                "jit_compile", "auto"))
+        except TypeError:
+            pass  # Keras reports the wrong call.
+        super().compile(*args, **kwargs)
+
+    def get_compile_config(self):
+        """The `compile` arguments a saved distiller is compiled with again,
+        made backend-free: a built-in optimizer under its public Keras
+        class (PyTorch's and TensorFlow's own optimizer classes do not run
+        on another backend), and `jit_compile` as asked for rather than as
+        resolved here."""
+        config = super().get_compile_config()
+        if not isinstance(config, dict):
+            return config
+        config = dict(config)
+        config["optimizer"] = compat.public_optimizer(config.get("optimizer"))
+        request = getattr(self, "_jit_request", None)
+        if request is not None and "jit_compile" in config:
+            config["jit_compile"] = request.value
+        return config
+
     # Export and serialization.
 
     def export_student(self, filepath, verbose=True, **kwargs):
@@ -635,97 +618,3 @@ class Distiller(Trainer, keras.Model):
                 config["local_modules"], custom_objects=custom_objects
             )
         return cls(**config)
-
-
-def _check_loss_shapes(bound, teacher_shape, student_shape, where):
-    """The term's loss check of the shapes it compares, when both are
-    known (a plain `keras.losses.Loss` has none)."""
-    check = getattr(bound.loss, "check_shapes", None)
-    if check is not None and None not in (teacher_shape, student_shape):
-        check(teacher_shape, student_shape, where)
-
-
-def _check_something_trains(terms, student_loss_weight, local_modules,
-                            name):
-    """Refuses a distiller in which every loss has weight 0: nothing would
-    train the student (each backend would fail differently, or train on a
-    zero loss without a word)."""
-    if student_loss_weight or any(term.weight for term in terms) or \
-            local_modules is not None:
-        return
-    raise ValueError(
-        f"Every loss of the distiller '{name}' has weight 0 "
-        f"(`student_loss_weight=0` and terms "
-        f"{[term.name for term in terms]} all of weight 0), so nothing "
-        "would train the student. Give the student loss or a term a "
-        "positive weight."
-    )
-
-
-def _output_loss_names(student):
-    """The names `<name>_loss` under which Keras logs the compiled loss
-    of each output of a multi-output student (empty for one output, or
-    when the outputs are only known at run time)."""
-    outputs = symbolic_outputs(student)
-    if outputs is None or len(outputs_as_list(outputs)) < 2:
-        return []
-    return list(output_names(student, outputs) or [])
-
-
-def _check_single_outputs(teachers, student):
-    """The diagnostics compare the models' logits: refuses a model with
-    several outputs."""
-    for role, model in [("teacher", t) for t in teachers] + [
-            ("student", student)]:
-        outputs = symbolic_outputs(model)
-        if outputs is not None and len(outputs_as_list(outputs)) > 1:
-            raise ValueError(
-                f"`diagnostics` compare the models' logits, but the {role} "
-                f"'{model.name}' has several outputs "
-                f"({describe(outputs, output_names(model, outputs))}); "
-                "leave `diagnostics` out for multi-output models."
-            )
-
-
-def _check_term_names(terms, extension_losses, output_losses=()):
-    """Refuses a term name whose log key the distiller or the compiled
-    student loss uses itself."""
-    own = {"student": "the student's own loss"}
-    own.update((name, "a local module's activation-mapping loss")
-               for name in extension_losses)
-    own.update((name, f"the compiled student loss on its output '{name}'")
-               for name in output_losses)
-    for term in terms:
-        if term.name in own:
-            raise ValueError(
-                f"The term {term!r} is named '{term.name}', so it would log "
-                f"as '{term.name}_loss', the key of {own[term.name]}. Give "
-                "the term another `name=`."
-            )
-
-
-def _check_validation_keys(terms, names, other_losses):
-    """Refuses a term whose log `<name>_loss` is the validation form
-    (`val_<key>`) of another training log, such as a term named `val`
-    (`val_loss`, the validation total)."""
-    keys = {"loss"} | {f"{n}_loss" for n in list(names) + list(other_losses)}
-    for term, name in zip(terms, names):
-        key = f"{name}_loss"
-        if key.startswith("val_") and key[len("val_"):] in keys:
-            raise ValueError(
-                f"The term {term!r} would log as '{key}', the key of the "
-                f"validation value of '{key[len('val_'):]}'. Give the term "
-                "another `name=`."
-            )
-
-
-def _augmentation_layers(teacher_augmentations, student_augmentation):
-    """The distinct Keras-layer augmentations, teachers' then student's."""
-    if not isinstance(teacher_augmentations, list):
-        teacher_augmentations = [teacher_augmentations]
-    layers = []
-    for item in teacher_augmentations + [student_augmentation]:
-        if isinstance(item, keras.layers.Layer) and not any(
-                item is seen for seen in layers):
-            layers.append(item)
-    return layers

@@ -12,6 +12,10 @@ outputs are known (Functional and Sequential models) and at the first batch
 otherwise (subclassed models), with the same messages.
 """
 
+import keras
+
+from keras_kd import _keras_compat as compat
+
 
 def symbolic_outputs(model):
     """The symbolic outputs of a Functional or Sequential model (a tensor,
@@ -146,3 +150,41 @@ def check_same_shape(a, b, message):
     """Raises `ValueError(message)` unless `same_shape(a, b)`."""
     if not same_shape(a, b):
         raise ValueError(message)
+
+
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _activation_name(layer):
+    """`"softmax"` or `"sigmoid"` when `layer` ends in that activation (a
+    `Softmax` layer, an `Activation` layer or a layer's `activation=`),
+    else `None`."""
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    try:
+        name = keras.activations.serialize(activation)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return name if name in _PROBABILITY_ACTIVATIONS else None
+
+
+def probability_layer(output):
+    """The layer that makes a symbolic model output a probability (a
+    softmax or sigmoid at its end), as `(layer name, activation)`, or
+    `None` when the output is not one (or is not known before the model
+    runs).
+
+    Args:
+        output: a symbolic output tensor of a Functional or Sequential
+            model (`None` for a subclassed model).
+    """
+    layer = compat.producer_layer(output)
+    if layer is None:
+        return None
+    activation = _activation_name(layer)
+    return None if activation is None else (layer.name, activation)

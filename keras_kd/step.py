@@ -165,40 +165,6 @@ def _choose(choice, outputs):
     return choice(outputs)
 
 
-def unique_names(terms, reserved=()):
-    """A log name per term: the term's own name, or, when an earlier term
-    (or a reserved name) took it, that name with the first free suffix
-    `_1`, `_2`, ... that no term and no reserved name uses.
-
-    Args:
-        terms: the `Term`s, in order.
-        reserved: names no term may be given automatically.
-
-    Returns:
-        A list of names, one per term, all distinct.
-
-    Example:
-
-    >>> unique_names([Term(KD()), Term(KD()), Term(KD(), name="kd_1")])
-    ['kd', 'kd_2', 'kd_1']
-    """
-    wanted = [term.name for term in terms]
-    taken = set(reserved)
-    names = []
-    for index, name in enumerate(wanted):
-        later = set(wanted[index + 1:])
-        if name in taken:
-            suffix = 1
-            while (f"{name}_{suffix}" in taken
-                   or f"{name}_{suffix}" in later
-                   or f"{name}_{suffix}" in wanted[:index]):
-                suffix += 1
-            name = f"{name}_{suffix}"
-        taken.add(name)
-        names.append(name)
-    return names
-
-
 class StepLosses(NamedTuple):
     """The loss of one step (or of one local module) and its parts.
 

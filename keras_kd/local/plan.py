@@ -12,6 +12,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_kd.adapters import channel_adapter
 from keras_kd.extension import ModuleChain
 from keras_kd.local.graph import Part, owner_of_layers, split_chain
 from keras_kd.losses.activation_mapping import ActivationMapping
@@ -409,13 +410,8 @@ class LocalModulePlan(ModuleChain):
                 f"with a spatial axis, `(batch, ..., channels)`, for {where}."
             )
         check_poolable(t_shape, s_shape, where)
-        if t_shape[-1] == s_shape[-1]:
-            return None
-        adapter = keras.layers.Dense(
-            t_shape[-1], name=f"{self.spec.name}_{k + 1}_adapter"
-        )
-        adapter.build(s_shape)
-        return adapter
+        return channel_adapter(t_shape, s_shape,
+                               f"{self.spec.name}_{k + 1}_adapter")
 
     def _check_partition(self):
         """Every trainable variable of the student and the adapters belongs
