@@ -39,7 +39,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_kd.losses.divergences import TokenDivergence, TopKDistribution
+from keras_kd.losses.divergences import TokenDivergence
+from keras_kd.teachers.topk import TopKDistribution
 from keras_kd.teachers import TeacherOutputs, Teachers, as_teacher_list
 
 CACHE_KEY = "keras_kd_teacher_cache"

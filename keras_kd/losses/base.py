@@ -69,3 +69,35 @@ class DistillationLoss(keras.losses.Loss):
             "`call(teacher_output, student_output)` returning per-sample "
             "losses."
         )
+
+
+class BatchCoupledLoss(DistillationLoss):
+    """A loss whose per-sample values contain a batch statistic (`DIST`,
+    `CMKD`).
+
+    `keras.losses.Loss.__call__` hands `call` only the two tensors; these
+    losses also need the sample weights to weight the batch statistic (the
+    intra-class correlations), so `__call__` makes them available to `call`
+    (as `self._batch_weights`) for the duration of the call and then defers
+    to the standard Keras machinery (dtype conversion, masks, weighting,
+    reduction). One instance should therefore not be called from several
+    Python threads at once.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._batch_weights = None
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        self._batch_weights = sample_weight
+        try:
+            return super().__call__(
+                y_true, y_pred, sample_weight=sample_weight
+            )
+        finally:
+            self._batch_weights = None
+
+    def get_config(self):
+        config = super().get_config()
+        config["dtype"] = self.dtype
+        return config
