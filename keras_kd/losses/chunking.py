@@ -14,7 +14,7 @@ import inspect
 import keras
 from keras import ops
 
-from keras_kd.ops.probabilities import LOG_FLOOR
+from keras_kd.ops.probabilities import LOG_FLOOR, as_logits
 from keras_kd.teachers.topk import TopKDistribution, topk_bins
 
 VOCAB_MAPPINGS = (None, "truncate")
@@ -82,7 +82,7 @@ def _flatten_teacher(teacher):
 
 def divergence_loss(teacher_output, student_output, divergence,
                     temperature=1.0, chunk_size=None, vocab_mapping=None,
-                    lm_head=None, teacher_lm_head=None):
+                    lm_head=None, teacher_lm_head=None, from_logits=True):
     """Per-position divergence between teacher and student outputs.
 
     Args:
@@ -103,6 +103,11 @@ def divergence_loss(teacher_output, student_output, divergence,
         lm_head: `None`, or the student's LM head (a layer or a callable
             `hidden -> logits`), applied chunk by chunk.
         teacher_lm_head: `None`, or the teacher's LM head, likewise.
+        from_logits: `False` when the outputs (after the LM heads) are
+            probabilities, read as logits by
+            `keras_kd.ops.probabilities.as_logits`, chunk by chunk. A
+            `TopKDistribution` teacher is log-probabilities already and is
+            read as it is.
 
     Returns:
         A float32 tensor of shape `student_output.shape[:-1]`.
@@ -122,8 +127,8 @@ def divergence_loss(teacher_output, student_output, divergence,
     def per_position(student, *teacher):
         if student_head is not None:
             student = student_head(student)
-        log_p_s = ops.log_softmax(
-            ops.cast(student, "float32") / temperature, axis=-1)
+        student = as_logits(ops.cast(student, "float32"), from_logits)
+        log_p_s = ops.log_softmax(student / temperature, axis=-1)
         if sparse:
             log_p_t, log_p_s = topk_bins(TopKDistribution(*teacher),
                                           log_p_s)
@@ -131,7 +136,7 @@ def divergence_loss(teacher_output, student_output, divergence,
             logits = teacher[0]
             if teacher_head is not None:
                 logits = ops.stop_gradient(teacher_head(logits))
-            logits = ops.cast(logits, "float32")
+            logits = as_logits(ops.cast(logits, "float32"), from_logits)
             v_t, v_s = logits.shape[-1], log_p_s.shape[-1]
             if v_t != v_s:
                 if vocab_mapping != "truncate" or None in (v_t, v_s):
@@ -139,9 +144,8 @@ def divergence_loss(teacher_output, student_output, divergence,
                 size = min(v_t, v_s)
                 logits = logits[..., :size]
                 # Renormalized over the kept entries.
-                log_p_s = ops.log_softmax(
-                    ops.cast(student, "float32")[..., :size] / temperature,
-                    axis=-1)
+                log_p_s = ops.log_softmax(student[..., :size] / temperature,
+                                          axis=-1)
             log_p_t = ops.maximum(
                 ops.log_softmax(logits / temperature, axis=-1), LOG_FLOOR)
         return (temperature ** 2) * divergence(log_p_t, log_p_s)

@@ -12,7 +12,7 @@ from keras_kd.losses.correlation import spearman_in_order
 from keras_kd.losses.dist import intra_class_loss
 from keras_kd.losses.logits import standardize_logits
 from keras_kd.ops.correlation import probability_correlation
-from keras_kd.ops.probabilities import normalized_entropy
+from keras_kd.ops.probabilities import as_logits, normalized_entropy
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import sort_and_soft_rank
@@ -172,6 +172,11 @@ class CMKD(BatchCoupledLoss):
         standardize: z-score the logits first. Defaults to False.
         intra_weight: weight of DIST's intra-class term added to `L_P,i`.
             Defaults to 0 (left out).
+        from_logits: `True` (default) when the teacher and student outputs
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits.
         name: name of the loss; also the default `Term` name.
         reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
         dtype: dtype of the loss computation.
@@ -186,6 +191,8 @@ class CMKD(BatchCoupledLoss):
     >>> term = keras_kd.Term(loss, weight=1.0)  # in a Distiller
     """
 
+    reads_distribution = True
+
     def __init__(
         self,
         temperature=4.0,
@@ -194,6 +201,7 @@ class CMKD(BatchCoupledLoss):
         hard_samples="spearman",
         standardize=False,
         intra_weight=0.0,
+        from_logits=True,
         name="cmkd",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -207,11 +215,12 @@ class CMKD(BatchCoupledLoss):
         self.hard_samples = _check_hard_samples(hard_samples)
         self.standardize = bool(standardize)
         self.intra_weight = _checks.non_negative("intra_weight", intra_weight)
+        self.from_logits = bool(from_logits)
 
     def call(self, teacher_output, student_output):
         return cmkd_loss(
-            teacher_output,
-            student_output,
+            as_logits(teacher_output, self.from_logits),
+            as_logits(student_output, self.from_logits),
             temperature=self.temperature,
             regularization_strength=self.regularization_strength,
             window=self.window,

@@ -25,7 +25,7 @@ from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.ops.correlation import correlation_with_known_mean
 from keras_kd.ops.correlation import probability_correlation
-from keras_kd.ops.probabilities import softened
+from keras_kd.ops.probabilities import as_logits, softened
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import exact_rank
@@ -127,17 +127,8 @@ def check_window(window):
     return int(window)
 
 
-class _CorrelationLoss(DistillationLoss):
-    """Shared `get_config` plumbing: the dtype is part of the config."""
-
-    def get_config(self):
-        config = super().get_config()
-        config["dtype"] = self.dtype
-        return config
-
-
 @keras.saving.register_keras_serializable(package="keras_kd")
-class PearsonCorrelation(_CorrelationLoss):
+class PearsonCorrelation(DistillationLoss):
     """Pearson (inter-class) correlation loss on softened outputs.
 
     Per sample: `1 - rho(softmax(z_s / tau), softmax(z_t / tau))`, the
@@ -148,6 +139,11 @@ class PearsonCorrelation(_CorrelationLoss):
 
     Args:
         temperature: softening temperature `tau`. Defaults to 1.
+        from_logits: `True` (default) when the teacher and student outputs
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits.
         name: name of the loss; also the default `Term` name.
         reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
         dtype: dtype of the loss computation.
@@ -160,18 +156,26 @@ class PearsonCorrelation(_CorrelationLoss):
     0.0
     """
 
+    reads_distribution = True
+
     def __init__(
         self,
         temperature=1.0,
+        from_logits=True,
         name="pearson_correlation",
         reduction="sum_over_batch_size",
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
+        self.from_logits = bool(from_logits)
 
     def call(self, teacher_output, student_output):
-        return pearson_loss(teacher_output, student_output, self.temperature)
+        return pearson_loss(
+            as_logits(teacher_output, self.from_logits),
+            as_logits(student_output, self.from_logits),
+            self.temperature,
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -180,7 +184,7 @@ class PearsonCorrelation(_CorrelationLoss):
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
-class SpearmanCorrelation(_CorrelationLoss):
+class SpearmanCorrelation(DistillationLoss):
     """Spearman (rank) correlation loss between student and teacher logits.
 
     Per sample: `1 - rho(soft_rank(z_s / tau), rank(z_t))`, the Pearson
@@ -212,6 +216,11 @@ class SpearmanCorrelation(_CorrelationLoss):
             ranks. Smaller is closer to exact ranks but gives more local
             gradients. Defaults to 0.1.
         window: neighbours on each side compared softly. Defaults to 16.
+        from_logits: `True` (default) when the teacher and student outputs
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits.
         name: name of the loss; also the default `Term` name.
         reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
         dtype: dtype of the loss computation.
@@ -227,11 +236,14 @@ class SpearmanCorrelation(_CorrelationLoss):
     2.0
     """
 
+    reads_distribution = True
+
     def __init__(
         self,
         temperature=1.0,
         regularization_strength=DEFAULT_STRENGTH,
         window=DEFAULT_WINDOW,
+        from_logits=True,
         name="spearman_correlation",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -242,11 +254,12 @@ class SpearmanCorrelation(_CorrelationLoss):
             "regularization_strength", regularization_strength
         )
         self.window = check_window(window)
+        self.from_logits = bool(from_logits)
 
     def call(self, teacher_output, student_output):
         return spearman_loss(
-            teacher_output,
-            student_output,
+            as_logits(teacher_output, self.from_logits),
+            as_logits(student_output, self.from_logits),
             self.temperature,
             regularization_strength=self.regularization_strength,
             window=self.window,

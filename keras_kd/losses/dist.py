@@ -16,7 +16,7 @@ from keras_kd.losses.base import BatchCoupledLoss
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.ops.correlation import pearson_correlation
 from keras_kd.ops.correlation import weighted_pearson_correlation
-from keras_kd.ops.probabilities import softened
+from keras_kd.ops.probabilities import as_logits, softened
 
 
 def intra_class_loss(
@@ -123,6 +123,11 @@ class DIST(BatchCoupledLoss):
         temperature: `tau`. Defaults to 4 (the published CIFAR setting).
         beta: weight of the inter-class term. Defaults to 1.
         gamma: weight of the intra-class term. Defaults to 1.
+        from_logits: `True` (default) when the teacher and student outputs
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits.
         name: name of the loss; also the default `Term` name.
         reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
         dtype: dtype of the loss computation.
@@ -138,11 +143,14 @@ class DIST(BatchCoupledLoss):
     >>> weighted = loss(teacher_logits, student_logits, sample_weight=[1, 0])
     """
 
+    reads_distribution = True
+
     def __init__(
         self,
         temperature=4.0,
         beta=1.0,
         gamma=1.0,
+        from_logits=True,
         name="dist",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -151,11 +159,12 @@ class DIST(BatchCoupledLoss):
         self.temperature = _checks.positive("temperature", temperature)
         self.beta = _checks.non_negative("beta", beta)
         self.gamma = _checks.non_negative("gamma", gamma)
+        self.from_logits = bool(from_logits)
 
     def call(self, teacher_output, student_output):
         return dist_loss(
-            teacher_output,
-            student_output,
+            as_logits(teacher_output, self.from_logits),
+            as_logits(student_output, self.from_logits),
             temperature=self.temperature,
             beta=self.beta,
             gamma=self.gamma,

@@ -95,10 +95,11 @@ class TokenDivergence(DistillationLoss):
     """
 
     matches_channels = False
+    reads_distribution = True
 
     def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, name=None,
-                 reduction="mean_with_sample_weight", dtype=None):
+                 lm_head=None, teacher_lm_head=None, from_logits=True,
+                 name=None, reduction="mean_with_sample_weight", dtype=None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got "
                              f"{reduction!r}.")
@@ -122,6 +123,7 @@ class TokenDivergence(DistillationLoss):
         self.vocab_mapping = vocab_mapping
         self.lm_head = lm_head
         self.teacher_lm_head = teacher_lm_head
+        self.from_logits = bool(from_logits)
 
     def divergence(self, log_p_t, log_p_s):  # pragma: no cover
         raise NotImplementedError
@@ -131,7 +133,8 @@ class TokenDivergence(DistillationLoss):
             teacher_output, student_output, self.divergence,
             temperature=self.temperature, chunk_size=self.chunk_size,
             vocab_mapping=self.vocab_mapping, lm_head=self.lm_head,
-            teacher_lm_head=self.teacher_lm_head)
+            teacher_lm_head=self.teacher_lm_head,
+            from_logits=self.from_logits)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         mask = compat.keras_mask(y_pred)
@@ -210,6 +213,12 @@ _COMMON_ARGS = """
             is then its last hidden states and its logits are computed
             chunk by chunk, never for the whole batch at once.
         teacher_lm_head: the same for the teacher's side.
+        from_logits: `True` (default) when the outputs (after the LM heads)
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits. A cached `TopKDistribution` teacher holds
+            log-probabilities and is read as it is.
         name: name of the loss; also the default `Term` name.
         reduction: `"mean_with_sample_weight"` (default): the mean over the
             unmasked tokens of the whole batch, `sum(w * l) / sum(w)` with
@@ -241,11 +250,13 @@ class ForwardKL(TokenDivergence):
     """
 
     def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, name="forward_kl",
-                 reduction="mean_with_sample_weight", dtype=None):
+                 lm_head=None, teacher_lm_head=None, from_logits=True,
+                 name="forward_kl", reduction="mean_with_sample_weight",
+                 dtype=None):
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
-                         teacher_lm_head=teacher_lm_head, name=name,
+                         teacher_lm_head=teacher_lm_head,
+                         from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
 
     def divergence(self, log_p_t, log_p_s):
@@ -271,11 +282,13 @@ class ReverseKL(TokenDivergence):
     """
 
     def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, name="reverse_kl",
-                 reduction="mean_with_sample_weight", dtype=None):
+                 lm_head=None, teacher_lm_head=None, from_logits=True,
+                 name="reverse_kl", reduction="mean_with_sample_weight",
+                 dtype=None):
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
-                         teacher_lm_head=teacher_lm_head, name=name,
+                         teacher_lm_head=teacher_lm_head,
+                         from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
 
     def divergence(self, log_p_t, log_p_s):
@@ -313,11 +326,13 @@ class GeneralizedJSD(TokenDivergence):
 
     def __init__(self, beta=0.5, normalized=True, temperature=1.0,
                  chunk_size=None, vocab_mapping=None, lm_head=None,
-                 teacher_lm_head=None, name="generalized_jsd",
+                 teacher_lm_head=None, from_logits=True,
+                 name="generalized_jsd",
                  reduction="mean_with_sample_weight", dtype=None):
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
-                         teacher_lm_head=teacher_lm_head, name=name,
+                         teacher_lm_head=teacher_lm_head,
+                         from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
         beta = float(beta)
         if not 0.0 <= beta <= 1.0:
@@ -362,11 +377,12 @@ class SkewKL(TokenDivergence):
 
     def __init__(self, alpha=0.1, reverse=False, temperature=1.0,
                  chunk_size=None, vocab_mapping=None, lm_head=None,
-                 teacher_lm_head=None, name="skew_kl",
+                 teacher_lm_head=None, from_logits=True, name="skew_kl",
                  reduction="mean_with_sample_weight", dtype=None):
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
-                         teacher_lm_head=teacher_lm_head, name=name,
+                         teacher_lm_head=teacher_lm_head,
+                         from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
         alpha = float(alpha)
         if not 0.0 <= alpha < 1.0:
