@@ -272,6 +272,18 @@ class ReverseKL(TokenDivergence):
     student is pushed off tokens the teacher finds unlikely rather than
     onto every token the teacher finds likely.
 
+    Masked teacher entries (`-inf` logits, probability 0) would make the
+    reverse KL infinite wherever the student has mass on them. With `S` the
+    teacher's support, `m_S` the student's mass on it and `q = p_s / m_S`
+    the student renormalized on `S`, the value is then
+    `tau^2 * [KL(q || p_t) - log(m_S)]`: the reverse KL on the support plus
+    the forward KL of "in the support or not" (teacher `(1, 0)`, student
+    `(m_S, 1 - m_S)`). It is 0 only when `p_s = p_t`, equals the reverse KL
+    when nothing is masked, is finite for finite student logits, and the
+    gradient of the `-log(m_S)` penalty with respect to each student logit
+    is at most `tau` in magnitude (`keras_kd.ops.divergences.reverse_kl`;
+    `docs/losses/divergences.md` gives the reasons).
+
     Args:{args}
 
     Example:
@@ -307,7 +319,10 @@ class GeneralizedJSD(TokenDivergence):
 
     This is continuous in `beta` and its endpoints are exactly forward KL
     (`beta = 0`, `KL(p_t || p_s)`) and reverse KL (`beta = 1`,
-    `KL(p_s || p_t)`). The division by `beta * (1 - beta)` is the
+    `KL(p_s || p_t)`, with `ReverseKL`'s definition for masked teacher
+    entries). For `0 < beta < 1` a masked teacher entry `v` (a `-inf`
+    logit) adds the bounded `-(1 - beta) p_s,v log(1 - beta)` to
+    `JSD(beta)`. The division by `beta * (1 - beta)` is the
     documented scaling: GKD's (and TRL's) `JSD(beta)` for `0 < beta < 1` is
     this value times `beta * (1 - beta)` (at `beta = 0.5`, a quarter of
     it), which `normalized=False` returns.
@@ -360,9 +375,12 @@ class SkewKL(TokenDivergence):
     `reverse=False` (skew KL): `tau^2 * KL(p_t || alpha p_t + (1-alpha) p_s)`.
     `reverse=True` (skew reverse KL):
     `tau^2 * KL(p_s || alpha p_s + (1-alpha) p_t)`.
-    `alpha = 0` is exactly `ForwardKL` (`ReverseKL`). The value is at most
-    `-tau^2 log(alpha)`, and the gradient stays bounded where the second
-    distribution has no mass.
+    `alpha = 0` is exactly `ForwardKL` (`ReverseKL`, with its definition
+    for masked teacher entries). The value is at most `-tau^2 log(alpha)`,
+    and the gradient stays bounded where the second distribution has no
+    mass: a masked teacher entry `v` (a `-inf` logit) adds
+    `-tau^2 p_s,v log(alpha)` to the skew reverse KL and nothing to the
+    skew KL.
 
     Args:
         alpha: the skew in `[0, 1)`. Defaults to 0.1 (DistiLLM's choice).

@@ -15,6 +15,8 @@ import math
 
 from keras import ops
 
+from keras_kd.ops.probabilities import LOG_FLOOR
+
 
 def kl_divergence(log_p, log_q):
     """`KL(p || q) = sum_v p_v (log p_v - log q_v)` over the last axis.
@@ -46,12 +48,51 @@ def forward_kl(log_p_t, log_p_s):
 
 
 def reverse_kl(log_p_t, log_p_s):
-    """Reverse KL: `KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)`.
+    """Reverse KL: `KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)`, with
+    a finite definition where the teacher has no mass.
 
     Mode-seeking: the student is penalized where it has mass and the teacher
-    has none.
+    has little.
+
+    Entries the teacher masks (probability 0: a `-inf` logit, a
+    log-probability at or below `LOG_FLOOR`) would make the reverse KL
+    infinite wherever the student has mass there (numerically, about
+    `1e30` times that mass). With `S` the teacher's support, `m_S` the
+    student's mass on it and `q = p_s / m_S` the student renormalized on
+    it, the value is instead
+
+        KL(q || p_t) - log(m_S)
+        = sum_{v in S} q_v (log q_v - log p_t,v) - log(sum_{v in S} p_s,v)
+
+    the reverse KL on the support plus `-log(m_S)`, the forward KL between
+    the two-bin distributions "in the support or not" of the teacher
+    `(1, 0)` and of the student `(m_S, 1 - m_S)`. Both terms are
+    non-negative and the value is 0 only when `p_s = p_t`. Without masked
+    entries `m_S = 1` and it is the reverse KL itself. The penalty is
+    finite for finite student logits, and its gradient with respect to the
+    student's logit `z_s,v` (at temperature 1) is `p_s,v - q_v` for `v` in
+    `S` and `p_s,v` outside, at most 1 in magnitude: a student that puts
+    mass on masked entries is pushed off them with a bounded force,
+    whatever the mass.
+
+    Args:
+        log_p_t: teacher log-probabilities, shape `(..., bins)`; entries at
+            or below `LOG_FLOOR` (or `-inf`) are masked.
+        log_p_s: student log-probabilities, same shape, finite.
+
+    Returns:
+        A tensor of shape `(...)`.
     """
-    return kl_divergence(log_p_s, log_p_t)
+    support = log_p_t > LOG_FLOOR
+    # log(m_S): a log-sum-exp of the student's log-probabilities on S.
+    log_mass = ops.logsumexp(ops.where(support, log_p_s, LOG_FLOOR), axis=-1,
+                             keepdims=True)
+    # Outside S both log-probabilities are replaced before any arithmetic,
+    # so that no inf or NaN reaches the gradient through the unused branch.
+    log_q = ops.where(support, log_p_s - log_mass, 0.0)
+    log_t = ops.where(support, log_p_t, 0.0)
+    inside = ops.where(support, ops.exp(log_q) * (log_q - log_t), 0.0)
+    return ops.sum(inside, axis=-1) - ops.squeeze(log_mass, axis=-1)
 
 
 def generalized_jsd(log_p_t, log_p_s, beta=0.5, normalized=True):
@@ -114,7 +155,9 @@ def skew_kl(log_p_t, log_p_s, alpha=0.1, reverse=False):
         A tensor of shape `(...)`.
     """
     alpha = float(alpha)
-    first, second = (log_p_s, log_p_t) if reverse else (log_p_t, log_p_s)
     if alpha == 0.0:
-        return kl_divergence(first, second)
+        if reverse:
+            return reverse_kl(log_p_t, log_p_s)
+        return forward_kl(log_p_t, log_p_s)
+    first, second = (log_p_s, log_p_t) if reverse else (log_p_t, log_p_s)
     return kl_divergence(first, log_mixture(first, second, alpha))
