@@ -49,10 +49,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from keras_kd.losses.correlation import CMKD  # noqa: E402
-from keras_kd.losses.correlation import DIST  # noqa: E402
+from keras_kd.losses.cmkd import CMKD  # noqa: E402
 from keras_kd.losses.correlation import SpearmanCorrelation  # noqa: E402
-from keras_kd.losses.correlation import pearson_correlation  # noqa: E402
+from keras_kd.losses.dist import DIST  # noqa: E402
+from keras_kd.ops.correlation import pearson_correlation  # noqa: E402
 from keras_kd.ops.rank import exact_rank  # noqa: E402
 from keras_kd.ops.rank import pairwise_soft_rank  # noqa: E402
 from keras_kd.ops.rank import soft_rank  # noqa: E402

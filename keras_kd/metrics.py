@@ -21,6 +21,7 @@ import keras
 from keras import ops
 
 from keras_kd import _checks
+from keras_kd.ops.probabilities import as_logits
 
 _EPSILON = 1e-12
 
@@ -68,9 +69,19 @@ class DistillationMetric(keras.metrics.Metric):
 
     Any other `keras.metrics.Metric` given to `Distiller(diagnostics=...)` is
     treated as a `"logits"` metric.
+
+    Subclasses also set `reads_distribution`: `True` for a metric that
+    reads the class scores as a distribution (`TeacherKL`,
+    `ExpectedCalibrationError`); it then has a `from_logits` attribute
+    (part of its config), `False` when it is given probabilities, so that
+    the `Distiller` can refuse a softmax output read as logits. `False` for
+    metrics that only compare the top class (`TopOneAgreement`,
+    `MutualInformation`: logits and probabilities give the same value) or
+    read attention maps.
     """
 
     inputs = "logits"
+    reads_distribution = False
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -129,6 +140,10 @@ class TeacherKL(DistillationMetric):
     Args:
         temperature: softening temperature. Defaults to 1 (the models'
             predictive distributions).
+        from_logits: `True` (default) when the scores are logits; `False`
+            when they are probabilities (e.g. a softmax output), read as
+            `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`).
         name: name in logs.
         dtype: dtype of the accumulators.
 
@@ -142,9 +157,13 @@ class TeacherKL(DistillationMetric):
     >>> m.result()
     """
 
-    def __init__(self, temperature=1.0, name="teacher_kl", dtype=None):
+    reads_distribution = True
+
+    def __init__(self, temperature=1.0, from_logits=True, name="teacher_kl",
+                 dtype=None):
         super().__init__(name=name, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
+        self.from_logits = bool(from_logits)
         self.total = self.add_variable((), "zeros", name="total")
         self.count = self.add_variable((), "zeros", name="count")
 
@@ -152,6 +171,8 @@ class TeacherKL(DistillationMetric):
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
+        teacher_logits = as_logits(teacher_logits, self.from_logits)
+        student_logits = as_logits(student_logits, self.from_logits)
         log_p_t = ops.log_softmax(teacher_logits / self.temperature, axis=-1)
         log_p_s = ops.log_softmax(student_logits / self.temperature, axis=-1)
         kl = ops.sum(ops.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
@@ -164,7 +185,8 @@ class TeacherKL(DistillationMetric):
 
     def get_config(self):
         config = super().get_config()
-        config.update(temperature=self.temperature)
+        config.update(temperature=self.temperature,
+                      from_logits=self.from_logits)
         return config
 
 
@@ -279,6 +301,10 @@ class ExpectedCalibrationError(DistillationMetric):
 
     Args:
         num_bins: number of confidence bins. Defaults to 15.
+        from_logits: `True` (default) when the scores are logits; `False`
+            when they are probabilities (e.g. a softmax output), read as
+            `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`).
         name: name in logs.
         dtype: dtype of the accumulators.
 
@@ -293,9 +319,11 @@ class ExpectedCalibrationError(DistillationMetric):
     """
 
     inputs = "labels"
+    reads_distribution = True
 
-    def __init__(self, num_bins=15, name="ece", dtype=None):
+    def __init__(self, num_bins=15, from_logits=True, name="ece", dtype=None):
         super().__init__(name=name, dtype=dtype)
+        self.from_logits = bool(from_logits)
         num_bins = int(num_bins)
         if num_bins < 1:
             raise ValueError(f"`num_bins` must be >= 1, got {num_bins}.")
@@ -319,7 +347,7 @@ class ExpectedCalibrationError(DistillationMetric):
             labels = ops.argmax(y_true, axis=-1)  # one-hot
         else:
             labels = ops.reshape(y_true, (-1,))
-        probs = ops.softmax(logits, axis=-1)
+        probs = ops.softmax(as_logits(logits, self.from_logits), axis=-1)
         confidence = ops.max(probs, axis=-1)
         predicted = ops.argmax(logits, axis=-1)
         correct = ops.cast(
@@ -351,7 +379,7 @@ class ExpectedCalibrationError(DistillationMetric):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_bins=self.num_bins)
+        config.update(num_bins=self.num_bins, from_logits=self.from_logits)
         return config
 
 

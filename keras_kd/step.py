@@ -17,7 +17,7 @@ from keras import ops
 from keras_kd.augment import apply_checked
 from keras_kd.cache.reader import CacheReader, model_inputs
 from keras_kd.distribution import scale_for_replicas
-from keras_kd.losses.divergences import TopKDistribution
+from keras_kd.teachers.topk import TopKDistribution
 from keras_kd.outputs import OutputChoice, check_same_shape
 from keras_kd.teachers import ensemble_loss
 

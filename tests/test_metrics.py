@@ -200,3 +200,39 @@ def test_config_round_trip_and_names():
         AttentionIoU(models=("a", "b", "c"))
     with pytest.raises(ValueError, match="equal class counts"):
         TopOneAgreement().update_state(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (lambda **kw: TeacherKL(temperature=2.0, **kw), "logits"),
+    (lambda **kw: ExpectedCalibrationError(num_bins=5, **kw), "labels"),
+])
+def test_from_logits_false_reads_probabilities(make, inputs):
+    """On softmax outputs with `from_logits=False` the metric equals the
+    metric of the logits; read as logits they give another value."""
+    data = batches(seed=3)
+
+    def run(metric, to_input):
+        for t, s in data:
+            first = s.argmax(-1) if inputs == "labels" else to_input(t)
+            metric.update_state(first, to_input(s))
+        return float(metric.result())
+
+    def probabilities(z):
+        return softmax(z, axis=-1).astype("float32")
+
+    on_logits = run(make(), lambda z: z)
+    on_probabilities = run(make(from_logits=False), probabilities)
+    np.testing.assert_allclose(on_probabilities, on_logits, rtol=1e-4,
+                               atol=1e-6)
+    misread = run(make(), probabilities)
+    assert abs(misread - on_logits) > 1e-2 * on_logits + 1e-3
+    metric = make(from_logits=False)
+    assert metric.reads_distribution is True
+    clone = type(metric).from_config(metric.get_config())
+    assert clone.from_logits is False
+
+
+def test_top_class_metrics_do_not_read_distributions():
+    assert kd_metrics.DistillationMetric.reads_distribution is False
+    for metric in (TopOneAgreement(), MutualInformation(num_classes=C)):
+        assert metric.reads_distribution is False

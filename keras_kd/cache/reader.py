@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_kd.cache.tag import CacheTag
-from keras_kd.losses.divergences import TopKDistribution
+from keras_kd.teachers.topk import TopKDistribution
 from keras_kd.teachers import TeacherOutputs
 
 CACHE_KEY = "keras_kd_teacher_cache"

@@ -9,14 +9,12 @@ from keras_kd.losses.divergences import (
     ReverseKL,
     SkewKL,
     TokenDivergence,
-    TopKDistribution,
-    top_k_distribution,
 )
 from keras_kd.losses.features import AttentionTransfer, FeatureMSE
 from keras_kd.losses.logits import KD
-from keras_kd.losses.correlation import (
-    CMKD,
-    DIST,
-    PearsonCorrelation,
-    SpearmanCorrelation,
-)
+from keras_kd.losses.cmkd import CMKD
+from keras_kd.losses.correlation import PearsonCorrelation
+from keras_kd.losses.correlation import SpearmanCorrelation
+from keras_kd.losses.dist import DIST
+from keras_kd.teachers.topk import TopKDistribution
+from keras_kd.teachers.topk import top_k_distribution

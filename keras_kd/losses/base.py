@@ -26,9 +26,20 @@ class DistillationLoss(keras.losses.Loss):
             when they differ. Losses that only compare channel-free summaries
             (attention maps, logits) set it to `False`. A plain
             `keras.losses.Loss` used in a `Term` is treated as `True`.
+        reads_distribution: `True` for a loss that reads its inputs as class
+            scores of a distribution (logits, or probabilities with
+            `from_logits=False`): `KD`, the correlation losses and the token
+            divergences. Such a loss has a `from_logits` attribute (part of
+            its config), so that the `Distiller` can refuse a model whose
+            output is a softmax while the loss expects logits. `False` for
+            losses on features.
+
+    `get_config` includes the `dtype`, so a loss built with a dtype gets it
+    back from `from_config` (and `from_logits` where the loss has it).
     """
 
     matches_channels = True
+    reads_distribution = False
 
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -63,9 +74,43 @@ class DistillationLoss(keras.losses.Loss):
         """
         del teacher_shape, student_shape, where
 
+    def get_config(self):
+        config = super().get_config()
+        config["dtype"] = self.dtype
+        if self.reads_distribution:
+            config["from_logits"] = self.from_logits
+        return config
+
     def call(self, teacher_output, student_output):  # pragma: no cover
         raise NotImplementedError(
             f"{type(self).__name__} must implement "
             "`call(teacher_output, student_output)` returning per-sample "
             "losses."
         )
+
+
+class BatchCoupledLoss(DistillationLoss):
+    """A loss whose per-sample values contain a batch statistic (`DIST`,
+    `CMKD`).
+
+    `keras.losses.Loss.__call__` hands `call` only the two tensors; these
+    losses also need the sample weights to weight the batch statistic (the
+    intra-class correlations), so `__call__` makes them available to `call`
+    (as `self._batch_weights`) for the duration of the call and then defers
+    to the standard Keras machinery (dtype conversion, masks, weighting,
+    reduction). One instance should therefore not be called from several
+    Python threads at once.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._batch_weights = None
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        self._batch_weights = sample_weight
+        try:
+            return super().__call__(
+                y_true, y_pred, sample_weight=sample_weight
+            )
+        finally:
+            self._batch_weights = None

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
+from keras_kd.ops.probabilities import as_logits
 
 
 def standardize_logits(logits, epsilon=1e-7):
@@ -79,6 +80,11 @@ class KD(DistillationLoss):
     Args:
         temperature: softening temperature `tau`. Defaults to 4.
         standardize: z-score the logits of teacher and student first.
+        from_logits: `True` (default) when the teacher and student outputs
+            are logits; `False` when they are probabilities (e.g. a softmax
+            output), read as `log(clip(p, epsilon, 1 - epsilon))`
+            (`keras_kd.ops.probabilities.as_logits`): the loss is then that
+            of the logits.
         name: name of the loss; also the default `Term` name.
         reduction: Keras loss reduction. Defaults to `"sum_over_batch_size"`.
         dtype: dtype of the loss computation.
@@ -91,11 +97,13 @@ class KD(DistillationLoss):
     """
 
     matches_channels = False
+    reads_distribution = True
 
     def __init__(
         self,
         temperature=4.0,
         standardize=False,
+        from_logits=True,
         name="kd",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -103,11 +111,12 @@ class KD(DistillationLoss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.standardize = bool(standardize)
+        self.from_logits = bool(from_logits)
 
     def call(self, teacher_output, student_output):
         return kd_loss(
-            teacher_output,
-            student_output,
+            as_logits(teacher_output, self.from_logits),
+            as_logits(student_output, self.from_logits),
             temperature=self.temperature,
             standardize=self.standardize,
         )

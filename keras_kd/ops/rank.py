@@ -2,12 +2,11 @@
 
 Everything here is written with `keras.ops`, so it runs unchanged on every
 Keras backend and device; the one backend-specific piece is a faster sort
-used only under TensorFlow with XLA (`keras_kd.ops.sort`), which returns
-the same permutation.
+on TensorFlow (`keras_kd.ops.sort`), which returns the same permutation.
 
 Both functions sort each slice once (O(n log n): `keras.ops.argsort`, or
-under TensorFlow with XLA the faster key sort of `keras_kd.ops.sort`) and
-work on the sorted values:
+on TensorFlow the key sort of `keras_kd.ops.sort`) and work on the sorted
+values:
 
 - `exact_rank` gives the ranks of `scipy.stats.rankdata` (1-based, ties get
   the average of the ranks they span). It has no gradient.

@@ -1,28 +1,31 @@
-"""Row-wise sorting for the rank functions, with a fast path under XLA.
+"""Row-wise sorting for the rank functions, with a fast path on TensorFlow.
 
 `argsort_rows(rows)` returns, for a 2-D tensor, the permutation that sorts
 every row in ascending order (as `keras.ops.argsort(rows, axis=-1)`, as
 int32); `sort_rows(rows)` returns the sorted rows, differentiable, and that
-permutation. Everywhere but one place they are `keras.ops.argsort` and
+permutation. On JAX and PyTorch they are `keras.ops.argsort` and
 `keras.ops.take_along_axis`.
 
-The one place: the TensorFlow backend inside an XLA-compiled function
-(`jit_compile=True`). TensorFlow lowers `argsort` to a `TopK` of every
-element, which XLA compiles to a sort of (value, index) pairs with a
-general comparator; on CPU that sort is several times slower than XLA's
-sort of a single integer tensor. This path therefore packs each float32
-value and its column index into one int64 key whose integer order is the
-order of (value, index), sorts the keys alone, and reads the indices back
-from their low bits and the values from their high bits (no gather).
-Values are mapped to integers with the usual order-preserving bit trick
-(flip all bits but the sign of negative floats), so the order is exact: no
-rounding, and equal values keep ascending column order. `-0.0` sorts just
-before `+0.0`; the rank functions compare the sorted values themselves, so
-the two still count as a tie. The gradient of the sorted values is one
-scatter back to the original columns.
+On TensorFlow they sort integer keys instead. TensorFlow lowers `argsort`
+to a `TopK` of every element, which XLA compiles (`jit_compile=True`) to a
+sort of (value, index) pairs with a general comparator; on CPU that sort is
+several times slower than XLA's sort of a single integer tensor. So each
+float32 value and its column index are packed into one int64 key whose
+integer order is the order of (value, index); `tf.sort` sorts the keys
+alone (XLA drops the unused index operand of its `TopK`, leaving a sort of
+one tensor), and the indices are read back from the keys' low bits and the
+values from their high bits (no gather). Values are mapped to integers with
+the usual order-preserving bit trick (flip all bits but the sign of
+negative floats), so the order is exact: no rounding, and equal values keep
+ascending column order. `-0.0` sorts just before `+0.0`; the rank functions
+compare the sorted values themselves, so the two still count as a tie. The
+gradient of the sorted values is one scatter back to the original columns.
 
-float64 inputs and rows too long for the packing use `keras.ops.argsort`.
-`benchmarks/losses.py` prints both sorts side by side.
+The same key sort runs eagerly, in a `tf.function` and under XLA (only
+public TensorFlow API, no test of the compilation context); outside XLA it
+is TensorFlow's own `TopK` kernel on int64 keys. float64 inputs and rows
+too long for the packing use `keras.ops.argsort`. `benchmarks/losses.py`
+prints both sorts side by side.
 """
 
 import keras
@@ -31,29 +34,9 @@ from keras import ops
 _FAST_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _in_tensorflow_xla():
-    """True while TensorFlow traces a function compiled with XLA."""
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    try:  # TensorFlow-internal helpers: without them, no fast path.
-        from tensorflow.python.framework import ops as tf_ops
-        from tensorflow.python.ops import control_flow_util
-
-        in_xla = control_flow_util.GraphOrParentsInXlaContext
-        graph = tf_ops.get_default_graph()
-    except (ImportError, AttributeError):  # pragma: no cover
-        return False
-    return bool(in_xla(graph))
-
-
-def _tensorflow_xla_sort(rows):
+def _tensorflow_key_sort(rows):
     """Sorted float32 rows and their permutation, from one key sort."""
     import tensorflow as tf
-    from tensorflow.compiler.tf2xla.python import xla
 
     n = rows.shape[-1]
     index_bits = max(1, (n - 1).bit_length())
@@ -62,7 +45,7 @@ def _tensorflow_xla_sort(rows):
     keys = tf.bitwise.left_shift(
         tf.cast(_flip_negative(bits), tf.int64), index_bits
     )
-    keys = xla.sort(keys + tf.range(n, dtype=tf.int64)[None, :])
+    keys = tf.sort(keys + tf.range(n, dtype=tf.int64)[None, :], axis=-1)
     permutation = tf.cast(tf.bitwise.bitwise_and(keys, index_mask), "int32")
     # The high bits hold the values themselves: no gather needed.
     high = tf.cast(tf.bitwise.right_shift(keys, index_bits), tf.int32)
@@ -81,7 +64,7 @@ def _flip_negative(bits):
 def _use_fast_path(rows):
     n = rows.shape[-1]
     return (
-        _in_tensorflow_xla()
+        keras.backend.backend() == "tensorflow"
         and keras.backend.standardize_dtype(rows.dtype) in _FAST_DTYPES
         and n is not None
         and (n - 1).bit_length() <= 31
@@ -116,7 +99,8 @@ def argsort_rows(rows):
     """Ascending sort permutation of every row of a 2-D tensor (int32).
 
     Equal to `keras.ops.argsort(rows, axis=-1)` up to the order of equal
-    values; faster under TensorFlow with XLA (see the module docstring).
+    values; on TensorFlow, equal values keep ascending column order and
+    the sort is faster under XLA (see the module docstring).
     The result carries no gradient.
 
     Args:
@@ -127,7 +111,7 @@ def argsort_rows(rows):
     """
     rows = ops.stop_gradient(ops.convert_to_tensor(rows))
     if _use_fast_path(rows):
-        return _tensorflow_xla_sort(rows)[1]
+        return _tensorflow_key_sort(rows)[1]
     return ops.cast(ops.argsort(rows, axis=-1), "int32")
 
 
@@ -136,9 +120,9 @@ def sort_rows(rows):
 
     `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
     `permutation` as from `argsort_rows`. The gradient with respect to
-    `rows` puts the upstream gradient back in the original columns. Under
-    TensorFlow with XLA the sorted values are read from the sorted keys
-    themselves and the gradient is one scatter; elsewhere they are a
+    `rows` puts the upstream gradient back in the original columns. On
+    TensorFlow the sorted values are read from the sorted keys themselves
+    and the gradient is one scatter; elsewhere they are a
     `take_along_axis` by the permutation, differentiated by the backend.
 
     Args:
@@ -151,7 +135,7 @@ def sort_rows(rows):
         permutation = argsort_rows(rows)
         return ops.take_along_axis(rows, permutation, axis=-1), permutation
     dtype = rows.dtype
-    sorted_rows, permutation = _tensorflow_xla_sort(ops.stop_gradient(rows))
+    sorted_rows, permutation = _tensorflow_key_sort(ops.stop_gradient(rows))
 
     @ops.custom_gradient
     def _sorted(rows):

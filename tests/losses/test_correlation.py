@@ -12,17 +12,17 @@ from backend_utils import float64_context
 from backend_utils import value_and_grad_fn
 from keras import ops
 
-from keras_kd.losses.correlation import CMKD
-from keras_kd.losses.correlation import DIST
+from keras_kd.losses.cmkd import CMKD
+from keras_kd.losses.cmkd import cmkd_loss
+from keras_kd.losses.cmkd import entropy_weights
 from keras_kd.losses.correlation import PearsonCorrelation
 from keras_kd.losses.correlation import SpearmanCorrelation
-from keras_kd.losses.correlation import cmkd_loss
-from keras_kd.losses.correlation import dist_loss
-from keras_kd.losses.correlation import entropy_weights
-from keras_kd.losses.correlation import intra_class_loss
-from keras_kd.losses.correlation import pearson_correlation
 from keras_kd.losses.correlation import pearson_loss
 from keras_kd.losses.correlation import spearman_loss
+from keras_kd.losses.dist import DIST
+from keras_kd.losses.dist import dist_loss
+from keras_kd.losses.dist import intra_class_loss
+from keras_kd.ops.correlation import pearson_correlation
 from keras_kd.losses.logits import standardize_logits
 
 B, C = 6, 12

@@ -17,7 +17,8 @@ from keras_kd.losses import (
     TopKDistribution,
     top_k_distribution,
 )
-from keras_kd.losses.divergences import divergence_loss, forward_kl
+from keras_kd.losses.chunking import divergence_loss
+from keras_kd.ops.divergences import forward_kl
 
 
 def np_log_softmax(z):

@@ -1,5 +1,6 @@
-"""Sorting under XLA: the TensorFlow fast path of `argsort_rows` and the
-ranks built on it, and the same checks compiled on the other backends."""
+"""Sorting: the TensorFlow key sort of `argsort_rows` (eager, in a graph
+and under XLA) and the ranks built on it, and the same checks compiled on
+the other backends."""
 
 import numpy as np
 import pytest
@@ -32,44 +33,72 @@ def _awkward_rows():
 
 @pytest.fixture
 def fast_sort_calls(monkeypatch):
-    """Records the shape of every row batch sent to the XLA fast path."""
+    """Records the shape of every row batch sent to the key sort."""
     calls = []
-    fast = sort_module._tensorflow_xla_sort
+    fast = sort_module._tensorflow_key_sort
 
     def spy(rows):
         calls.append(rows.shape)
         return fast(rows)
 
-    monkeypatch.setattr(sort_module, "_tensorflow_xla_sort", spy)
+    monkeypatch.setattr(sort_module, "_tensorflow_key_sort", spy)
     return calls
 
 
-@pytest.mark.backends("tensorflow")  # the fast path is TensorFlow's
-def test_fast_path_is_taken_only_under_xla(fast_sort_calls):
+def _assert_sorts_with_ties_in_column_order(rows, permutation):
+    assert permutation.dtype == np.int32
+    for row, order in zip(rows, permutation):
+        assert sorted(order) == list(range(rows.shape[1]))
+        np.testing.assert_array_equal(row[order], np.sort(row))
+        # Equal values keep column order (-0.0 sorts just before +0.0, so
+        # ties are equal bit patterns).
+        ties = np.diff(row[order].view(np.int32)) == 0
+        assert np.all(np.diff(order)[ties] > 0)
+
+
+@pytest.mark.backends("tensorflow")  # the key sort is TensorFlow's
+def test_key_sort_runs_eagerly_in_a_graph_and_under_xla(fast_sort_calls):
     import tensorflow as tf
 
-    calls = fast_sort_calls
+    rows = _awkward_rows()
+    x = tf.constant(rows)
+    for run in (argsort_rows, tf.function(argsort_rows), jit(argsort_rows)):
+        _assert_sorts_with_ties_in_column_order(rows, run(x).numpy())
+    assert len(fast_sort_calls) == 3
+    # float64 has no room for the index bits: `argsort`.
+    argsort_rows(tf.constant(rows.astype("float64")))
+    assert len(fast_sort_calls) == 3
+
+
+@pytest.mark.backends("tensorflow")
+def test_xla_sorts_the_keys_as_one_tensor():
+    """XLA compiles the key sort to a sort of one int64 operand (the index
+    operand of TensorFlow's `TopK` is dropped), the reason for the keys."""
+    import re
+
+    import tensorflow as tf
+
     x = tf.constant(_awkward_rows())
-    argsort_rows(x)
-    tf.function(argsort_rows)(x)
-    assert calls == []
-    jit(argsort_rows)(x)
-    assert len(calls) == 1
+    compiled = tf.function(argsort_rows, jit_compile=True)
+    hlo = compiled.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    sorts = [line for line in hlo.splitlines() if " sort(" in line]
+    assert len(sorts) == 1, hlo
+    # One s64 result of one operand (a pair sort reads
+    # "= (f32[...], s32[...]) sort(%values, %iota)").
+    assert re.search(r"= s64\[[^\]]*\]\S* sort\(%[^,)]+\)", sorts[0]), hlo
 
 
 def test_xla_argsort_sorts_every_row():
     rows = _awkward_rows()
     permutation = to_numpy(jit(argsort_rows)(rows))
     assert permutation.dtype == np.int32
+    if BACKEND == "tensorflow":
+        _assert_sorts_with_ties_in_column_order(rows, permutation)
+        return
+    # Elsewhere the order of ties is left to `keras.ops.argsort`.
     for row, order in zip(rows, permutation):
         assert sorted(order) == list(range(rows.shape[1]))
         np.testing.assert_array_equal(row[order], np.sort(row))
-        if BACKEND == "tensorflow":
-            # The fast path keeps equal values in column order (-0.0 sorts
-            # just before +0.0, so ties are equal bit patterns); elsewhere
-            # the order of ties is left to `keras.ops.argsort`.
-            ties = np.diff(row[order].view(np.int32)) == 0
-            assert np.all(np.diff(order)[ties] > 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
@@ -99,8 +128,8 @@ def test_soft_rank_and_gradient_under_xla_equal_eager():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.backends("tensorflow")  # the fast path is TensorFlow's
-def test_distiller_with_jit_compile_uses_the_fast_sort(fast_sort_calls):
+@pytest.mark.backends("tensorflow")  # the key sort is TensorFlow's
+def test_distiller_with_jit_compile_uses_the_key_sort(fast_sort_calls):
     import keras
 
     import keras_kd

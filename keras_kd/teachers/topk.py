@@ -1,0 +1,95 @@
+"""The sparse form of a teacher's per-token distribution: its top-k entries
+plus one bucket for the rest (`TopKDistribution`), as a teacher-output
+cache stores it, and how a divergence reads it against dense student
+logits (`topk_bins`)."""
+
+from typing import NamedTuple
+
+from keras import ops
+
+from keras_kd.ops.probabilities import LOG_FLOOR
+
+
+class TopKDistribution(NamedTuple):
+    """A teacher's per-token distribution kept as its top-k entries plus one
+    bucket for the rest (the form a teacher-output cache stores).
+
+    Attributes:
+        indices: `(..., k)` integer token ids of the teacher's `k` most
+            probable tokens (distinct).
+        log_probs: `(..., k)` the teacher's log-probabilities of those tokens
+            under `softmax(z_t / tau)`, at the temperature `tau` of the loss
+            that reads them (any float dtype; float16 is enough).
+        tail_mass: `(...)` the probability of every other token together,
+            `1 - sum(exp(log_probs))`, clipped to `[0, 1]`.
+
+    A divergence given a `TopKDistribution` compares the teacher and the
+    student on `k + 1` bins: the teacher's `k` tokens and one bucket holding
+    the rest of each distribution. With `k` equal to the vocabulary size it
+    is the dense divergence.
+    """
+
+    indices: object
+    log_probs: object
+    tail_mass: object
+
+
+def top_k_distribution(teacher_logits, k, temperature=1.0, dtype="float16"):
+    """The `TopKDistribution` of dense teacher logits.
+
+    Args:
+        teacher_logits: `(..., vocab)` logits.
+        k: how many tokens to keep per position (`1 <= k <= vocab`).
+        temperature: `tau`; the divergence that reads the result must use
+            the same temperature (a sparse teacher cannot be re-softened).
+        dtype: dtype of `log_probs` and `tail_mass`.
+
+    Returns:
+        A `TopKDistribution` with int32 `indices`.
+    """
+    vocab = teacher_logits.shape[-1]
+    if int(k) != k or k < 1 or (vocab is not None and k > vocab):
+        raise ValueError(f"`k` must be an integer in [1, {vocab}], got {k}.")
+    log_p = ops.log_softmax(
+        ops.cast(teacher_logits, "float32") / float(temperature), axis=-1)
+    values, indices = ops.top_k(log_p, int(k), sorted=True)
+    tail = ops.clip(1.0 - ops.sum(ops.exp(values), axis=-1), 0.0, 1.0)
+    return TopKDistribution(ops.cast(indices, "int32"),
+                            ops.cast(values, dtype), ops.cast(tail, dtype))
+
+
+def _log_or_floor(x):
+    """`log(x)` where `x > 0`, else `LOG_FLOOR` (finite gradients)."""
+    positive = x > 0
+    return ops.where(positive, ops.log(ops.where(positive, x, 1.0)),
+                     LOG_FLOOR)
+
+
+def topk_bins(teacher, log_p_s):
+    """Teacher and student log-probabilities on the `k + 1` bins of a
+    `TopKDistribution` (its `k` tokens, then the tail bucket)."""
+    indices = ops.cast(teacher.indices, "int32")
+    log_t = ops.maximum(ops.cast(teacher.log_probs, "float32"), LOG_FLOOR)
+    tail_t = _log_or_floor(ops.cast(teacher.tail_mass, "float32"))
+    picked = ops.take_along_axis(log_p_s, indices, axis=-1)
+    vocab = log_p_s.shape[-1]
+    k = indices.shape[-1]
+    if k is not None and k == vocab:
+        # Every token is kept: the tail is empty (a stored tail mass is
+        # rounding noise).
+        return log_t, picked
+    # The student's tail, as a log-sum-exp over the tokens outside the top
+    # k (1 - sum(p) would lose a small tail to rounding). The top-k tokens
+    # are marked by one scatter over the flattened positions.
+    flat = ops.reshape(indices, (-1, 1))
+    rows = ops.shape(flat)[0] // k
+    row_ids = ops.reshape(ops.repeat(ops.arange(rows, dtype="int32")[:, None],
+                                     k, axis=1), (-1, 1))
+    in_top = ops.scatter(ops.concatenate([row_ids, flat], axis=-1),
+                         ops.ones(ops.shape(flat)[:1], "float32"),
+                         (rows, vocab))
+    in_top = ops.reshape(in_top, ops.shape(log_p_s)) > 0
+    tail_s = ops.logsumexp(ops.where(in_top, LOG_FLOOR, log_p_s), axis=-1)
+    tail_s = ops.maximum(tail_s, LOG_FLOOR)
+    return (ops.concatenate([log_t, tail_t[..., None]], axis=-1),
+            ops.concatenate([picked, tail_s[..., None]], axis=-1))
