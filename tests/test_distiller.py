@@ -258,7 +258,19 @@ def test_term_named_like_a_builtin_log_is_refused():
         make_distiller(terms=[Term(KD(), name="student")])
 
 
-def test_sequential_models_can_be_tapped(data):
+def numpy_valid_conv(x, kernel, bias):
+    """A 'valid' 3x3 convolution, stride 1, channels last, in NumPy."""
+    k = kernel.shape[0]
+    rows, cols = x.shape[1] - k + 1, x.shape[2] - k + 1
+    out = np.zeros((len(x), rows, cols, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("bhwc,cd->bhwd",
+                             x[:, i:i + rows, j:j + cols], kernel[i, j])
+    return out + bias
+
+
+def test_sequential_models_are_tapped_at_the_named_layers(data):
     x, y = data
 
     def seq(prefix, width):
@@ -271,8 +283,27 @@ def test_sequential_models_can_be_tapped(data):
     d = compile_(Distiller(seq("t", 6), seq("s", 3), terms=[
         Term(KD()), Term(FeatureMSE(), teacher_layer="t_conv",
                          student_layer="s_conv")]))
-    history = d.fit(x, y, epochs=1, batch_size=16, verbose=0)
-    assert "feature_mse_loss" in history.history
+
+    def numpy_feature_mse():
+        # The two conv outputs, by hand from the weights; the student's
+        # 3 channels are mapped to the teacher's 6 by the adapter.
+        t_conv = d.teacher.get_layer("t_conv")
+        s_conv = d.student.get_layer("s_conv")
+        adapter = d.adapters["feature_mse"]
+        t_feat = numpy_valid_conv(x, *snapshot_vars(t_conv.weights))
+        s_feat = numpy_valid_conv(x, *snapshot_vars(s_conv.weights))
+        kernel, bias = snapshot_vars(adapter.weights)
+        return np.mean((s_feat @ kernel + bias - t_feat) ** 2)
+
+    # One training step on the whole batch logs the loss of the weights it
+    # started from; evaluation that of the weights after it.
+    expected = numpy_feature_mse()
+    logs = d.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(logs["feature_mse_loss"], expected, rtol=1e-4)
+    after = numpy_feature_mse()
+    assert abs(after - expected) > 1e-2 * expected  # the step moved them
+    logs = d.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["feature_mse_loss"], after, rtol=1e-4)
 
 
 # Errors raised before training.

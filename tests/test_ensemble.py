@@ -125,49 +125,78 @@ def numpy_cam_maps(model, feature_layer, classifier_layer, x, size=(8, 8)):
         ..., 0]
 
 
-def test_diagnostics_in_history_equal_references(tmp_path, data):
+def numpy_diagnostics(t1, t2, student, x, y):
+    """The values of `all_diagnostics()` on `(x, y)`, by NumPy, scikit-learn
+    and TensorFlow's resize from the models' outputs."""
+    t_mean = (predict(t1, x) + predict(t2, x)) / 2
+    s_logits = predict(student, x)
+    p, q = softmax(t_mean.astype("float64"), -1), softmax(s_logits, -1)
+    cams = {
+        "t1": numpy_cam_maps(t1, "t1_stage2", "t1_logits", x),
+        "t2": numpy_cam_maps(t2, "t2_stage2", "t2_logits", x),
+        "s": numpy_cam_maps(student, "s_stage2", "s_logits", x),
+    }
+    return {
+        "top1_agreement": np.mean(t_mean.argmax(-1) == s_logits.argmax(-1)),
+        "teacher_kl": np.mean(np.sum(p * np.log(p / q), -1)),
+        "mutual_information": mutual_info_score(t_mean.argmax(-1),
+                                                s_logits.argmax(-1)),
+        "ece": numpy_ece(y, s_logits),
+        "attention_iou_t1_t2": numpy_iou([cams["t1"]], [cams["t2"]]),
+        "attention_iou_t1_student": numpy_iou([cams["t1"]], [cams["s"]]),
+    }
+
+
+def assert_diagnostics_equal(logs, expected, what):
+    for name, value in expected.items():
+        atol = 1e-6 if name == "mutual_information" else 0.0
+        np.testing.assert_allclose(logs[name], value, rtol=1e-4, atol=atol,
+                                   err_msg=f"{what} {name}")
+
+
+def test_training_and_validation_diagnostics_equal_references(tmp_path,
+                                                              data):
     x, y = data
     x_val = np.random.default_rng(9).normal(size=(48, 8, 8, 1)).astype(
         "float32")
     y_val = np.random.default_rng(10).integers(0, NUM_CLASSES, size=48)
-    t1, t2, student = make_cnn("t1", 8), make_cnn("t2", 6), make_cnn("s", 4)
-    d = compile_(Distiller([t1, t2], student, diagnostics=all_diagnostics()))
-    history = d.fit(x, y, validation_data=(x_val, y_val), epochs=1,
+    t1, t2 = make_cnn("t1", 8), make_cnn("t2", 6)
+    # The training-epoch diagnostics have a reference only if every batch
+    # of the epoch sees the same student: no augmentation, no batch norm
+    # in the student (its training-mode output would depend on the batch)
+    # and a learning rate of 0 for the 4 steps of epoch 1 (32 samples in
+    # batches of 8). Then epoch 1's values (streaming over its batches)
+    # equal the references on all 32 samples with the initial weights. The
+    # learning rate is 0.05 in epoch 2, so that the validation values are
+    # checked against weights that training moved.
+    student = make_cnn("s", 4, batchnorm=False)
+    initial = predict(student, x)
+    expected_train = numpy_diagnostics(t1, t2, student, x, y)
+    d = Distiller([t1, t2], student, diagnostics=all_diagnostics())
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [3], [0.0, 0.05])
+    d.compile(optimizer=keras.optimizers.SGD(schedule), loss=SCCE,
+              metrics=["accuracy"])
+    history = d.fit(x, y, validation_data=(x_val, y_val), epochs=2,
                     batch_size=8, verbose=0)
+    assert int(d.optimizer.iterations) == 8
+    assert np.abs(predict(student, x) - initial).max() > 1e-3
     names = ["top1_agreement", "teacher_kl", "mutual_information", "ece",
              "attention_iou_t1_t2", "attention_iou_t1_student"]
+    assert set(names) == set(expected_train)
     for name in names:
-        assert name in history.history and f"val_{name}" in history.history
-    assert 0.0 <= history.history["top1_agreement"][0] <= 1.0
+        assert len(history.history[name]) == 2
+        assert len(history.history[f"val_{name}"]) == 2
+    assert_diagnostics_equal({k: v[0] for k, v in history.history.items()},
+                             expected_train, "training epoch 1")
 
-    # Validation values (6 batches of 8) against references on all 48.
-    t_mean = (predict(t1, x_val) + predict(t2, x_val)) / 2
-    s_logits = predict(student, x_val)
+    # Validation values (6 batches of 8) against references on all 48,
+    # with the weights after epoch 2.
     val = {k[4:]: v[-1] for k, v in history.history.items()
            if k.startswith("val_")}
-    np.testing.assert_allclose(
-        val["top1_agreement"],
-        np.mean(t_mean.argmax(-1) == s_logits.argmax(-1)), rtol=1e-5)
-    np.testing.assert_allclose(
-        val["mutual_information"],
-        mutual_info_score(t_mean.argmax(-1), s_logits.argmax(-1)),
-        rtol=1e-4, atol=1e-6)
-    p, q = softmax(t_mean.astype("float64"), -1), softmax(s_logits, -1)
-    np.testing.assert_allclose(
-        val["teacher_kl"], np.mean(np.sum(p * np.log(p / q), -1)), rtol=1e-4)
-    np.testing.assert_allclose(val["ece"], numpy_ece(y_val, s_logits),
-                               rtol=1e-4)
-    cams = {
-        "t1": numpy_cam_maps(t1, "t1_stage2", "t1_logits", x_val),
-        "t2": numpy_cam_maps(t2, "t2_stage2", "t2_logits", x_val),
-        "s": numpy_cam_maps(student, "s_stage2", "s_logits", x_val),
-    }
-    np.testing.assert_allclose(val["attention_iou_t1_t2"],
-                               numpy_iou([cams["t1"]], [cams["t2"]]),
-                               rtol=1e-4)
-    np.testing.assert_allclose(val["attention_iou_t1_student"],
-                               numpy_iou([cams["t1"]], [cams["s"]]),
-                               rtol=1e-4)
+    assert_diagnostics_equal(val, numpy_diagnostics(t1, t2, student, x_val,
+                                                    y_val), "validation")
+    s_logits = predict(student, x_val)
 
     # The exported student holds the student's variables only.
     path = str(tmp_path / "student")

@@ -184,6 +184,49 @@ def test_each_module_is_updated_by_its_own_loss_only(data):
     assert max(float(np.abs(a - b).max()) for a, b in zip(own, summed)) > 1e-4
 
 
+def test_regularization_is_in_the_loss_and_the_update_of_its_module(data):
+    x, y = data
+    lr, l2 = 0.1, 0.05
+
+    def one_step(regularizer):
+        keras.utils.set_random_seed(5)  # the same weights in both runs
+        student = make_cnn("s", 4, batchnorm=False, regularizer=regularizer)
+        d = compile_(make_lakd(student=student, batchnorm=False),
+                     optimizer=keras.optimizers.SGD(lr))
+        before = snapshot(d.trainable_variables)
+        logs = d.train_on_batch(x, y, return_dict=True)
+        return d, logs, before, snapshot(d.trainable_variables)
+
+    d, logs, before, after = one_step(keras.regularizers.L2(l2))
+    _, plain_logs, plain_before, plain_after = one_step(None)
+    for a, b in zip(before, plain_before):
+        np.testing.assert_array_equal(a, b)
+    kernel = d.student.get_layer("s_stage2").kernel
+    index = next(i for i, v in enumerate(d.trainable_variables)
+                 if v is kernel)
+    # The L2 penalty by hand, from the weights the step started from.
+    penalty = l2 * float(np.sum(before[index].astype("float64") ** 2))
+    assert penalty > 1e-3
+
+    def module_sum(logs):
+        return (logs["local_1_loss"] + logs["local_2_loss"]
+                + 0.1 * logs["student_loss"] + 0.9 * logs["kd_loss"])
+
+    # (a) The logged loss of the step: the module losses plus the penalty.
+    np.testing.assert_allclose(plain_logs["loss"], module_sum(plain_logs),
+                               rtol=1e-5)
+    np.testing.assert_allclose(logs["loss"], module_sum(logs) + penalty,
+                               rtol=1e-5)
+    # (b) Plain SGD: the penalty adds its gradient, 2 * l2 * w, to the
+    # regularized kernel's update (that of module 2) and to nothing else.
+    for i, (reg, no_reg, w) in enumerate(zip(after, plain_after, before)):
+        expected = -lr * 2 * l2 * w if i == index else np.zeros_like(w)
+        np.testing.assert_allclose(reg - no_reg, expected, rtol=1e-3,
+                                   atol=1e-6,
+                                   err_msg=d.trainable_variables[i].path)
+    assert np.abs(lr * 2 * l2 * before[index]).max() > 1e-3
+
+
 def test_fit_history_losses_and_frozen_teacher(data):
     x, y = data
     terms = [Term(KD(4.0), 0.9),
