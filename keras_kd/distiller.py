@@ -26,6 +26,7 @@ from keras_kd.augment import distinct_layers
 from keras_kd.diagnostics import Diagnostics, check_single_outputs
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
+from keras_kd.outputs import check_reads_logits, symbolic_outputs
 from keras_kd.step import BoundTerm, DistillationStep, LossAssembly
 from keras_kd.taps import Tap
 from keras_kd.teachers import Teachers, as_teacher_list
@@ -185,6 +186,7 @@ class Distiller(Trainer, keras.Model):
         for b in bound:
             if not b.reads_features:
                 b.bind_outputs(teachers, student)
+                _check_term_reads_logits(b, teachers, student)
                 check_loss_shapes(
                     b, b.teacher_choices[0].shape, b.student_choice.shape,
                     f"term '{b.name}' (final outputs)")
@@ -252,6 +254,13 @@ class Distiller(Trainer, keras.Model):
             keras.metrics.Mean(name=f"{n}_loss") for n in self._tracker_names
         ]
         self.diagnostics = self.diagnostics_feed.metrics
+        for metric in self.diagnostics:
+            if metric.reads_distribution:
+                check_reads_logits(
+                    f"the diagnostic '{metric.name}'", metric.from_logits,
+                    [(role, m.name, symbolic_outputs(m)) for role, m in
+                     [("teacher", t) for t in teachers]
+                     + [("student", student)]])
         if all(t.built for t in teachers) and student.built:
             self.built = True
 
@@ -618,3 +627,24 @@ class Distiller(Trainer, keras.Model):
                 config["local_modules"], custom_objects=custom_objects
             )
         return cls(**config)
+
+
+def _check_term_reads_logits(bound, teachers, student):
+    """A term whose loss reads logits (`from_logits=True`) must not read
+    a softmax or sigmoid output."""
+    loss = bound.loss
+    if not (isinstance(loss, kd_losses.DistillationLoss)
+            and loss.reads_distribution):
+        return
+
+    def chosen(model, choice):
+        outputs = symbolic_outputs(model)
+        return None if outputs is None else choice(outputs)
+
+    several = len(teachers) > 1
+    check_reads_logits(
+        f"the term '{bound.name}' ({type(loss).__name__})", loss.from_logits,
+        [(f"teacher {i}" if several else "teacher", t.name,
+          chosen(t, c)) for i, (t, c) in
+         enumerate(zip(teachers, bound.teacher_choices))]
+        + [("student", student.name, chosen(student, bound.student_choice))])

@@ -188,3 +188,34 @@ def probability_layer(output):
         return None
     activation = _activation_name(layer)
     return None if activation is None else (layer.name, activation)
+
+
+def check_reads_logits(what, from_logits, outputs):
+    """Refuses to read probabilities as logits: when `from_logits` is True
+    and one of `outputs` ends in a softmax or sigmoid.
+
+    Args:
+        what: the reader, for the message (e.g. `"the term 'kd' (KD)"`).
+        from_logits: the reader's `from_logits`.
+        outputs: `[(role, model name, symbolic output or None)]`, the
+            outputs it reads.
+
+    Raises:
+        ValueError: naming the model, its layer and activation, and both
+            fixes.
+    """
+    if not from_logits:
+        return
+    for role, model_name, output in outputs:
+        found = probability_layer(output)
+        if found is None:
+            continue
+        layer, activation = found
+        raise ValueError(
+            f"The {role} '{model_name}' outputs probabilities (its layer "
+            f"'{layer}' ends in a {activation}), but {what} reads logits "
+            "(`from_logits=True`, the default): on probabilities it would "
+            "train on an almost flat signal. Either give the model logits "
+            f"(build '{layer}' with `activation=None`, or drop the final "
+            f"`Softmax` layer), or pass `from_logits=False` to {what}."
+        )
