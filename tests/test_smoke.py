@@ -18,7 +18,6 @@ from conftest import NUM_CLASSES, make_cnn
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 STAGES = [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]
-KERAS_VERSION = tuple(int(p) for p in keras.__version__.split(".")[:2])
 
 
 @pytest.fixture
@@ -82,12 +81,6 @@ def test_feature_term_with_an_adapter(batch):
     assert moved(adapter, d.adapters["feature_mse"].trainable_weights)
 
 
-@pytest.mark.skipif(
-    KERAS_VERSION < (3, 14),
-    reason=f"LocalModules needs Keras >= 3.14, this is {keras.__version__}: "
-    "a local module or teacher segment is a keras.Function from an inner "
-    "tensor (keras_kd/local/graph.py), which Keras 3.12 and 3.13 refuse "
-    "with 'Graph disconnected' when the Distiller is built")
 def test_local_modules(batch):
     x, y = batch
     d = compiled(make_cnn("t", 8), make_cnn("s", 4), terms=[Term(KD())],
