@@ -14,14 +14,17 @@ VOCAB = 11
 
 
 def token_model(name, units, seed):
-    """Tokens -> Embedding(mask_zero) -> logits; token 0 is padding."""
+    """Tokens -> Embedding(mask_zero) -> logits; token 0 is padding. The
+    weights come from NumPy, so every backend computes the same values."""
     inputs = keras.Input((None,), dtype="int32", name=f"{name}_tokens")
     x = keras.layers.Embedding(VOCAB, units, mask_zero=True,
                                name=f"{name}_embedding")(inputs)
-    init = keras.initializers.RandomNormal(stddev=1.0, seed=seed)
-    outputs = keras.layers.Dense(VOCAB, kernel_initializer=init,
-                                 name=f"{name}_logits")(x)
-    return keras.Model(inputs, outputs, name=name)
+    outputs = keras.layers.Dense(VOCAB, name=f"{name}_logits")(x)
+    model = keras.Model(inputs, outputs, name=name)
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(size=w.shape).astype("float32")
+                       for w in model.get_weights()])
+    return model
 
 
 def np_forward_kl(t, s):
@@ -64,5 +67,5 @@ def test_fit_logs_the_sample_weighted_token_mean_of_the_epoch():
              for b in batches]
     counts = [(tokens[b] != 0).sum() for b in batches]
     by_count = np.dot(means, counts) / sum(counts)
-    assert abs(by_count - expected) > 0.02 * expected
+    assert abs(by_count - expected) > 0.05 * expected
     np.testing.assert_allclose(logged, expected, rtol=1e-4)
