@@ -527,6 +527,16 @@ class Distiller(Trainer, keras.Model):
             pass  # Keras reports the wrong call.
         super().compile(*args, **kwargs)
 
+    def compile_from_config(self, config):
+        """Compiles a loaded distiller with the configuration that
+        `get_compile_config` saved (Keras leaves a model with its own
+        `compile` uncompiled otherwise)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built and self.optimizer is not None:
+            # Creates the optimizer's variables, which loading restores.
+            self.optimizer.build(self.trainable_variables)
+
     def get_compile_config(self):
         """The `compile` arguments a saved distiller is compiled with again,
         made backend-free: a built-in optimizer under its public Keras
