@@ -675,6 +675,10 @@ DOCUMENTED_ERRORS = {
         *_cnn(), diagnostics=[TopOneAgreement(name="kd_loss")]),
     "an `AttentionIoU` diagnostic": lambda: Distiller(
         *_cnn(), diagnostics=[keras_kd.metrics.AttentionIoU()]),
+    "a term or diagnostic that reads logits": lambda: Distiller(
+        _model("t", 4), keras.Model(
+            _model("s", 4).inputs,
+            keras.layers.Softmax()(_model("s", 4).outputs[0]))),
     "every loss of weight 0": lambda: Distiller(
         *_cnn(), terms=[Term(KD(), weight=0.0)], student_loss_weight=0.0),
     "a `MutualInformation` diagnostic": lambda: Distiller(
