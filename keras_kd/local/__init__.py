@@ -2,4 +2,4 @@
 own loss and its own gradient (see `LocalModules`)."""
 
 from keras_kd.local.plan import LocalModulePlan
-from keras_kd.local.plan import LocalModules
+from keras_kd.local.config import LocalModules
