@@ -5,6 +5,7 @@ import difflib
 import keras
 
 from keras_kd import _keras_compat as compat
+from keras_kd._untracked import Untracked
 
 
 def graph_endpoints(model, role):
@@ -112,3 +113,36 @@ class Tap:
             return self.model(x, training=training), []
         outputs, features = self._extractor(x, training=training)
         return outputs, list(features)
+
+
+class CallInLayer(keras.layers.Layer):
+    """Runs a function of a model's own graph (such as a `keras.Function`
+    over its symbolic tensors) inside one Keras layer call, so that the
+    call's `training` reaches every layer called within it (Keras passes an
+    outer call's `training` on to the layers it calls). A layer whose call
+    in the model fixed `training` (passed explicitly, or a non-`None`
+    default of its `call`, which Keras stores with the call) keeps that
+    value.
+
+    Inputs are passed as they are (no autocast): the model's own layers
+    cast them.
+
+    Args:
+        function: the function to run; its arguments are the call's
+            positional arguments.
+        name: the layer's name.
+
+    Example:
+
+    >>> part = keras.Function(model.get_layer("pool").output, model.output)
+    >>> CallInLayer(part, "head")(features, training=True)
+    """
+
+    def __init__(self, function, name):
+        super().__init__(name=name, autocast=False)
+        self._hidden = Untracked(function=function)
+        self.built = True
+
+    def call(self, *inputs, training=None):
+        del training  # reaches the layers through the call context
+        return self._hidden.function(*inputs)

@@ -28,25 +28,7 @@ import weakref
 import keras
 from keras import ops
 
-from keras_kd._untracked import Untracked
-from keras_kd.taps import graph_endpoints
-
-
-class _InferenceCall(keras.layers.Layer):
-    """Runs the segments inside a layer call made with `training=False`:
-    Keras passes that value on to every layer called within it, so batch
-    normalization and dropout run in inference mode. A layer whose call in
-    the model fixed `training` (passed explicitly, or a non-`None` default
-    of its `call`, which Keras stores with the call) keeps that value."""
-
-    def __init__(self, segments):
-        super().__init__(name="perturbed_call", dtype="float32")
-        self._hidden = Untracked(segments=segments)
-        self.built = True
-
-    def call(self, x, eps, training=None):
-        del training  # passed on by Keras to the layers called below
-        return self._hidden.segments.run(x, eps)
+from keras_kd.taps import CallInLayer, graph_endpoints
 
 
 class Segments:
@@ -83,7 +65,8 @@ class Segments:
         self.steps = [keras.Function(inputs + tensors[:i], tensors[i])
                       for i in range(len(tensors))]
         self.head = keras.Function(inputs + tensors, outputs)
-        self._call = _InferenceCall(self)
+        # Inference mode reaches every layer of the segments.
+        self._call = CallInLayer(self.run, "perturbed_call")
 
     def run(self, x, eps):
         x = list(keras.tree.flatten(x))

@@ -6,7 +6,7 @@ Backend-free: only the symbolic graph of the model is read.
 import keras
 
 from keras_kd import _keras_compat as compat
-from keras_kd.taps import graph_endpoints, find_layer
+from keras_kd.taps import CallInLayer, graph_endpoints, find_layer
 
 
 def _walk_back(outputs, stops, earlier):
@@ -115,26 +115,6 @@ def owner_of_layers(parts):
     return {id(layer): k for k, layers in enumerate(parts) for layer in layers}
 
 
-class _GraphRun(keras.layers.Layer):
-    """Runs a `keras.Function` over a model's own layers inside one layer
-    call, so that `training` reaches every layer of the graph (Keras passes
-    an outer call's `training` to the layers called inside it).
-
-    A `keras.Function` reuses the model's call nodes: unlike a
-    `keras.Model` built on an inner tensor, it adds no node to the model's
-    layers, so the user's model is left exactly as it was.
-    """
-
-    def __init__(self, function, name):
-        super().__init__(name=name, autocast=False)
-        self._function = [function]  # A list: not tracked as a sublayer.
-        self.built = True
-
-    def call(self, x, training=None):
-        del training  # Reaches the layers through the call context.
-        return self._function[0](x)
-
-
 class Part:
     """A sub-graph of a model from `start` to `(end, features)`, run with
     the model's own layers (shared weights) and without changing the model.
@@ -165,7 +145,10 @@ class Part:
             )
         self.layers = list(layers)
         self.name = name
-        self._run = _GraphRun(
+        # A `keras.Function` reuses the model's call nodes: unlike a
+        # `keras.Model` built on an inner tensor, it adds no node to the
+        # model's layers, so the user's model is left as it was.
+        self._run = CallInLayer(
             keras.Function(start, (end, extras), name=name), name=name)
 
     @property
