@@ -242,8 +242,7 @@ class Distiller(Trainer, keras.Model):
         self.local_plan = None
         if local_modules is not None:
             self.local_plan = local_modules.bind(
-                teachers, student, bound, assembly, ensemble=ensemble,
-                teacher_augmentation=teacher_augmentation,
+                teacher_side, student, bound, assembly,
                 diagnostics=self.diagnostics_feed)
             self.adapters.update(self.local_plan.adapters)
 

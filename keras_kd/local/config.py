@@ -143,29 +143,25 @@ class LocalModules:
         logged (`<name>_<k>`, 1-based, one per split)."""
         return [f"{self.name}_{k + 1}" for k in range(len(self.split_at))]
 
-    def bind(self, teachers, student, terms, assembly, ensemble="logits",
-             teacher_augmentation=None, diagnostics=None):
+    def bind(self, teachers, student, terms, assembly, diagnostics=None):
         """Builds and validates the modules for a student and its teachers;
         called by `Distiller`.
 
         Args:
-            teachers: the teacher `keras.Model`s.
+            teachers: the distiller's `keras_kd.teachers.Teachers` (its
+                teacher models, ensemble mode and augmentations); the
+                modules ask it for the teacher layers they read.
             student: the student `keras.Model`.
             terms: the distiller's `keras_kd.step.BoundTerm`s.
             assembly: the distiller's `keras_kd.step.LossAssembly`.
-            ensemble: how several teachers combine (`"logits"` or
-                `"losses"`), as in the `Distiller`.
-            teacher_augmentation: the distiller's teacher augmentation(s).
             diagnostics: the distiller's `keras_kd.diagnostics.Diagnostics`
                 (which layers its metrics read), or `None`.
 
         Returns:
             A `LocalModulePlan`.
         """
-        return LocalModulePlan(
-            self, teachers, student, terms, assembly, ensemble=ensemble,
-            teacher_augmentation=teacher_augmentation,
-            diagnostics=diagnostics)
+        return LocalModulePlan(self, teachers, student, terms, assembly,
+                               diagnostics=diagnostics)
 
     def get_config(self):
         return {

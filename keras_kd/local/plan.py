@@ -16,7 +16,6 @@ from keras_kd.local.stream import TeacherStream
 from keras_kd.losses.features import check_poolable
 from keras_kd.step import BoundTerm, StepLosses, StudentForward
 from keras_kd.taps import find_layer
-from keras_kd.teachers import Teachers
 from keras_kd.term import Term
 
 
@@ -68,7 +67,6 @@ class LocalModulePlan(ModuleChain):
     argument = "local_modules"
 
     def __init__(self, spec, teachers, student, terms, assembly,
-                 ensemble="logits", teacher_augmentation=None,
                  diagnostics=None):
         self.spec = spec
         self.assembly = assembly
@@ -120,15 +118,15 @@ class LocalModulePlan(ModuleChain):
                 for i in self.feature_terms[k])}
         self.diagnostics = diagnostics
         diagnostic_layers = diagnostics.student_layers if diagnostics else []
-        self.teachers = Teachers(
-            teachers, feature_bounds, ensemble=ensemble,
-            augmentation=teacher_augmentation,
+        self.teachers = teachers.with_features(
+            feature_bounds,
             extra_layers=diagnostics.teacher_layers if diagnostics else None,
         )
+        models = self.teachers.teachers
         self.teacher_segments = None
-        if len(teachers) == 1 and not any(
+        if len(models) == 1 and not any(
                 diagnostics.teacher_layers[0] if diagnostics else []):
-            self._build_teacher_segments(teachers[0])
+            self._build_teacher_segments(models[0])
             if diagnostics is not None and diagnostics.metrics:
                 # The diagnostics read the teacher's output.
                 self.teacher_need[-1] = n_splits

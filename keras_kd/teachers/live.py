@@ -308,6 +308,23 @@ class Teachers:
                 )
         return shapes[first]
 
+    def with_features(self, feature_terms, extra_layers=None):
+        """The same teachers, ensemble mode and augmentations, reading other
+        layers: what a training extension (local modules) asks for instead
+        of wrapping the teacher models again.
+
+        Args:
+            feature_terms: the terms (with `teacher_layer` and `name`) whose
+                teacher features to read, in order.
+            extra_layers: per teacher, names of further layers to return.
+
+        Returns:
+            A `Teachers`.
+        """
+        return Teachers(self.teachers, feature_terms, ensemble=self.ensemble,
+                        augmentation=self.augmentations,
+                        extra_layers=extra_layers)
+
     def augment(self, x, index=0):
         """`x` as teacher `index` sees it in a training step (its
         augmentation, or the shared one)."""
