@@ -300,11 +300,13 @@ class DistillationStep:
         """The teachers' `TeacherOutputs` on `x`, in inference mode, with
         their gradients stopped (each teacher on its own augmentation of `x`
         when `augment`); read from the batch, with no teacher run, when `x`
-        carries a teacher cache (`keras_kd.cache`)."""
-        cached = self.cache_reader(x, augment=augment)
-        if cached is not None:
-            return cached
-        return self.teachers(x, training=False, augment=augment)
+        carries a teacher cache (`keras_kd.cache`): the two
+        `keras_kd.teachers.source.TeacherSource`s, asked in that order."""
+        for source in (self.cache_reader, self.teachers):
+            outputs = source.outputs(x, augment=augment)
+            if outputs is not None:
+                return outputs
+        raise AssertionError("the live teachers always answer")
 
     def student_inputs(self, x, augment=False):
         """`x` as the student sees it (without a teacher cache it may

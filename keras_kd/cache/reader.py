@@ -100,6 +100,11 @@ class CacheReader:
         distiller has checked (`keras_kd.cache.check.check_data`)."""
         self.verified.add(str(tag))
 
+    def outputs(self, x, augment=False):
+        """The `keras_kd.teachers.source.TeacherSource` interface: the
+        outputs `x` carries, or `None` (see `__call__`)."""
+        return self(x, augment=augment)
+
     def __call__(self, x, augment=False):
         """The `TeacherOutputs` carried by `x`, or `None` when `x` carries
         no cache."""

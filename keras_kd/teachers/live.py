@@ -308,6 +308,11 @@ class Teachers:
                 )
         return shapes[first]
 
+    def outputs(self, x, augment=False):
+        """The `TeacherSource` interface: every teacher run on `x` in
+        inference mode (see `__call__`)."""
+        return self(x, training=False, augment=augment)
+
     def with_features(self, feature_terms, extra_layers=None):
         """The same teachers, ensemble mode and augmentations, reading other
         layers: what a training extension (local modules) asks for instead
