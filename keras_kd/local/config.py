@@ -35,8 +35,9 @@ class LocalModules:
     - every module: the distiller's feature terms whose `student_layer`
       lies inside it, and the regularization losses of its own layers.
 
-    Each module's forward and backward pass run under their own
-    `tf.GradientTape`, and the next module starts only after the previous
+    Each module's forward and backward pass run under their own gradient
+    computation (a `tf.GradientTape`, `jax.value_and_grad` or
+    `torch.autograd.grad`), and the next module starts only after the previous
     module's gradients are computed, so a module's activations are
     released before the next module runs (in graph mode a control
     dependency enforces the order). The gradients of all modules are then
