@@ -43,7 +43,7 @@ def distiller(batchnorm, layerwise=False):
     if layerwise:
         layerwise_lr = keras_kd.LayerwiseLearningRate(
             pairs=[("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")],
-            update_every=1)
+            update_every=2)
     return keras_kd.Distiller(teacher, student, terms=[
         keras_kd.Term(keras_kd.losses.KD(2.0), 0.9),
         keras_kd.Term(keras_kd.losses.FeatureMSE(), 1.0,
@@ -103,6 +103,7 @@ def resume(folder, layerwise=False):
     np.savez(os.path.join(folder, "resumed.npz"),
              logs=np.array([logs[k] for k in sorted(logs)]),
              keys=np.array(sorted(logs)), iterations=iterations,
+             jit_compile=bool(d.jit_compile),
              loss=np.array(history.history["loss"]),
              student_changed=any(
                  not np.array_equal(a, b) for a, b in zip(
