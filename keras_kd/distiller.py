@@ -236,7 +236,7 @@ class Distiller(Trainer, keras.Model):
 
         self.layerwise_lr = layerwise_lr
         self.layerwise_state = attach_layerwise(
-            layerwise_lr, teachers, student
+            layerwise_lr, teacher_side, student
         )
         self.local_modules = local_modules
         self.local_plan = None

@@ -151,18 +151,19 @@ class LayerwiseLearningRate:
         """Names of the paired teacher layers, in order."""
         return [t for _, t in self.pairs]
 
-    def bind(self, teacher, student):
+    def bind(self, teachers, student):
         """Validate the pairs against the models and return the state the
         `Distiller` tracks (divergences, maps, the optimizer it wraps).
 
         Args:
-            teacher: the teacher `keras.Model`, or a list of them.
+            teachers: the distiller's `keras_kd.teachers.Teachers`, which
+                the measurement asks for the paired teacher layers.
             student: the student `keras.Model`.
 
         Returns:
             A `LayerwiseState` layer.
         """
-        return LayerwiseState(self, teacher, student)
+        return LayerwiseState(self, teachers, student)
 
     def get_config(self):
         return {
@@ -193,7 +194,7 @@ def attach(layerwise_lr, teachers, student):
 
     Args:
         layerwise_lr: `None` or a `LayerwiseLearningRate`.
-        teachers: the teacher `keras.Model`, or a list of them.
+        teachers: the distiller's `keras_kd.teachers.Teachers`.
         student: the student `keras.Model`.
     """
     if layerwise_lr is None:

@@ -53,13 +53,6 @@ def probe_seed(iteration):
                       ops.cast(iteration, "int32")])
 
 
-def _has_layer(model, name):
-    try:
-        return any(layer.name == name for layer in model.layers)
-    except AttributeError:
-        return False
-
-
 def check_shapes(pair, t_shape, s_shape, teacher_name=None):
     """Raises a `ValueError` naming the pair when its maps cannot be
     compared: different ranks, a rank other than 2, 3 or 4, different
@@ -108,20 +101,21 @@ def check_output(model, role, signal):
 
 class Measurement:
     """The maps and divergences of the pairs of a `LayerwiseLearningRate`
-    on a batch: one `keras_kd.taps.Tap` over the student and one over each
-    teacher (reading the teacher layers of the pairs it has). The pairs are
-    checked against the models when it is built.
+    on a batch: one `keras_kd.taps.Tap` over the student and, asked of the
+    distiller's teachers (`Teachers.layer_taps`), one over each teacher
+    (reading the teacher layers of the pairs it has). The pairs are checked
+    against the models when it is built.
 
     Args:
         config: the `LayerwiseLearningRate` (its `pairs`, `signal`, `p` and
             `hutchinson_samples` are read).
-        teachers: the list of teacher `keras.Model`s.
+        teachers: the distiller's `keras_kd.teachers.Teachers`.
         student: the student `keras.Model`.
 
     Example:
 
     ```python
-    measurement = Measurement(config, [teacher], student)
+    measurement = Measurement(config, Teachers([teacher], []), student)
     divergences = measurement.divergences(x)  # shape (pairs,)
     ```
     """
@@ -131,15 +125,9 @@ class Measurement:
         self.student = Tap(student, config.student_layers, "student")
         # Per pair, the (teacher index, position in its tap) of every
         # teacher that has the pair's teacher layer.
-        self.sources = [[] for _ in config.pairs]
-        self.teachers = []
-        for t, model in enumerate(teachers):
-            layers = []
-            for p, (_, t_name) in enumerate(config.pairs):
-                if len(teachers) == 1 or _has_layer(model, t_name):
-                    self.sources[p].append((t, len(layers)))
-                    layers.append(t_name)
-            self.teachers.append(Tap(model, layers, "teacher"))
+        self.teachers, self.sources = teachers.layer_taps(
+            [t_name for _, t_name in config.pairs])
+        teachers = teachers.teachers
         for (s_name, t_name), found in zip(config.pairs, self.sources):
             if not found:
                 raise ValueError(

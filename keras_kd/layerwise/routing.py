@@ -46,7 +46,7 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
 
     Args:
         config: the `LayerwiseLearningRate` it implements.
-        teacher: the teacher `keras.Model`, or a list of them.
+        teachers: the distiller's `keras_kd.teachers.Teachers`.
         student: the student `keras.Model`.
         name: name of the layer.
 
@@ -56,13 +56,9 @@ class LayerwiseState(keras.layers.Layer, GradientRouting):
 
     argument = "layerwise_lr"
 
-    argument = "layerwise_lr"
-
-    def __init__(self, config, teacher, student, name="layerwise_lr"):
+    def __init__(self, config, teachers, student, name="layerwise_lr"):
         super().__init__(name=name)
         self.config = config
-        teachers = list(teacher) if isinstance(teacher, (list, tuple)) \
-            else [teacher]
         # Checks the pairs against the models first.
         measurement = Measurement(config, teachers, student)
         self._groups = self._variable_groups(student)

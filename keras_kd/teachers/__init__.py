@@ -5,6 +5,7 @@ distribution that a teacher-output cache stores
 (`keras_kd.teachers.topk`)."""
 
 from keras_kd.teachers.live import ENSEMBLE_MODES
+from keras_kd.teachers.live import LayerTaps
 from keras_kd.teachers.live import TeacherOutputs
 from keras_kd.teachers.live import Teachers
 from keras_kd.teachers.live import as_teacher_list

@@ -37,6 +37,21 @@ class TeacherOutputs(NamedTuple):
     diagnostic_features: list
 
 
+class LayerTaps(NamedTuple):
+    """Taps over named teacher layers (`Teachers.layer_taps`).
+
+    Attributes:
+        taps: per teacher, a `keras_kd.taps.Tap` over the named layers it
+            has.
+        sources: per name, the `(teacher index, position in that teacher's
+            tap)` of every teacher that has the layer (empty when none
+            has it).
+    """
+
+    taps: list
+    sources: list
+
+
 def as_teacher_list(teacher):
     """`teacher` as a non-empty list of `keras.Model`s, or a `TypeError`."""
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) \
@@ -329,6 +344,30 @@ class Teachers:
         return Teachers(self.teachers, feature_terms, ensemble=self.ensemble,
                         augmentation=self.augmentations,
                         extra_layers=extra_layers)
+
+    def layer_taps(self, layer_names):
+        """Taps over the teachers' named layers, read without the teachers'
+        augmentations (what the layer-wise measurement asks for instead of
+        tapping the models itself).
+
+        Args:
+            layer_names: teacher layer names, in order. With several
+                teachers, each name is read from every teacher that has a
+                layer of that name; one teacher must have them all.
+
+        Returns:
+            A `LayerTaps`.
+        """
+        sources = [[] for _ in layer_names]
+        taps = []
+        for t, model in enumerate(self.teachers):
+            names = []
+            for p, name in enumerate(layer_names):
+                if len(self.teachers) == 1 or _teacher_has_layer(model, name):
+                    sources[p].append((t, len(names)))
+                    names.append(name)
+            taps.append(Tap(model, names, "teacher"))
+        return LayerTaps(taps, sources)
 
     def augment(self, x, index=0):
         """`x` as teacher `index` sees it in a training step (its
