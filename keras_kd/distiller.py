@@ -84,8 +84,9 @@ class Distiller(Trainer, keras.Model):
         teacher: a trained `keras.Model`, or a list of them (an ensemble;
             their outputs must have equal shapes).
         student: the `keras.Model` to train.
-        terms: list of `keras_kd.Term`. Defaults to one Hinton KD term on the
-            final outputs (`Term(keras_kd.losses.KD())`).
+        terms: a `keras_kd.Term` or a list (or tuple) of them. Defaults to
+            one Hinton KD term on the final outputs
+            (`Term(keras_kd.losses.KD())`).
         student_loss_weight: weight of the compiled student loss.
         ensemble: with several teachers, `"logits"` (average the teachers'
             outputs, then compute each term) or `"losses"` (compute each term
@@ -150,9 +151,7 @@ class Distiller(Trainer, keras.Model):
                 f"`student` must be a `keras.Model`, got {student!r}."
             )
         check_teachers_apart(teachers, student)
-        if terms is None:
-            terms = [Term(kd_losses.KD())]
-        terms = list(terms)
+        terms = _as_term_list(terms)
         for term in terms:
             if not isinstance(term, Term):
                 raise TypeError(
@@ -657,3 +656,32 @@ def _check_term_reads_logits(bound, teachers, student):
           chosen(t, c)) for i, (t, c) in
          enumerate(zip(teachers, bound.teacher_choices))]
         + [("student", student.name, chosen(student, bound.student_choice))])
+
+
+def _as_term_list(terms):
+    """The `terms` argument of `Distiller` as a new list.
+
+    Args:
+        terms: `None` (one `Term(KD())`), a single `keras_kd.Term`, or a
+            list or tuple of them.
+
+    Returns:
+        A list of the given items (not yet checked to be `Term`s).
+
+    Raises:
+        TypeError: `terms` is neither `None`, a `Term`, a list nor a tuple.
+    """
+    if terms is None:
+        return [Term(kd_losses.KD())]
+    if isinstance(terms, Term):
+        return [terms]
+    if isinstance(terms, (list, tuple)):
+        return list(terms)
+    hint = ""
+    if isinstance(terms, keras.losses.Loss):
+        hint = (" Wrap a loss in a term: "
+                f"`terms=keras_kd.Term({type(terms).__name__}(...))`.")
+    raise TypeError(
+        "`terms` must be a `keras_kd.Term` or a list of them, got "
+        f"{terms!r} (of type {type(terms).__name__})." + hint
+    )

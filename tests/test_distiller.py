@@ -253,6 +253,48 @@ def test_terms_keep_their_names_and_log_under_unique_ones(data):
             err_msg=key)
 
 
+def test_a_single_term_trains_like_a_list_of_one(data):
+    x, y = data
+    teacher, student = make_cnn("t", 8), make_cnn("s", 4)
+    initial = student.get_weights()
+    results = []
+    for wrap in (lambda term: term, lambda term: [term]):
+        student.set_weights(initial)
+        term = Term(KD(temperature=2.0), weight=0.5)
+        d = compile_(Distiller(teacher, student, terms=wrap(term),
+                               student_loss_weight=0.1))
+        assert d.terms == [term]
+        history = d.fit(x, y, batch_size=len(x), epochs=1, shuffle=False,
+                        verbose=0)
+        results.append((history.history, snapshot(student)))
+    (single, single_weights), (listed, listed_weights) = results
+    assert set(single) == set(listed) == {"loss", "student_loss", "kd_loss",
+                                          "accuracy"}
+    for key in single:
+        np.testing.assert_allclose(single[key], listed[key], rtol=1e-6,
+                                   err_msg=key)
+    for a, b in zip(single_weights, listed_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("terms, hint", [
+    (KD(), "Wrap a loss in a term"),
+    ("kd", "got 'kd'"),
+    ({"kd": Term(KD())}, "of type dict"),
+])
+def test_terms_that_are_not_a_term_or_a_list_are_refused(terms, hint):
+    with pytest.raises(TypeError, match="`terms` must be a `keras_kd.Term` "
+                                        "or a list of them") as info:
+        Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=terms)
+    assert hint in str(info.value)
+
+
+def test_terms_may_be_a_tuple():
+    terms = (Term(KD(1.0)), Term(KD(2.0), name="kd_t2"))
+    d = Distiller(make_cnn("t", 8), make_cnn("s", 4), terms=terms)
+    assert d.term_names == ["kd", "kd_t2"]
+
+
 def test_term_named_like_a_builtin_log_is_refused():
     with pytest.raises(ValueError, match="'student_loss'.*another `name=`"):
         make_distiller(terms=[Term(KD(), name="student")])
