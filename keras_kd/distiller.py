@@ -46,14 +46,14 @@ class Distiller(Trainer, keras.Model):
     with unlabelled data (`fit(x)`) it is skipped and training is pure
     distillation.
 
-    The teacher is called with `training=False` outside the gradient tape and
-    is never updated: its weights and the object itself are left exactly as
-    they were handed over. The student runs forward once per step; its
-    outputs and every tapped feature come from that one call. When a feature
-    term compares maps with different channel counts, the distiller owns a
-    trainable adapter (a `Dense` layer on the channel axis, i.e. a 1x1
-    convolution for images) on the student side; it trains with the student
-    and is never exported.
+    The teacher is called with `training=False` outside the gradient
+    computation and is never updated: its weights and the object itself are
+    left exactly as they were handed over. The student runs forward once per
+    step; its outputs and every tapped feature come from that one call. When
+    a feature term compares maps with different channel counts, the
+    distiller owns a trainable adapter (a `Dense` layer on the channel axis,
+    i.e. a 1x1 convolution for images) on the student side; it trains with
+    the student and is never exported.
 
     `fit` history holds `loss`, `student_loss` (with labels), one
     `<term name>_loss` per term (unweighted), the compiled metrics computed on

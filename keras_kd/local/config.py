@@ -53,7 +53,7 @@ class LocalModules:
     the input to the output passes through each split layer, in the order
     given (a residual connection that jumps over a split point is an
     error; split after the merge instead). The teacher runs in inference
-    mode, outside every tape, each layer once per step; when
+    mode, outside every gradient computation, each layer once per step; when
     `teacher_layers` cut it into a chain too, it runs segment by segment,
     each just before the module that needs it.
 
