@@ -1,4 +1,8 @@
-"""The `keras-kd` command line.
+"""The subcommands of the `keras-kd` command line.
+
+The command itself is `keras_kd_cli` (a module beside this package, so that
+`keras-kd --version` and `--help` import no Keras); it hands the arguments
+of a subcommand to the function here that runs it.
 
 Subcommands:
 
@@ -10,7 +14,7 @@ Subcommands:
 import argparse
 import sys
 
-from keras_kd import __version__
+import keras_kd_cli
 
 
 def _positive_int(text):
@@ -27,29 +31,18 @@ def _positive_float(text):
     return value
 
 
-def build_parser():
-    """Builds the argument parser of the `keras-kd` command.
+def build_demo_parser():
+    """Builds the argument parser of `keras-kd demo`.
 
     Returns:
-        An `argparse.ArgumentParser` with the `demo` subcommand.
+        An `argparse.ArgumentParser` for the arguments after `demo`.
     """
     # Imported here for the defaults only; demo.py itself imports no
     # optional dependency at module level.
     from keras_kd import demo
 
-    parser = argparse.ArgumentParser(
-        prog="keras-kd",
-        description="Knowledge distillation for Keras 3.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"keras-kd {__version__}"
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-
-    demo_parser = subparsers.add_parser(
-        "demo",
-        help="distil a CNN on scikit-learn's digits and export the student",
+    demo_parser = argparse.ArgumentParser(
+        prog="keras-kd demo",
         description=(
             "Trains a small CNN teacher on all labelled training images of "
             "scikit-learn's digits, a tiny student alone on a few hundred "
@@ -110,11 +103,48 @@ def build_parser():
         "--quiet", action="store_const", const=0, dest="verbose",
         help="same as --verbose 0: print only the table and the export path",
     )
-    return parser
+    return demo_parser
+
+
+def demo_main(argv):
+    """Runs `keras-kd demo`.
+
+    Args:
+        argv: the command-line arguments after `demo`.
+
+    Returns:
+        The exit status (0 on success); `--help` and usage errors exit
+        through `SystemExit`.
+    """
+    from keras_kd import demo
+
+    parser = build_demo_parser()
+    args = parser.parse_args(argv)
+    labels = args.labels
+    if labels is None:
+        labels = demo.QUICK_LABELS if args.quick else demo.DEFAULT_LABELS
+    # Fail early, with a usage error rather than a traceback, when the
+    # data cannot be loaded or `--labels` is out of range.
+    try:
+        demo.load_digits_data(seed=args.seed, num_labels=labels)
+    except (ImportError, ValueError) as err:
+        parser.exit(2, f"keras-kd demo: error: {err}\n")
+    demo.run_demo(
+        epochs=args.epochs,
+        labels=labels,
+        seed=args.seed,
+        output=args.output,
+        quick=args.quick,
+        temperature=args.temperature,
+        feature_term=args.feature_term,
+        verbose=args.verbose,
+    )
+    return 0
 
 
 def main(argv=None):
-    """Entry point of the `keras-kd` console script.
+    """The `keras-kd` command, as `keras_kd_cli.main` (kept here so that
+    `python -m keras_kd.cli` and `keras_kd.cli.main` work as before).
 
     Args:
         argv: command-line arguments without the program name; defaults to
@@ -123,31 +153,7 @@ def main(argv=None):
     Returns:
         The exit status (0 on success).
     """
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "demo":
-        from keras_kd import demo
-
-        labels = args.labels
-        if labels is None:
-            labels = demo.QUICK_LABELS if args.quick else demo.DEFAULT_LABELS
-        # Fail early, with a usage error rather than a traceback, when the
-        # data cannot be loaded or `--labels` is out of range.
-        try:
-            demo.load_digits_data(seed=args.seed, num_labels=labels)
-        except (ImportError, ValueError) as err:
-            parser.exit(2, f"keras-kd demo: error: {err}\n")
-        demo.run_demo(
-            epochs=args.epochs,
-            labels=labels,
-            seed=args.seed,
-            output=args.output,
-            quick=args.quick,
-            temperature=args.temperature,
-            feature_term=args.feature_term,
-            verbose=args.verbose,
-        )
-    return 0
+    return keras_kd_cli.main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
