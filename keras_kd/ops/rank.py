@@ -1,8 +1,10 @@
 """Ranks of tensor entries: exact ranks and a differentiable soft rank.
 
 Everything here is written with `keras.ops`, so it runs unchanged on every
-Keras backend and device; the one backend-specific piece is a faster sort
-on TensorFlow (`keras_kd.ops.sort`), which returns the same permutation.
+Keras backend and device; the backend-specific pieces are a faster sort on
+TensorFlow (`keras_kd.ops.sort`), which returns the same permutation, and
+the scatter that puts ranks back in place, a native op on PyTorch
+(`keras_kd.ops.scatter`).
 
 Both functions sort each slice once (O(n log n): `keras.ops.argsort`, or
 on TensorFlow the key sort of `keras_kd.ops.sort`) and work on the sorted
@@ -23,7 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_kd.ops.sort import scatter_rows
+from keras_kd.ops.scatter import scatter_rows
 from keras_kd.ops.sort import sort_rows
 
 DEFAULT_STRENGTH = 0.1

@@ -31,6 +31,8 @@ prints both sorts side by side.
 import keras
 from keras import ops
 
+from keras_kd.ops.scatter import scatter_rows
+
 _FAST_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -68,30 +70,6 @@ def _use_fast_path(rows):
         and keras.backend.standardize_dtype(rows.dtype) in _FAST_DTYPES
         and n is not None
         and (n - 1).bit_length() <= 31
-    )
-
-
-def scatter_rows(values, permutation):
-    """Puts `values[r, p]` at column `permutation[r, p]` of row `r`.
-
-    The inverse of sorting: `scatter_rows(sorted_rows, permutation)` is
-    `rows` again.
-
-    Args:
-        values: tensor of shape `(rows, n)`.
-        permutation: int32 tensor of the same shape, a permutation of
-            `0..n-1` in every row.
-
-    Returns:
-        A tensor of the shape and dtype of `values`.
-    """
-    shape = ops.shape(values)
-    n = values.shape[-1]
-    offsets = ops.expand_dims(ops.arange(shape[0], dtype="int32") * n, -1)
-    flat_indices = ops.reshape(permutation + offsets, (-1, 1))
-    return ops.reshape(
-        ops.scatter(flat_indices, ops.reshape(values, (-1,)), (shape[0] * n,)),
-        shape,
     )
 
 

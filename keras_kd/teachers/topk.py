@@ -8,6 +8,7 @@ from typing import NamedTuple
 from keras import ops
 
 from keras_kd.ops.probabilities import LOG_FLOOR
+from keras_kd.ops.scatter import mark_columns
 
 
 class TopKDistribution(NamedTuple):
@@ -80,15 +81,8 @@ def topk_bins(teacher, log_p_s):
         return log_t, picked
     # The student's tail, as a log-sum-exp over the tokens outside the top
     # k (1 - sum(p) would lose a small tail to rounding). The top-k tokens
-    # are marked by one scatter over the flattened positions.
-    flat = ops.reshape(indices, (-1, 1))
-    rows = ops.shape(flat)[0] // k
-    row_ids = ops.reshape(ops.repeat(ops.arange(rows, dtype="int32")[:, None],
-                                     k, axis=1), (-1, 1))
-    in_top = ops.scatter(ops.concatenate([row_ids, flat], axis=-1),
-                         ops.ones(ops.shape(flat)[:1], "float32"),
-                         (rows, vocab))
-    in_top = ops.reshape(in_top, ops.shape(log_p_s)) > 0
+    # are marked by one row-wise scatter.
+    in_top = mark_columns(indices, vocab)
     tail_s = ops.logsumexp(ops.where(in_top, LOG_FLOOR, log_p_s), axis=-1)
     tail_s = ops.maximum(tail_s, LOG_FLOOR)
     return (ops.concatenate([log_t, tail_t[..., None]], axis=-1),
