@@ -1,19 +1,67 @@
 """Channel adapters: the trainable layer a distiller puts on the student
 side of a feature comparison whose channel counts differ.
 
-An adapter is a `Dense` layer on the channel axis (a 1x1 convolution for
-images) from the student's channels to the teacher's. It belongs to the
-distiller, trains with the student and is never exported.
+An adapter (`ChannelAdapter`) is an affine map on the channel axis (a 1x1
+convolution for images) from the student's channels to the teacher's. It
+belongs to the distiller, trains with the student and is never exported.
 """
 
 import keras
 
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.features import check_poolable
+from keras_kd.ops.affine import channel_affine
+
+
+@keras.saving.register_keras_serializable(package="keras_kd")
+class ChannelAdapter(keras.layers.Layer):
+    """An affine map on the last (channel) axis: `x @ kernel + bias`.
+
+    The same map and weights (`kernel` of shape `(in_channels, units)`,
+    Glorot-uniform, and `bias`, zeros) as `keras.layers.Dense(units)` on a
+    channels-last feature map, computed as `keras_kd.ops.channel_affine`
+    computes it, which XLA runs several times faster on CPU on large feature
+    maps.
+
+    Args:
+        units: the number of output channels.
+        use_bias: whether to add a bias.
+        **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> adapter = ChannelAdapter(16, name="fit_adapter")
+    >>> tuple(adapter(np.ones((2, 8, 8, 4), "float32")).shape)
+    (2, 8, 8, 16)
+    """
+
+    def __init__(self, units, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(input_shape[-1], self.units),
+            initializer="glorot_uniform")
+        self.bias = self.add_weight(
+            name="bias", shape=(self.units,),
+            initializer="zeros") if self.use_bias else None
+
+    def call(self, inputs):
+        return channel_affine(inputs, self.kernel, self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, use_bias=self.use_bias)
+        return config
 
 
 def channel_adapter(teacher_shape, student_shape, name):
-    """A built `Dense` adapter from the student's channel count to the
+    """A built `ChannelAdapter` from the student's channel count to the
     teacher's, or `None` when they are equal.
 
     Args:
@@ -24,11 +72,11 @@ def channel_adapter(teacher_shape, student_shape, name):
     Example:
 
     >>> channel_adapter((None, 8, 8, 16), (None, 8, 8, 4), "fit_adapter")
-    <Dense name=fit_adapter, built=True>
+    <ChannelAdapter name=fit_adapter, built=True>
     """
     if teacher_shape[-1] == student_shape[-1]:
         return None
-    adapter = keras.layers.Dense(teacher_shape[-1], name=name)
+    adapter = ChannelAdapter(teacher_shape[-1], name=name)
     adapter.build(student_shape)
     return adapter
 

@@ -26,7 +26,7 @@ class LocalModules:
     - module `k` (all but the last): the activation-mapping loss
       (`keras_kd.losses.ActivationMapping(alpha, beta, pooling,
       normalize)`) between its output, passed through a trainable adapter
-      (a `Dense` layer on the channel axis, i.e. a 1x1 convolution) when
+      (an affine map on the channel axis, i.e. a 1x1 convolution) when
       the channel counts differ, and the teacher feature
       `teacher_layers[k]`;
     - the last module: the compiled student loss (weighted by the
