@@ -133,10 +133,10 @@ class CMKD(BatchCoupledLoss):
     CMKD (Niu et al., 2024, arXiv:2410.06561) combines a Pearson-based and a
     Spearman-based loss whose weights change per sample with the difficulty
     of the sample, measured by the entropy of the teacher's output. That is
-    all the source the project has (a summary of the paper written from its
-    abstract) says about the loss; its full text was not available. The
-    formulas below are the library's own reading (`docs/losses/cmkd.md`
-    lists what comes from the source and what does not):
+    all the paper's abstract says about the loss; its full text was not
+    available. The formulas below are the library's own reading
+    (`docs/losses/cmkd.md` lists what comes from the source and what does
+    not):
 
         w_i   = H(p_t,i) / log C                 (in [0, 1], no gradient)
         L_P,i = 1 - rho(p_s,i, p_t,i)  [+ intra_weight * DIST intra term]
