@@ -1,5 +1,5 @@
 """A per-token top-k teacher cache for a causal LM: its size on disk, and
-reading it against recomputing the teacher (issue 16, point 6).
+reading it against recomputing the teacher.
 
 A teacher cache pays off only if reading a batch of stored teacher outputs
 is faster than running the teacher on that batch again. This script builds

@@ -36,7 +36,7 @@ them round-robin for `--rounds` rounds of `--steps` steps after a warm-up
 (each block ends by reading the loss back to the host), and prints the
 ratio of the medians and the median of the per-round ratios.
 
-Targets (issue #16): chunked / unchunked peak extra memory <= 0.25 and step
+Targets: chunked / unchunked peak extra memory <= 0.25 and step
 time <= 1.2.
 
 Usage:

@@ -1,5 +1,5 @@
 """Offline distillation: an epoch trained from a teacher cache against an
-epoch of the student trained alone (issue 14).
+epoch of the student trained alone.
 
 For a CNN teacher about four times the student's size (widths doubled:
 3.9x the parameters, about 4x the multiply-adds) this measures, on one
