@@ -1,18 +1,27 @@
 """Cost of the correlation losses compared with Hinton KD.
 
 Measures forward + backward (gradient with respect to the student logits)
-of each loss inside one compiled step:
+of each loss as one step: compiled on TensorFlow (XLA) and JAX (`jax.jit`),
+eager on PyTorch (Keras' default there: the loss, then
+`torch.autograd.grad`):
 
 1. Time at B=256, C=1000: KD, SpearmanCorrelation, CMKD, DIST, a naive
    all-pairs soft-rank Spearman loss, and a Spearman loss on the soft ranks
    of tensorflow-probability's relaxed sorting matrix
-   (`tfp.math.soft_sorting_matrix`), each as a ratio to KD. On the
-   TensorFlow backend the step is `tf.function(jit_compile=True)` (XLA); a
-   second table repeats the main losses without XLA.
-2. Peak extra memory at B=8, C=32000: each loss runs (compiled) in a fresh
-   subprocess that reports its peak resident memory (`VmHWM`, or
-   `ru_maxrss` where /proc is missing); the peak of a subprocess that
-   imports everything and builds the inputs but runs no loss is subtracted.
+   (`tfp.math.soft_sorting_matrix`), each as a ratio to KD, and the
+   backend's `argsort` of the same logits (`keras.ops.argsort`:
+   `tf.argsort`, `jnp.argsort`, `torch.argsort`). On the TensorFlow
+   backend the step is `tf.function(jit_compile=True)` (XLA); a second
+   table repeats the main losses without XLA. After each table the speed
+   targets are printed with the time of each baseline: SpearmanCorrelation
+   and CMKD at most 3x (argsort + KD), DIST at most 1.5x KD. The tfp row
+   and the table without XLA need TensorFlow; on the other backends they
+   are skipped with the reason.
+2. Peak extra memory at B=8, C=32000: each loss runs (compiled, or eager
+   on PyTorch) in a fresh subprocess that reports its peak resident memory
+   (`VmHWM`, or `ru_maxrss` where /proc is missing); the peak of a
+   subprocess that imports everything and builds the inputs but runs no
+   loss is subtracted.
 3. Closeness to exact ranks: max and mean |soft rank - rankdata| of
    `keras_kd.ops.rank.soft_rank` and of the tfp soft ranks.
 4. What the window gives up: the cosine between the Spearman loss gradient
@@ -26,8 +35,11 @@ Usage:
 
     python benchmarks/losses.py            # full run (a few minutes on CPU)
     python benchmarks/losses.py --quick    # fewer repetitions
-    KERAS_BACKEND=jax python benchmarks/losses.py   # jax.jit instead of XLA
-                                                    # via TF (no tfp row)
+    python benchmarks/losses.py --backend jax     # jax.jit (no tfp row)
+    python benchmarks/losses.py --backend torch   # eager PyTorch (no tfp row)
+
+`--backend` (default: $KERAS_BACKEND, else tensorflow) is read before Keras
+is imported; the memory subprocesses inherit it.
 
 Timings on a shared machine are noisy: every loss is timed in interleaved
 rounds and the median is reported, together with the median process CPU
@@ -42,6 +54,10 @@ import subprocess
 import sys
 import time
 
+from _common import backend_from_argv
+
+if backend_from_argv(sys.argv[1:]):
+    os.environ["KERAS_BACKEND"] = backend_from_argv(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -83,8 +99,15 @@ def _kd_loss():
         return kd, "local Hinton KD"
 
 
+ARGSORT = "keras.ops.argsort alone"
+NATIVE_ARGSORT = {"tensorflow": "tf.argsort", "jax": "jnp.argsort",
+                  "torch": "torch.argsort"}
+
+
 def argsort_alone(teacher, student):
-    """Not a loss: one `keras.ops.argsort` of the student logits."""
+    """Not a loss: one `keras.ops.argsort` of the student logits (the
+    backend's own argsort: `tf.argsort`, `jnp.argsort`, `torch.argsort`).
+    The baseline of the rank losses' speed target."""
     order = ops.cast(ops.argsort(ops.stop_gradient(student)), student.dtype)
     return ops.mean(order) + 0.0 * ops.mean(student)
 
@@ -155,7 +178,7 @@ def candidates(include_quadratic=True):
         "CMKD": CMKD(temperature=4.0, regularization_strength=STRENGTH),
         "DIST": DIST(temperature=4.0),
     }
-    losses["keras.ops.argsort alone"] = argsort_alone
+    losses[ARGSORT] = argsort_alone
     losses["argsort_rows alone (sort floor)"] = key_sort_alone
     if include_quadratic:
         losses["naive pairwise Spearman"] = naive_spearman
@@ -168,7 +191,9 @@ def candidates(include_quadratic=True):
 
 
 def make_step(loss, teacher, jit=True):
-    """Returns `step()` running forward + backward and blocking on it."""
+    """Returns `step(student)` running forward + backward and blocking on
+    it, and the function that makes the student tensor from an array.
+    `jit` is ignored on PyTorch, whose steps are eager."""
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -201,8 +226,23 @@ def make_step(loss, teacher, jit=True):
             return float(value), np.asarray(grad)
 
         return step, jax.numpy.asarray
-    raise SystemExit(f"benchmarks/losses.py supports tensorflow and jax, "
-                     f"not {BACKEND}.")
+    if BACKEND == "torch":
+        import torch
+
+        teacher = ops.convert_to_tensor(teacher)  # on Keras' device
+
+        def to_tensor(array):
+            return ops.convert_to_tensor(array).requires_grad_(True)
+
+        def step(student):
+            value = loss(teacher, student)
+            (grad,) = torch.autograd.grad(value, student)
+            # Reading both back waits for a GPU to finish.
+            return float(value.detach()), grad.cpu().numpy()
+
+        return step, to_tensor
+    raise SystemExit(f"benchmarks/losses.py supports tensorflow, jax and "
+                     f"torch, not {BACKEND}.")
 
 
 def make_inputs(batch, classes, seed=0):
@@ -268,6 +308,38 @@ def print_timings(title, results):
               f"{r['cpu_ms'] / kd['cpu_ms']:7.1f} {r['runs']:5d}")
 
 
+TARGETS = (
+    # (loss, baselines whose times add up, most allowed)
+    ("SpearmanCorrelation", (ARGSORT, "KD"), 3.0),
+    ("CMKD", (ARGSORT, "KD"), 3.0),
+    ("DIST", ("KD",), 1.5),
+)
+
+
+def print_targets(results):
+    """The speed targets, from the medians of one table: each loss's time
+    over the sum of its baselines' times, in wall and CPU time."""
+    print(f"Speed targets ({ARGSORT} is {NATIVE_ARGSORT[BACKEND]} of the "
+          "same student logits; ratios of medians):")
+    for name in (ARGSORT, "KD"):
+        r = results[name]
+        print(f"  baseline {name}: wall {r['wall_ms']:.2f} ms, CPU "
+              f"{r['cpu_ms']:.2f} ms")
+    for name, baselines, limit in TARGETS:
+        if name not in results:
+            continue
+        r = results[name]
+        wall = sum(results[b]["wall_ms"] for b in baselines)
+        cpu = sum(results[b]["cpu_ms"] for b in baselines)
+        base = " + ".join("argsort" if b == ARGSORT else b
+                          for b in baselines)
+        verdict = "within" if r["wall_ms"] <= limit * wall else "above"
+        print(f"  {name} <= {limit:g} x ({base}): wall {r['wall_ms']:.2f} / "
+              f"{wall:.2f} ms = {r['wall_ms'] / wall:.2f}x, CPU "
+              f"{r['cpu_ms']:.2f} / {cpu:.2f} ms = {r['cpu_ms'] / cpu:.2f}x "
+              f"({verdict} the target in wall time)")
+
+
 # ------------------------------------------------------------------- memory
 
 
@@ -327,9 +399,9 @@ def measure_memory(names, batch, classes):
     return rows
 
 
-def print_memory(rows, batch, classes):
-    print(f"\nPeak memory at B={batch}, C={classes}, compiled forward + "
-          "backward (fresh subprocess per loss, its peak RSS minus the idle "
+def print_memory(rows, batch, classes, mode):
+    print(f"\nPeak memory at B={batch}, C={classes}, forward + backward, "
+          f"{mode} (fresh subprocess per loss, its peak RSS minus the idle "
           "subprocess's)")
     idle = rows["idle"]["maxrss_mib"]
     print(f"idle subprocess (imports + inputs): {idle:.0f} MiB")
@@ -366,7 +438,8 @@ def rank_closeness(batch=16, classes=1000):
     print(f"smallest gap between two values of a row: {gaps.min():.2e}, "
           f"median gap: {np.median(gaps):.2e}")
     for strength in (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-6):
-        error = np.abs(np.asarray(soft_rank(teacher, strength)) - exact)
+        ranks = ops.convert_to_numpy(soft_rank(teacher, strength))
+        error = np.abs(ranks - exact)
         print(f"keras_kd soft_rank eps={strength:<8g} (window 16): "
               f"{error.max():10.4f} {error.mean():10.4f}")
     tfp, reason = _tfp_module()
@@ -400,7 +473,7 @@ def window_agreement(batch=16, classes=1000, windows=(4, 8, 16, 32)):
           f"sample, mean / min; B={batch}, C={classes}, strength {STRENGTH})")
     for temperature in (1.0, 4.0):
         def gradient(window):
-            return np.asarray(_loss_gradient(
+            return ops.convert_to_numpy(_loss_gradient(
                 lambda t, s: ops.mean(spearman_loss(
                     t, s, temperature, STRENGTH, window=window)),
                 teacher, student))
@@ -428,6 +501,12 @@ def _loss_gradient(loss, teacher, student):
             tape.watch(student)
             value = loss(tf.constant(teacher), student)
         return tape.gradient(value, student)
+    if BACKEND == "torch":
+        import torch
+
+        student = ops.convert_to_tensor(student).requires_grad_(True)
+        value = loss(ops.convert_to_tensor(teacher), student)
+        return torch.autograd.grad(value, student)[0]
     import jax
 
     return jax.grad(lambda s: loss(teacher, s))(jax.numpy.asarray(student))
@@ -438,6 +517,9 @@ def _loss_gradient(loss, teacher, student):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
+                        help="Keras backend (default: $KERAS_BACKEND, else "
+                        "tensorflow)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-child")
     parser.add_argument("--batch", type=int, default=8)
@@ -457,6 +539,15 @@ def main():
         tf.get_logger().setLevel("ERROR")  # one tf.function per loss
         print(f"tensorflow={tf.__version__} "
               f"gpus={len(tf.config.list_physical_devices('GPU'))}")
+    elif BACKEND == "jax":
+        import jax
+
+        print(f"jax={jax.__version__} devices={jax.devices()}")
+    elif BACKEND == "torch":
+        import torch
+
+        print(f"torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"device={ops.convert_to_tensor(0.0).device}")
     losses, kd_name = candidates()
     print(f"KD baseline: {kd_name}; soft rank strength {STRENGTH}, "
           f"tfp temperature {TFP_TEMPERATURE}")
@@ -471,21 +562,31 @@ def main():
         ["KD", "SpearmanCorrelation", "CMKD", "DIST"], 8, 32000)
 
     rounds = 6 if args.quick else 30
-    compiled = "XLA (tf.function(jit_compile=True))" if BACKEND == \
-        "tensorflow" else "jax.jit"
+    compiled = {
+        "tensorflow": "XLA (tf.function(jit_compile=True))",
+        "jax": "jax.jit",
+        "torch": "eager PyTorch (torch.autograd.grad)",
+    }[BACKEND]
     results = time_losses(losses, 256, 1000, rounds)
     print_timings(f"Forward + backward at B=256, C=1000, {compiled}",
                   results)
-    print("compile seconds: " + ", ".join(
+    first = "first-call" if BACKEND == "torch" else "compile"
+    print(f"{first} seconds: " + ", ".join(
         f"{name} {r['compile_s']:.1f}" for name, r in results.items()))
+    print_targets(results)
     if BACKEND == "tensorflow":
         main_losses, _ = candidates(include_quadratic=False)
         main_losses.pop("SpearmanCorrelation window=4")
         results = time_losses(main_losses, 256, 1000, rounds, jit=False)
         print_timings("Forward + backward at B=256, C=1000, tf.function "
                       "without XLA", results)
+        print_targets(results)
+    else:
+        print(f"\nTable without XLA: skipped (tf.function without "
+              f"jit_compile needs the TensorFlow backend; this is "
+              f"{BACKEND})")
 
-    print_memory(rows, 8, 32000)
+    print_memory(rows, 8, 32000, compiled)
     rank_closeness()
     window_agreement()
 
