@@ -615,6 +615,7 @@ def _model(prefix, width, **kwargs):
 # raises it.
 DOCUMENTED_ERRORS = {
     "a `teacher` (or an item": lambda: Distiller("t", _model("s", 4)),
+    "a `terms` that is neither": lambda: Distiller(*_cnn(), terms=KD()),
     "an item of `terms`": lambda: Distiller(*_cnn(), terms=[KD()]),
     "a `student_loss_weight` that is not a number":
         lambda: Distiller(*_cnn(), student_loss_weight="high"),
