@@ -107,11 +107,12 @@ def build(config, teacher, student, split):
     distiller = keras_kd.Distiller(teacher=teacher, student=student,
                                    terms=terms, student_loss_weight=0.1,
                                    local_modules=local, name=config)
-    jit = keras.backend.backend() != "torch"
+    # XLA on TensorFlow and JAX; Keras' default (eager) on PyTorch.
+    xla = keras.backend.backend() != "torch"
     distiller.compile(
         optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit if jit else "auto")
+        jit_compile=True if xla else "auto")
     return distiller
 
 

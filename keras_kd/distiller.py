@@ -52,8 +52,8 @@ class Distiller(Trainer, keras.Model):
     step; its outputs and every tapped feature come from that one call. When
     a feature term compares maps with different channel counts, the
     distiller owns a trainable adapter (`keras_kd.adapters.ChannelAdapter`,
-    an affine map on the channel axis, i.e. a 1x1 convolution for images) on the student side; it trains with
-    the student and is never exported.
+    an affine map on the channel axis, i.e. a 1x1 convolution for images)
+    on the student side; it trains with the student and is never exported.
 
     `fit` history holds `loss`, `student_loss` (with labels), one
     `<term name>_loss` per term (unweighted), the compiled metrics computed on

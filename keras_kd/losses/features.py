@@ -190,8 +190,8 @@ class FeatureMSE(DistillationLoss):
 
     When the channel counts differ, the `Distiller` maps the student
     feature to the teacher's channels with a trainable adapter (an affine
-    map on the channel axis, a 1x1 convolution on images) that trains with the student and is
-    never exported. When spatial sizes differ the larger map is
+    map on the channel axis, a 1x1 convolution on images) that trains with
+    the student and is never exported. When spatial sizes differ the larger map is
     average-pooled to the smaller.
 
     Args:

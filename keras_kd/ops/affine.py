@@ -3,21 +3,22 @@ written for the speed of XLA on CPU.
 
 The channel adapters of the feature losses (`keras_kd.adapters`) apply it
 to whole feature maps, for example 128 x 32 x 32 positions of 16 channels.
-`benchmarks/lakd_step.py` found two slow paths there, forward and backward
-of one adapter at that size, on a 2-core CPU:
+`benchmarks/adapter_affine.py` times the forward and backward pass of one
+adapter at that size (16 to 64 channels); on a 2-core CPU it showed two
+slow paths (figures in `benchmarks/RESULTS_lakd.md`):
 
-- JAX compiles a `matmul` of a 4-D input with a 2-D kernel about 4x slower
+- JAX compiled a `matmul` of a 4-D input with a 2-D kernel about 4x slower
   than the same product on the input flattened to `(positions, channels)`
-  (about 90 ms against 22 ms). Every backend therefore multiplies the
-  flattened input.
-- TensorFlow's XLA reduces the bias gradient (a sum over all positions of
-  the output's gradient) about 3x slower than the whole matrix product: one
-  adapter took about 54 ms with `+ bias` and 19 ms without it. On
+  (109 ms against 25 ms). Every backend therefore multiplies the flattened
+  input.
+- TensorFlow's XLA took about twice as long for the bias gradient (a sum
+  over all positions of the output's gradient) as for the matrix products:
+  52 ms with `+ bias`, 16 ms without it. On
   TensorFlow the bias is therefore appended to the kernel as one more row,
   and the input gets one more channel of ones: `[x, 1] @ [kernel; bias]` is
   the same affine map, and its bias gradient is part of the kernel's
-  matrix product. JAX and PyTorch add the bias directly (the extra channel
-  costs them a copy and gains nothing).
+  matrix product (18 ms). JAX and PyTorch add the bias directly, which was
+  already fast there.
 """
 
 import keras
