@@ -22,3 +22,12 @@ reference models.
 """
 
 from keras_kd.models.cifar.weights import load_torch_weights
+from keras_kd.models.cifar.resnet import resnet8
+from keras_kd.models.cifar.resnet import resnet14
+from keras_kd.models.cifar.resnet import resnet20
+from keras_kd.models.cifar.resnet import resnet32
+from keras_kd.models.cifar.resnet import resnet44
+from keras_kd.models.cifar.resnet import resnet56
+from keras_kd.models.cifar.resnet import resnet110
+from keras_kd.models.cifar.resnet import resnet8x4
+from keras_kd.models.cifar.resnet import resnet32x4
