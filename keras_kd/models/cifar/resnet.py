@@ -89,10 +89,7 @@ def stage(x, block, planes, blocks, *, stride, index, shortcut):
 
 
 def _resnet(depth, widths, num_classes, name):
-    if (depth - 2) % 6:
-        raise ValueError(
-            f"A CIFAR ResNet of basic blocks has depth 6n + 2; got {depth}.")
-    blocks = (depth - 2) // 6
+    blocks = (depth - 2) // 6  # depth 6n + 2
     inputs = keras.Input(INPUT_SHAPE, name="input")
     x = conv(inputs, widths[0], 3, padding=1, name="conv1")
     x = batch_norm(x, name="bn1")

@@ -58,10 +58,7 @@ def _block(x, planes, *, stride, name, preact_name=None, output_name=None):
 
 
 def _wrn(depth, widen_factor, num_classes, name):
-    if (depth - 4) % 6:
-        raise ValueError(
-            f"A wide residual network has depth 6n + 4; got {depth}.")
-    blocks = (depth - 4) // 6
+    blocks = (depth - 4) // 6  # depth 6n + 4
     inputs = keras.Input(INPUT_SHAPE, name="input")
     x = conv(inputs, 16, 3, padding=1, name="conv1")
     x = keras.layers.Identity(name="stem")(x)
