@@ -38,12 +38,13 @@ REFERENCE_PARAMETERS = {
     "wrn_40_2": 2_255_156,
 }
 
-# One model of each family and the block variants: one block per stage
-# (resnet8) and several (resnet14), projection shortcuts in the first stage
-# (resnet8x4), ResNet-18's basic blocks, and the wide blocks with
-# (wrn_16_2) and without (wrn_16_1) a projection in the first stage.
-SMALL = ["resnet8", "resnet14", "resnet8x4", "resnet18", "wrn_16_1",
-         "wrn_16_2"]
+# One model of each family and the block variants: projection shortcuts
+# in the first stage (resnet8x4; resnet8, without, is imported by the
+# tests of load_torch_weights below), several blocks per stage
+# (resnet18), and the wide blocks with (wrn_16_2) and without (wrn_16_1)
+# a projection in the first stage. The bottleneck blocks have a test of
+# their own.
+SMALL = ["resnet8x4", "resnet18", "wrn_16_1", "wrn_16_2"]
 
 
 def trainable_count(model):
@@ -134,12 +135,25 @@ def test_builds_like_the_reference(name):
 
 
 def test_num_classes_and_name():
-    model = cifar.wrn_16_1(num_classes=10, name="student")
+    model = cifar.resnet8(num_classes=10, name="student")
     assert model.name == "student"
     assert tuple(model.output.shape) == (None, 10)
     # Only the classifier changes: 64 * (100 - 10) weights, 90 biases.
-    expected = REFERENCE_PARAMETERS["wrn_16_1"] - 65 * 90
+    expected = REFERENCE_PARAMETERS["resnet8"] - 65 * 90
     assert trainable_count(model) == expected
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet18", "wrn_16_1"])
+def test_channels_last_whatever_the_image_data_format(name):
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = getattr(cifar, name)(num_classes=10)
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert tuple(model.input.shape) == (None, 32, 32, 3)
+    assert tuple(model.get_layer("stage2").output.shape)[1:3] == (16, 16)
+    assert tuple(model(images(), training=False).shape) == (2, 10)
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -17,7 +17,8 @@ Layer names that every model shares, for `Term(teacher_layer=...)`,
 - `"pooled"`: the pooled, flattened features that the classifier reads.
 
 Every layer that holds weights is named after the PyTorch module that holds
-the same weights, so `load_torch_weights` reads a PyTorch checkpoint of the
+the same weights (its module path with `_` for `.`: `"layer1_0_conv1"` for
+`layer1.0.conv1`), so `load_torch_weights` reads a PyTorch checkpoint of the
 reference models.
 """
 

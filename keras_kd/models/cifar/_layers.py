@@ -17,6 +17,10 @@ module path as `name` and name their layers `keras_name(name)`.
 
 import keras
 
+# The models take channels-last images whatever Keras'
+# `image_data_format` is: every layer that has a `data_format` gets this.
+CHANNELS_LAST = "channels_last"
+
 
 def keras_name(path):
     """The Keras layer name for the PyTorch module path `path`."""
@@ -29,10 +33,12 @@ def conv(x, filters, kernel_size, *, name, strides=1, padding=0, groups=1,
     valid convolution, for the PyTorch module `name`."""
     name = keras_name(name)
     if padding:
-        x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
+        x = keras.layers.ZeroPadding2D(
+            padding, data_format=CHANNELS_LAST, name=f"{name}_pad")(x)
     return keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="valid",
-        groups=groups, use_bias=use_bias, name=name)(x)
+        groups=groups, use_bias=use_bias, data_format=CHANNELS_LAST,
+        name=name)(x)
 
 
 def depthwise_conv(x, kernel_size, *, name, strides=1, padding=0,
@@ -41,17 +47,18 @@ def depthwise_conv(x, kernel_size, *, name, strides=1, padding=0,
     output channel per input channel."""
     name = keras_name(name)
     if padding:
-        x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
+        x = keras.layers.ZeroPadding2D(
+            padding, data_format=CHANNELS_LAST, name=f"{name}_pad")(x)
     return keras.layers.DepthwiseConv2D(
         kernel_size, strides=strides, padding="valid", use_bias=use_bias,
-        name=name)(x)
+        data_format=CHANNELS_LAST, name=name)(x)
 
 
 def batch_norm(x, *, name):
     """PyTorch's `BatchNorm2d` / `BatchNorm1d` defaults: epsilon 1e-5,
     running averages that keep 0.9 of their value each step."""
     return keras.layers.BatchNormalization(
-        epsilon=1e-5, momentum=0.9, name=keras_name(name))(x)
+        axis=-1, epsilon=1e-5, momentum=0.9, name=keras_name(name))(x)
 
 
 def relu(x, *, name=None):

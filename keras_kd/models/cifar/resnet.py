@@ -27,8 +27,8 @@ its weights, the module path with `_` for `.` (`"conv1"`, `"bn1"`,
 
 import keras
 
-from keras_kd.models.cifar._layers import (batch_norm, conv, keras_name,
-                                          relu)
+from keras_kd.models.cifar._layers import (CHANNELS_LAST, batch_norm,
+                                          conv, keras_name, relu)
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -101,8 +101,9 @@ def _resnet(depth, widths, num_classes, name):
                   stride=1 if index == 1 else 2, index=index,
                   shortcut="downsample")
     # The reference's `nn.AvgPool2d(8)`: one 8x8 window on 8x8 features.
-    x = keras.layers.AveragePooling2D(8, name="avgpool")(x)
-    x = keras.layers.Flatten(name="pooled")(x)
+    x = keras.layers.AveragePooling2D(
+        8, data_format=CHANNELS_LAST, name="avgpool")(x)
+    x = keras.layers.Flatten(data_format=CHANNELS_LAST, name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="fc")(x)
     return keras.Model(inputs, outputs, name=name)
 

@@ -28,7 +28,8 @@ its weights, the module path with `_` for `.` (`"conv1"`, `"bn1"`,
 
 import keras
 
-from keras_kd.models.cifar._layers import batch_norm, conv, relu
+from keras_kd.models.cifar._layers import (CHANNELS_LAST, batch_norm,
+                                          conv, relu)
 from keras_kd.models.cifar.resnet import (INPUT_SHAPE, basic_block,
                                           bottleneck_block, stage)
 
@@ -42,7 +43,8 @@ def _resnet(block, blocks, num_classes, name):
                                                  blocks), start=1):
         x = stage(x, block, planes, count, stride=1 if index == 1 else 2,
                   index=index, shortcut="shortcut")
-    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
+    x = keras.layers.GlobalAveragePooling2D(
+        data_format=CHANNELS_LAST, name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="linear")(x)
     return keras.Model(inputs, outputs, name=name)
 

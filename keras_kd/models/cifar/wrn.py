@@ -35,8 +35,8 @@ its weights, the module path with `_` for `.` (`"conv1"`,
 
 import keras
 
-from keras_kd.models.cifar._layers import (batch_norm, conv, keras_name,
-                                          relu)
+from keras_kd.models.cifar._layers import (CHANNELS_LAST, batch_norm,
+                                          conv, keras_name, relu)
 from keras_kd.models.cifar.resnet import INPUT_SHAPE
 
 
@@ -79,8 +79,9 @@ def _wrn(depth, widen_factor, num_classes, name):
     x = keras.layers.Identity(name="stage3_preact")(x)
     x = relu(x, name="relu")
     # The reference's `F.avg_pool2d(out, 8)`: one 8x8 window.
-    x = keras.layers.AveragePooling2D(8, name="avgpool")(x)
-    x = keras.layers.Flatten(name="pooled")(x)
+    x = keras.layers.AveragePooling2D(
+        8, data_format=CHANNELS_LAST, name="avgpool")(x)
+    x = keras.layers.Flatten(data_format=CHANNELS_LAST, name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="fc")(x)
     return keras.Model(inputs, outputs, name=name)
 
