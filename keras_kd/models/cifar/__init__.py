@@ -22,3 +22,11 @@ reference models.
 """
 
 from keras_kd.models.cifar.weights import load_torch_weights
+from keras_kd.models.cifar.mobilenetv2 import mobilenetv2
+from keras_kd.models.cifar.shufflenet import shufflenet_v1
+from keras_kd.models.cifar.shufflenet import shufflenet_v2
+from keras_kd.models.cifar.vgg import vgg8
+from keras_kd.models.cifar.vgg import vgg11
+from keras_kd.models.cifar.vgg import vgg13
+from keras_kd.models.cifar.vgg import vgg16
+from keras_kd.models.cifar.vgg import vgg19
