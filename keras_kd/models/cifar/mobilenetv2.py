@@ -7,10 +7,10 @@ The CIFAR form of "MobileNetV2: Inverted Residuals and Linear Bottlenecks"
 `MobileNetV2`.
 
 A stride-2 3x3 convolution `"conv1"` (16 channels), seven groups of
-inverted residual blocks `"blocks.0"` ... `"blocks.6"` (8, 12, 16, 32, 48,
+inverted residual blocks `blocks.0` ... `blocks.6` (8, 12, 16, 32, 48,
 80 and 160 channels; strides 1, 1, 2, 2, 1, 2, 1), a 1x1 convolution
 `"conv2"` to 1280 channels, a 2x2 average pooling and the linear
-`"classifier.0"`. Each inverted residual block expands with a 1x1
+`"classifier_0"`. Each inverted residual block expands with a 1x1
 convolution, filters with a 3x3 depthwise convolution and projects with a
 1x1 convolution; only the first two are followed by a ReLU, and the block
 adds its input when stride and width allow. The expansion is applied to
@@ -30,10 +30,12 @@ Named outputs (mdistiller's `feats` and `pooled_feat`):
   every model of `keras_kd.models.cifar` answers to them;
 - `"pooled"`: the 1280 averaged features that the classifier reads.
 
-Layers that hold weights carry the PyTorch module paths of the reference:
-`"blocks.2.0.conv.0"` is the expanding convolution of the first block of
-group 2, `"blocks.2.0.conv.1"` its batch normalization, `"conv.3"` the
-depthwise convolution, `"conv.6"` the projection.
+Each layer that holds weights is named after the PyTorch module of the
+reference that holds the same weights, its path with `_` for `.`:
+`"blocks_2_0_conv_0"` (`blocks.2.0.conv.0`) is the expanding convolution
+of the first block of group 2, `"blocks_2_0_conv_1"` its batch
+normalization, `..._conv_3` the depthwise convolution, `..._conv_6` the
+projection.
 """
 
 import keras
@@ -60,7 +62,7 @@ def _inverted_residual(x, filters, strides, expansion, path):
     y = _layers.conv(y, filters, 1, name=f"{path}.conv.6")
     y = _layers.batch_norm(y, name=f"{path}.conv.7")
     if strides == 1 and channels == filters:
-        y = keras.layers.Add(name=f"{path}.add")([x, y])
+        y = keras.layers.Add(name=_layers.keras_name(f"{path}.add"))([x, y])
     return y
 
 
@@ -88,7 +90,7 @@ def mobilenetv2(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.mobilenetv2()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     width = 0.5
@@ -114,5 +116,5 @@ def mobilenetv2(num_classes=100, *, name=None):
     # `nn.AvgPool2d(2, ceil_mode=True)` on the 2x2 map.
     x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
     x = keras.layers.Flatten(name="pooled")(x)
-    outputs = keras.layers.Dense(num_classes, name="classifier.0")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier_0")(x)
     return keras.Model(inputs, outputs, name=name or "mobilenetv2")

@@ -6,14 +6,16 @@ Network for Mobile Devices" (Zhang et al., arXiv:1707.01083) and
 (Ma et al., arXiv:1807.11164) that mdistiller defines as `ShuffleV1` and
 `ShuffleV2` (`mdistiller/models/cifar/ShuffleNetv1.py`, `ShuffleNetv2.py`),
 with their default configurations. Both start with a 1x1 convolution to 24
-channels at 32x32 (`"conv1"`, `"bn1"`), run three stages
-`"layer1"` ... `"layer3"` that each halve the resolution in their first
-block, and average the final 4x4 map before the linear `"linear"`.
+channels at 32x32 (`"conv1"`, `"bn1"`), run three stages (the PyTorch
+modules `layer1` ... `layer3`) that each halve the resolution in their
+first block, and average the final 4x4 map before the linear `"linear"`.
 
 A channel shuffle with `g` groups takes channel `i * C / g + j` to
 position `j * g + i`; here it is a `Reshape`, a `Permute` and a
-`Reshape` (named `"<module>.unfold"`, `".transpose"`, `".fold"`), so the
-models hold only built-in Keras layers.
+`Reshape` (named `"<module>_unfold"`, `"_transpose"`, `"_fold"`), and
+ShuffleNet V2's split of the channels is a slice (`x[..., :c]`), so the
+models hold only built-in Keras layers and operations, and a `.keras` file
+of them loads without keras-kd.
 
 `shufflenet_v1` (groups 3; stages of 240, 480 and 960 channels, of 4, 8
 and 4 blocks). A block is a grouped 1x1 convolution to a quarter of its
@@ -47,9 +49,10 @@ Named outputs (mdistiller's `feats`, `preact_feats` and `pooled_feat`):
 - `"pooled"`: the averaged features that the classifier reads (V1: 960,
   V2: 1024).
 
-Layers that hold weights carry the PyTorch module paths of the reference:
-`"layer2.0.conv1"`, `"layer2.0.bn1"`, ... for the modules of the first
-block of the second stage.
+Each layer that holds weights is named after the PyTorch module of the
+reference that holds the same weights, its path with `_` for `.`:
+`"layer2_0_conv1"`, `"layer2_0_bn1"`, ... for `layer2.0.conv1`,
+`layer2.0.bn1`, ..., the modules of the first block of the second stage.
 """
 
 import keras
@@ -60,12 +63,13 @@ from keras_kd.models.cifar import _layers
 def _channel_shuffle(x, groups, path):
     """The reference's `ShuffleBlock`, on channels-last features."""
     height, width, channels = x.shape[1:]
+    path = _layers.keras_name(path)
     x = keras.layers.Reshape(
         (height, width, groups, channels // groups),
-        name=f"{path}.unfold")(x)
-    x = keras.layers.Permute((1, 2, 4, 3), name=f"{path}.transpose")(x)
+        name=f"{path}_unfold")(x)
+    x = keras.layers.Permute((1, 2, 4, 3), name=f"{path}_transpose")(x)
     return keras.layers.Reshape((height, width, channels),
-                                name=f"{path}.fold")(x)
+                                name=f"{path}_fold")(x)
 
 
 def _conv_bn(x, filters, kernel_size, path, index, *, strides=1, padding=0,
@@ -108,14 +112,15 @@ def _v1_block(x, filters, strides, groups, path, stage=None):
     y = _depthwise_bn(y, strides, path, 2)
     y = _layers.relu(y, name=f"{path}.relu2")
     y = _conv_bn(y, filters, 1, path, 3, groups=groups)
-    merge = f"stage{stage}_preact" if stage else f"{path}.merge"
+    merge = (f"stage{stage}_preact" if stage
+             else _layers.keras_name(f"{path}.merge"))
     if strides == 2:
         # `nn.AvgPool2d(3, stride=2, padding=1)` divides by 9 everywhere,
         # zeros included: pad explicitly, then pool without padding.
-        shortcut = keras.layers.ZeroPadding2D(
-            1, name=f"{path}.shortcut.pad")(x)
+        pool = _layers.keras_name(f"{path}.shortcut.0")
+        shortcut = keras.layers.ZeroPadding2D(1, name=f"{pool}_pad")(x)
         shortcut = keras.layers.AveragePooling2D(
-            3, strides=2, name=f"{path}.shortcut.0")(shortcut)
+            3, strides=2, name=pool)(shortcut)
         y = keras.layers.Concatenate(name=merge)([y, shortcut])
     else:
         y = keras.layers.Add(name=merge)([y, x])
@@ -146,7 +151,7 @@ def shufflenet_v1(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.shufflenet_v1()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     groups = 3
@@ -175,7 +180,8 @@ def _v2_down_block(x, filters, path):
     right = _depthwise_bn(right, 2, path, 4)
     right = _conv_bn(right, half, 1, path, 5)
     right = _layers.relu(right, name=f"{path}.relu5")
-    x = keras.layers.Concatenate(name=f"{path}.concat")([left, right])
+    x = keras.layers.Concatenate(
+        name=_layers.keras_name(f"{path}.concat"))([left, right])
     return _channel_shuffle(x, 2, f"{path}.shuffle")
 
 
@@ -195,8 +201,8 @@ def _v2_basic_block(x, path, stage=None):
     # values, with the concatenation before the ReLU in the graph: the
     # reference's `preact` of the stage.
     y = keras.layers.Concatenate(
-        name=f"stage{stage}_preact" if stage else f"{path}.concat")(
-            [kept, y])
+        name=f"stage{stage}_preact" if stage
+        else _layers.keras_name(f"{path}.concat"))([kept, y])
     y = _layers.relu(y, name=f"{path}.relu3")
     y = _channel_shuffle(y, 2, f"{path}.shuffle")
     if stage:
@@ -227,7 +233,7 @@ def shufflenet_v2(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.shufflenet_v2()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     inputs = keras.Input((32, 32, 3), name="image")

@@ -21,9 +21,11 @@ Named outputs (mdistiller's `feats`, `preact_feats` and `pooled_feat`):
   output of the block's last batch normalization);
 - `"pooled"`: the 512 averaged features that the classifier reads.
 
-Layers that hold weights carry the PyTorch module paths of the reference:
-`"block1.0"` is the first convolution of block 1, `"block1.1"` its batch
-normalization, `"block1.3"` its second convolution (index 2 is a ReLU).
+Each layer that holds weights is named after the PyTorch module of the
+reference that holds the same weights, its path with `_` for `.`:
+`"block1_0"` (`block1.0`) is the first convolution of block 1,
+`"block1_1"` its batch normalization, `"block1_3"` its second convolution
+(index 2 is a ReLU).
 """
 
 import keras
@@ -94,7 +96,7 @@ def vgg8(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.vgg8()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     return _vgg("vgg8", num_classes, name)
@@ -124,7 +126,7 @@ def vgg11(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.vgg11()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     return _vgg("vgg11", num_classes, name)
@@ -154,7 +156,7 @@ def vgg13(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.vgg13()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     return _vgg("vgg13", num_classes, name)
@@ -184,7 +186,7 @@ def vgg16(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.vgg16()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     return _vgg("vgg16", num_classes, name)
@@ -214,7 +216,7 @@ def vgg19(num_classes=100, *, name=None):
     from keras_kd.models import cifar
 
     model = cifar.vgg19()
-    stage2 = keras.Model(model.inputs, model.get_layer("stage2").output)
+    stage2 = keras.Model(model.input, model.get_layer("stage2").output)
     ```
     """
     return _vgg("vgg19", num_classes, name)
