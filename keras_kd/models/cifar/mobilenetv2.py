@@ -66,7 +66,7 @@ def _inverted_residual(x, filters, strides, expansion, path):
     return y
 
 
-def mobilenetv2(num_classes=100, *, name=None):
+def mobilenetv2(num_classes=100, *, name="mobilenetv2"):
     """MobileNetV2 at half width with expansion 6, for 32x32 images.
 
     mdistiller's `mobile_half`; 812,836 trainable parameters with 100
@@ -77,7 +77,7 @@ def mobilenetv2(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"mobilenetv2"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -117,4 +117,4 @@ def mobilenetv2(num_classes=100, *, name=None):
     x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
     x = keras.layers.Flatten(name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier_0")(x)
-    return keras.Model(inputs, outputs, name=name or "mobilenetv2")
+    return keras.Model(inputs, outputs, name=name)

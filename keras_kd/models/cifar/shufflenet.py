@@ -128,7 +128,7 @@ def _v1_block(x, filters, strides, groups, path, stage=None):
                         f"{path}.relu3")
 
 
-def shufflenet_v1(num_classes=100, *, name=None):
+def shufflenet_v1(num_classes=100, *, name="shufflenet_v1"):
     """ShuffleNet V1 with 3 groups, for 32x32 images.
 
     mdistiller's `ShuffleV1`; 949,258 trainable parameters with 100
@@ -138,7 +138,7 @@ def shufflenet_v1(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"shufflenet_v1"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -166,7 +166,7 @@ def shufflenet_v1(num_classes=100, *, name=None):
                 2 if first else 1, groups, f"layer{stage}.{block}",
                 stage=stage if block == blocks - 1 else None)
     outputs = _head(x, num_classes)
-    return keras.Model(inputs, outputs, name=name or "shufflenet_v1")
+    return keras.Model(inputs, outputs, name=name)
 
 
 def _v2_down_block(x, filters, path):
@@ -197,9 +197,10 @@ def _v2_basic_block(x, path, stage=None):
     y = _conv_bn(y, half, 1, path, 3)
     # The reference applies the ReLU to the transformed half, then
     # concatenates. The passed half is the (shuffled) output of ReLUs, so
-    # a ReLU after the concatenation leaves it as it is and gives the same
-    # values, with the concatenation before the ReLU in the graph: the
-    # reference's `preact` of the stage.
+    # a ReLU after the concatenation leaves its values as they are, and its
+    # gradients too (zero where the earlier ReLU's already is); and the
+    # concatenation before the ReLU is in the graph: the reference's
+    # `preact` of the stage.
     y = keras.layers.Concatenate(
         name=f"stage{stage}_preact" if stage
         else _layers.keras_name(f"{path}.concat"))([kept, y])
@@ -210,7 +211,7 @@ def _v2_basic_block(x, path, stage=None):
     return y
 
 
-def shufflenet_v2(num_classes=100, *, name=None):
+def shufflenet_v2(num_classes=100, *, name="shufflenet_v2"):
     """ShuffleNet V2 at width 1, for 32x32 images.
 
     mdistiller's `ShuffleV2` (`net_size=1`); 1,355,528 trainable
@@ -220,7 +221,7 @@ def shufflenet_v2(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"shufflenet_v2"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -248,4 +249,4 @@ def shufflenet_v2(num_classes=100, *, name=None):
     x = _layers.batch_norm(x, name="bn2")
     x = _layers.relu(x, name="relu2")
     outputs = _head(x, num_classes)
-    return keras.Model(inputs, outputs, name=name or "shufflenet_v2")
+    return keras.Model(inputs, outputs, name=name)

@@ -69,10 +69,10 @@ def _vgg(config, num_classes, name):
         x = _layers.relu(x, name=f"stage{index}")
     x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier")(x)
-    return keras.Model(inputs, outputs, name=name or config)
+    return keras.Model(inputs, outputs, name=name)
 
 
-def vgg8(num_classes=100, *, name=None):
+def vgg8(num_classes=100, *, name="vgg8"):
     """VGG-8 with batch normalization, for 32x32 images.
 
     mdistiller's `vgg8_bn`: 5 convolutions in five blocks and the
@@ -83,7 +83,7 @@ def vgg8(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"vgg8"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -102,7 +102,7 @@ def vgg8(num_classes=100, *, name=None):
     return _vgg("vgg8", num_classes, name)
 
 
-def vgg11(num_classes=100, *, name=None):
+def vgg11(num_classes=100, *, name="vgg11"):
     """VGG-11 with batch normalization, for 32x32 images.
 
     mdistiller's `vgg11_bn`: 8 convolutions in five blocks and the
@@ -113,7 +113,7 @@ def vgg11(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"vgg11"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -132,7 +132,7 @@ def vgg11(num_classes=100, *, name=None):
     return _vgg("vgg11", num_classes, name)
 
 
-def vgg13(num_classes=100, *, name=None):
+def vgg13(num_classes=100, *, name="vgg13"):
     """VGG-13 with batch normalization, for 32x32 images.
 
     mdistiller's `vgg13_bn`: 10 convolutions in five blocks and the
@@ -143,7 +143,7 @@ def vgg13(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"vgg13"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -162,7 +162,7 @@ def vgg13(num_classes=100, *, name=None):
     return _vgg("vgg13", num_classes, name)
 
 
-def vgg16(num_classes=100, *, name=None):
+def vgg16(num_classes=100, *, name="vgg16"):
     """VGG-16 with batch normalization, for 32x32 images.
 
     mdistiller's `vgg16_bn`: 13 convolutions in five blocks and the
@@ -173,7 +173,7 @@ def vgg16(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"vgg16"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
@@ -192,7 +192,7 @@ def vgg16(num_classes=100, *, name=None):
     return _vgg("vgg16", num_classes, name)
 
 
-def vgg19(num_classes=100, *, name=None):
+def vgg19(num_classes=100, *, name="vgg19"):
     """VGG-19 with batch normalization, for 32x32 images.
 
     mdistiller's `vgg19_bn`: 16 convolutions in five blocks and the
@@ -203,7 +203,7 @@ def vgg19(num_classes=100, *, name=None):
 
     Args:
         num_classes: the number of logits.
-        name: the model's name; `"vgg19"` by default.
+        name: the model's name.
 
     Returns:
         A Functional `keras.Model` from `(32, 32, 3)` images (channels
