@@ -171,3 +171,18 @@ def test_keras_file_round_trip(name, tmp_path):
                                 theirs(x, training=False)):
         np.testing.assert_allclose(numpy(got), numpy(want), rtol=1e-6,
                                    atol=1e-6, err_msg=label)
+
+
+@pytest.mark.parametrize("name", ["vgg8", "mobilenetv2", "shufflenet_v1",
+                                  "shufflenet_v2"])
+def test_channels_last_whatever_the_image_data_format(name):
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = getattr(cifar, name)(num_classes=10)
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert tuple(model.input.shape) == (None, 32, 32, 3)
+    assert tuple(model.get_layer("pooled").output.shape) == tuple(
+        built(name).get_layer("pooled").output.shape)
+    assert tuple(model(images(), training=False).shape) == (2, 10)

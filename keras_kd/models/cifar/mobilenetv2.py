@@ -114,7 +114,9 @@ def mobilenetv2(num_classes=100, *, name="mobilenetv2"):
     x = _layers.batch_norm(x, name="conv2.1")
     x = _layers.relu(x, name="conv2.2")
     # `nn.AvgPool2d(2, ceil_mode=True)` on the 2x2 map.
-    x = keras.layers.AveragePooling2D(2, name="avgpool")(x)
-    x = keras.layers.Flatten(name="pooled")(x)
+    x = keras.layers.AveragePooling2D(
+        2, data_format=_layers.CHANNELS_LAST, name="avgpool")(x)
+    x = keras.layers.Flatten(
+        data_format=_layers.CHANNELS_LAST, name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier_0")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -94,8 +94,10 @@ def _stem(inputs):
 
 
 def _head(x, num_classes):
-    x = keras.layers.AveragePooling2D(4, name="avgpool")(x)
-    x = keras.layers.Flatten(name="pooled")(x)
+    x = keras.layers.AveragePooling2D(
+        4, data_format=_layers.CHANNELS_LAST, name="avgpool")(x)
+    x = keras.layers.Flatten(
+        data_format=_layers.CHANNELS_LAST, name="pooled")(x)
     return keras.layers.Dense(num_classes, name="linear")(x)
 
 
@@ -118,9 +120,11 @@ def _v1_block(x, filters, strides, groups, path, stage=None):
         # `nn.AvgPool2d(3, stride=2, padding=1)` divides by 9 everywhere,
         # zeros included: pad explicitly, then pool without padding.
         pool = _layers.keras_name(f"{path}.shortcut.0")
-        shortcut = keras.layers.ZeroPadding2D(1, name=f"{pool}_pad")(x)
+        shortcut = keras.layers.ZeroPadding2D(
+            1, data_format=_layers.CHANNELS_LAST, name=f"{pool}_pad")(x)
         shortcut = keras.layers.AveragePooling2D(
-            3, strides=2, name=pool)(shortcut)
+            3, strides=2, data_format=_layers.CHANNELS_LAST,
+            name=pool)(shortcut)
         y = keras.layers.Concatenate(name=merge)([y, shortcut])
     else:
         y = keras.layers.Add(name=merge)([y, x])

@@ -63,11 +63,14 @@ def _vgg(config, num_classes, name):
     x = _layers.relu(x, name="stem")
     for index in range(1, 5):
         if index <= 3:
-            x = keras.layers.MaxPooling2D(2, name=f"pool{index - 1}")(x)
+            x = keras.layers.MaxPooling2D(
+                2, data_format=_layers.CHANNELS_LAST,
+                name=f"pool{index - 1}")(x)
         x = _block(x, widths[index], index)
         x = keras.layers.Identity(name=f"stage{index}_preact")(x)
         x = _layers.relu(x, name=f"stage{index}")
-    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
+    x = keras.layers.GlobalAveragePooling2D(
+        data_format=_layers.CHANNELS_LAST, name="pooled")(x)
     outputs = keras.layers.Dense(num_classes, name="classifier")(x)
     return keras.Model(inputs, outputs, name=name)
 
