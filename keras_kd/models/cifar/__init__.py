@@ -22,3 +22,18 @@ reference models.
 """
 
 from keras_kd.models.cifar.weights import load_torch_weights
+from keras_kd.models.cifar.resnet import resnet8
+from keras_kd.models.cifar.resnet import resnet14
+from keras_kd.models.cifar.resnet import resnet20
+from keras_kd.models.cifar.resnet import resnet32
+from keras_kd.models.cifar.resnet import resnet44
+from keras_kd.models.cifar.resnet import resnet56
+from keras_kd.models.cifar.resnet import resnet110
+from keras_kd.models.cifar.resnet import resnet8x4
+from keras_kd.models.cifar.resnet import resnet32x4
+from keras_kd.models.cifar.resnetv2 import resnet18
+from keras_kd.models.cifar.resnetv2 import resnet50
+from keras_kd.models.cifar.wrn import wrn_16_1
+from keras_kd.models.cifar.wrn import wrn_16_2
+from keras_kd.models.cifar.wrn import wrn_40_1
+from keras_kd.models.cifar.wrn import wrn_40_2
