@@ -869,11 +869,25 @@ def run(args, architectures=None, data=None, role="student"):
             (recorded as the method `teacher`).
 
     Returns:
-        The trained model (the student).
+        The trained student, as a model of its own (not compiled).
     """
     def log(message):
         if args.verbose:
             print(message, flush=True)
+
+    method = METHODS[args.method]
+    method_name = "teacher" if role == "teacher" else args.method
+    teacher_label = ",".join(_teacher_names(args))
+    name = run_name(method_name, teacher_label, args.student, args.epochs,
+                    args.limit, args.seed)
+    folder = os.path.join(args.out, "runs", name)
+    weights = os.path.join(folder, "student.weights.h5")
+    if os.path.isfile(weights):
+        log(f"{name} is complete (its result is in the CSV); delete "
+            f"{folder} to run it again.")
+        student = build_model(args.student, args.seed, architectures)
+        student.load_weights(weights)
+        return student
 
     if data is None:
         data = load_cifar100(args.data_dir)
@@ -894,7 +908,6 @@ def run(args, architectures=None, data=None, role="student"):
               f"(batch {args.batch_size}, augmentation included, no model)",
               flush=True)
 
-    method = METHODS[args.method]
     teachers, sources = [], []
     if method.teachers:
         teachers, sources = prepare_teachers(
@@ -913,17 +926,6 @@ def run(args, architectures=None, data=None, role="student"):
     model.compile(optimizer=optimizer, loss=_ce(), metrics=metrics,
                   run_eagerly=args.run_eagerly)
 
-    method_name = "teacher" if role == "teacher" else args.method
-    teacher_label = ",".join(_teacher_names(args)) if teachers else ""
-    name = run_name(method_name, teacher_label, args.student, args.epochs,
-                    args.limit, args.seed)
-    folder = os.path.join(args.out, "runs", name)
-    weights = os.path.join(folder, "student.weights.h5")
-    if os.path.isfile(weights):
-        log(f"{name} is complete (its result is in the CSV); delete "
-            f"{folder} to run it again.")
-        student.load_weights(weights)
-        return student
     os.makedirs(folder, exist_ok=True)
     epochs_log = os.path.join(folder, "epochs.csv")
     throughput = Throughput(args.batch_size)
@@ -967,8 +969,12 @@ def run(args, architectures=None, data=None, role="student"):
         "date": datetime.date.today().isoformat(),
         "command": args.command,
     })
-    student.save_weights(weights)  # marks the run complete
-    return student
+    # The student's weights alone (a copy without the optimizer), which
+    # also marks the run complete.
+    clean = build_model(args.student, args.seed, architectures)
+    clean.set_weights(student.get_weights())
+    clean.save_weights(weights)
+    return clean
 
 
 def _rate(value):
