@@ -940,7 +940,7 @@ def run(args, architectures=None, data=None, role="student"):
     start = time.perf_counter()
     model.fit(train_data, epochs=args.epochs, validation_data=test_data,
               validation_freq=args.validation_freq, callbacks=callbacks,
-              verbose=1 if args.verbose else 0)
+              verbose=args.fit_verbose if args.verbose else 0)
     seconds = time.perf_counter() - start
 
     final = top1(student, test_data, y_test)
@@ -1187,7 +1187,12 @@ def parse_args(argv):
                         help="results CSV (default: "
                              "<out>/results_cifar100.csv)")
     parser.add_argument("--run-eagerly", action="store_true")
-    parser.add_argument("--quiet", dest="verbose", action="store_false")
+    parser.add_argument("--fit-verbose", type=int, default=1,
+                        choices=[0, 1, 2],
+                        help="`fit`'s verbose: 1 a progress bar, 2 one "
+                             "line per epoch (for log files)")
+    parser.add_argument("--quiet", dest="verbose", action="store_false",
+                        help="print nothing but errors")
     parser.add_argument("--backend", default=None,
                         help="Keras backend (read before Keras is "
                              "imported)")
