@@ -107,7 +107,7 @@ def assert_close(actual, expected):
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_PARAMETERS))
-def test_builds_with_the_reference_parameter_count(name):
+def test_builds_like_the_reference(name):
     model = getattr(cifar, name)()
     assert model.name == name
     assert tuple(model.input.shape) == (None, 32, 32, 3)
@@ -116,24 +116,12 @@ def test_builds_with_the_reference_parameter_count(name):
     assert tuple(logits.shape) == (2, 100)
     assert np.all(np.isfinite(keras.ops.convert_to_numpy(logits)))
 
-
-def test_num_classes_and_name():
-    model = cifar.wrn_16_1(num_classes=10, name="student")
-    assert model.name == "student"
-    assert tuple(model.output.shape) == (None, 10)
-    # Only the classifier changes: 64 * (100 - 10) weights, 90 biases.
-    expected = REFERENCE_PARAMETERS["wrn_16_1"] - 65 * 90
-    assert trainable_count(model) == expected
-
-
-@pytest.mark.parametrize("name", list(REFERENCE_PARAMETERS))
-def test_named_layers_have_the_reference_feature_shapes(name):
+    # The named features have the shapes of the reference's features (the
+    # test is reported skipped here without PyTorch).
     torch_model = reference(name)
-    # The PyTorch reference has the reference's parameters.
     assert sum(p.numel() for p in torch_model.parameters()) == (
         REFERENCE_PARAMETERS[name])
     _, features = torch_outputs(torch_model, images(batch=1))
-    model = getattr(cifar, name)()
     names, preact_names = feature_names(model)
     assert len(names) == len(features["feats"])
     for layer_names, key in ((names, "feats"), (preact_names, "preact_feats")):
@@ -143,6 +131,15 @@ def test_named_layers_have_the_reference_feature_shapes(name):
                 None, *shape), layer_name
     assert tuple(model.get_layer("pooled").output.shape) == (
         None, features["pooled_feat"].shape[1])
+
+
+def test_num_classes_and_name():
+    model = cifar.wrn_16_1(num_classes=10, name="student")
+    assert model.name == "student"
+    assert tuple(model.output.shape) == (None, 10)
+    # Only the classifier changes: 64 * (100 - 10) weights, 90 biases.
+    expected = REFERENCE_PARAMETERS["wrn_16_1"] - 65 * 90
+    assert trainable_count(model) == expected
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -254,9 +251,15 @@ def assert_unchanged(model, before):
 def test_a_missing_entry_is_named_and_nothing_is_loaded(resnet8_state):
     model = cifar.resnet8()
     before = weights_of(model)
-    del resnet8_state["layer2.0.bn2.running_var"]
+    removed = resnet8_state.pop("layer2.0.bn2.running_var")
     with pytest.raises(KeyError, match=r"'layer2\.0\.bn2\.running_var'"):
         cifar.load_torch_weights(model, resnet8_state)
+    assert_unchanged(model, before)
+    resnet8_state["layer2.0.bn2.running_var"] = removed
+    # A module with no entry at all.
+    del resnet8_state["fc.weight"], resnet8_state["fc.bias"]
+    with pytest.raises(KeyError, match=r"'fc\.weight'"):
+        cifar.load_torch_weights(model, resnet8_state, strict=False)
     assert_unchanged(model, before)
 
 
@@ -310,3 +313,12 @@ def test_checkpoint_forms(resnet8_state, tmp_path):
         assert_close(
             keras.ops.convert_to_numpy(model(images(), training=False)),
             torch_logits)
+
+
+def test_module_paths_that_differ_only_by_dot_and_underscore(resnet8_state):
+    # Both would be the Keras layer "layer1_0_conv1".
+    resnet8_state["layer1_0.conv1.weight"] = resnet8_state[
+        "layer1.0.conv1.weight"]
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight'.*"
+                       r"'layer1_0\.conv1\.weight'"):
+        cifar.load_torch_weights(cifar.resnet8(), resnet8_state)

@@ -37,3 +37,11 @@ from keras_kd.models.cifar.wrn import wrn_16_1
 from keras_kd.models.cifar.wrn import wrn_16_2
 from keras_kd.models.cifar.wrn import wrn_40_1
 from keras_kd.models.cifar.wrn import wrn_40_2
+from keras_kd.models.cifar.mobilenetv2 import mobilenetv2
+from keras_kd.models.cifar.shufflenet import shufflenet_v1
+from keras_kd.models.cifar.shufflenet import shufflenet_v2
+from keras_kd.models.cifar.vgg import vgg8
+from keras_kd.models.cifar.vgg import vgg11
+from keras_kd.models.cifar.vgg import vgg13
+from keras_kd.models.cifar.vgg import vgg16
+from keras_kd.models.cifar.vgg import vgg19

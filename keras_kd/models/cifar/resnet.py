@@ -19,14 +19,16 @@ Named layers, for 32x32 inputs (`C` = 16, 16, 32, 64 channels, or 32, 64,
   branch plus the shortcut), which feature-distillation methods read;
 - `"pooled"`: the pooled features the classifier reads, (C[3],).
 
-The weighted layers carry the PyTorch module paths of the reference
-(`"conv1"`, `"bn1"`, `"layer2.0.conv1"`, `"layer2.0.downsample.0"`, ...,
-`"fc"`), so `load_torch_weights` reads its checkpoints.
+Each weighted layer is named after the module of the reference that holds
+its weights, the module path with `_` for `.` (`"conv1"`, `"bn1"`,
+`"layer2_0_conv1"` for `layer2.0.conv1`, `"layer2_0_downsample_0"`, ...,
+`"fc"`), so `load_torch_weights` reads the reference's checkpoints.
 """
 
 import keras
 
-from keras_kd.models.cifar._layers import batch_norm, conv, relu
+from keras_kd.models.cifar._layers import (batch_norm, conv, keras_name,
+                                          relu)
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -43,7 +45,7 @@ def basic_block(x, planes, *, stride, name, shortcut="downsample",
     y = relu(y, name=f"{name}.relu1")
     y = conv(y, planes, 3, padding=1, name=f"{name}.conv2")
     y = batch_norm(y, name=f"{name}.bn2")
-    y = keras.layers.Add(name=sum_name)(
+    y = keras.layers.Add(name=keras_name(sum_name))(
         [y, _shortcut(x, planes, stride, f"{name}.{shortcut}")])
     return relu(y, name=out_name)
 
@@ -62,7 +64,7 @@ def bottleneck_block(x, planes, *, stride, name, shortcut="downsample",
     y = relu(y, name=f"{name}.relu2")
     y = conv(y, 4 * planes, 1, name=f"{name}.conv3")
     y = batch_norm(y, name=f"{name}.bn3")
-    y = keras.layers.Add(name=sum_name)(
+    y = keras.layers.Add(name=keras_name(sum_name))(
         [y, _shortcut(x, 4 * planes, stride, f"{name}.{shortcut}")])
     return relu(y, name=out_name)
 
@@ -90,7 +92,7 @@ def stage(x, block, planes, blocks, *, stride, index, shortcut):
 
 def _resnet(depth, widths, num_classes, name):
     blocks = (depth - 2) // 6  # depth 6n + 2
-    inputs = keras.Input(INPUT_SHAPE, name="input")
+    inputs = keras.Input(INPUT_SHAPE, name="image")
     x = conv(inputs, widths[0], 3, padding=1, name="conv1")
     x = batch_norm(x, name="bn1")
     x = relu(x, name="stem")

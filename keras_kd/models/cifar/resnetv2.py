@@ -20,9 +20,10 @@ Named layers, for 32x32 inputs (`E` = 1 for `resnet18`, 4 for
 - `"pooled"`: the globally averaged features the classifier reads,
   (512 E,).
 
-The weighted layers carry the PyTorch module paths of the reference
-(`"conv1"`, `"bn1"`, `"layer2.0.conv1"`, `"layer2.0.shortcut.0"`, ...,
-`"linear"`), so `load_torch_weights` reads its checkpoints.
+Each weighted layer is named after the module of the reference that holds
+its weights, the module path with `_` for `.` (`"conv1"`, `"bn1"`,
+`"layer2_0_conv1"` for `layer2.0.conv1`, `"layer2_0_shortcut_0"`, ...,
+`"linear"`), so `load_torch_weights` reads the reference's checkpoints.
 """
 
 import keras
@@ -33,7 +34,7 @@ from keras_kd.models.cifar.resnet import (INPUT_SHAPE, basic_block,
 
 
 def _resnet(block, blocks, num_classes, name):
-    inputs = keras.Input(INPUT_SHAPE, name="input")
+    inputs = keras.Input(INPUT_SHAPE, name="image")
     x = conv(inputs, 64, 3, padding=1, name="conv1")
     x = batch_norm(x, name="bn1")
     x = relu(x, name="stem")

@@ -2,16 +2,20 @@
 
 The builders of `keras_kd.models.cifar` name every layer that holds weights
 after the PyTorch module that holds the same weights in the reference
-definitions (mdistiller's `mdistiller/models/cifar/`): the convolution that
-PyTorch calls `layer1.0.conv1` is the Keras layer `"layer1.0.conv1"`. So one
-rule per layer type maps a state dict onto a model, and this file knows
-nothing of any particular architecture.
+definitions (mdistiller's `mdistiller/models/cifar/`): its module path with
+`_` for `.`, so the convolution that PyTorch calls `layer1.0.conv1` is the
+Keras layer `"layer1_0_conv1"` (Keras' PyTorch backend cannot hold a
+variable whose layer name has a `.`). So one rule per layer type maps a
+state dict onto a model, and this file knows nothing of any particular
+architecture.
 """
 
 import os
 
 import keras
 import numpy as np
+
+from keras_kd.models.cifar._layers import keras_name
 
 # State-dict entries that hold no weight of the Keras model.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -128,10 +132,11 @@ def load_torch_weights(model, checkpoint, *, strict=True):
     """Loads a PyTorch checkpoint of a CIFAR model into its Keras form.
 
     Every Keras layer that holds weights is named after the PyTorch module
-    that holds them in the reference definition, so the state-dict key
-    `"<layer name>.weight"` (and `.bias`, `.running_mean`,
-    `.running_var`) gives its values. Convolution and dense kernels are
-    transposed from PyTorch's layout to Keras'.
+    that holds them in the reference definition: the module path with `_`
+    for `.`. So the Keras layer `"layer1_0_bn1"` reads the state-dict
+    entries `"layer1.0.bn1.weight"`, `.bias`, `.running_mean` and
+    `.running_var`. Convolution and dense kernels are transposed from
+    PyTorch's layout to Keras'.
 
     Args:
         model: a model built by a `keras_kd.models.cifar` builder (or any
@@ -150,8 +155,9 @@ def load_torch_weights(model, checkpoint, *, strict=True):
     Raises:
         ImportError: `checkpoint` is a path and PyTorch is not installed.
         KeyError: a weight of the model has no entry in the state dict.
-        ValueError: an entry's shape does not fit, or (with `strict`) an
-            entry is left unused.
+        ValueError: an entry's shape does not fit, (with `strict`) an
+            entry is left unused, or two entries' module paths differ only
+            by `.` and `_`.
 
     Example:
 
@@ -164,19 +170,28 @@ def load_torch_weights(model, checkpoint, *, strict=True):
     ```
     """
     state = _read(checkpoint)
+    keys = _keys_by_layer_name(state)
     used = set()
     # Check every entry before assigning any, so that a bad checkpoint
     # leaves the model as it was.
     assignments = []
     for layer in _weighted_layers(model):
+        entries = keys.get(layer.name, {})
         for suffix, variable, convert in _targets(layer):
-            key = f"{layer.name}.{suffix}"
-            if key not in state:
-                near = sorted(k for k in state if k.startswith(layer.name))
-                hint = f" Entries under that name: {near}." if near else ""
+            key = entries.get(suffix)
+            if key is None:
+                near = sorted(entries.values())
+                # The module path: from the module's other entries, else
+                # the layer name read back (exact where the path has no
+                # `_` of its own).
+                module = (near[0].rpartition(".")[0] if near
+                          else layer.name.replace("_", "."))
+                hint = f" Entries of that module: {near}." if near else ""
                 raise KeyError(
-                    f"The checkpoint has no entry '{key}' for the weight "
-                    f"'{variable.path}' of layer '{layer.name}'.{hint}")
+                    f"The checkpoint has no entry '{module}.{suffix}' for "
+                    f"the weight '{variable.path}' of layer '{layer.name}' "
+                    "(the layer for PyTorch module path P is named P with "
+                    f"'_' for '.').{hint}")
             value = state[key]
             if convert is not None:
                 expected = _torch_shape(layer, suffix, tuple(variable.shape))
@@ -204,6 +219,22 @@ def load_torch_weights(model, checkpoint, *, strict=True):
     for variable, value in assignments:
         variable.assign(value.astype(variable.dtype))
     return model
+
+
+def _keys_by_layer_name(state):
+    """`{Keras layer name: {parameter name: state-dict key}}`."""
+    keys = {}
+    for key in state:
+        path, _, suffix = key.rpartition(".")
+        entries = keys.setdefault(keras_name(path), {})
+        if suffix in entries:
+            raise ValueError(
+                f"The checkpoint entries '{entries[suffix]}' and '{key}' "
+                f"would both load into the layer '{keras_name(path)}': "
+                "module paths that differ only by '.' and '_' cannot be "
+                "told apart.")
+        entries[suffix] = key
+    return keys
 
 
 def _torch_shape(layer, suffix, keras_shape):

@@ -26,14 +26,17 @@ the reference's own features (its `forward`), for 32x32 inputs:
   just before the activation that follows each stage;
 - `"pooled"`: the pooled features the classifier reads, (64 k,).
 
-The weighted layers carry the PyTorch module paths of the reference
-(`"conv1"`, `"block1.layer.0.bn1"`, `"block2.layer.0.convShortcut"`, ...,
-`"bn1"`, `"fc"`), so `load_torch_weights` reads its checkpoints.
+Each weighted layer is named after the module of the reference that holds
+its weights, the module path with `_` for `.` (`"conv1"`,
+`"block1_layer_0_bn1"` for `block1.layer.0.bn1`,
+`"block2_layer_0_convShortcut"`, ..., `"bn1"`, `"fc"`), so
+`load_torch_weights` reads the reference's checkpoints.
 """
 
 import keras
 
-from keras_kd.models.cifar._layers import batch_norm, conv, relu
+from keras_kd.models.cifar._layers import (batch_norm, conv, keras_name,
+                                          relu)
 from keras_kd.models.cifar.resnet import INPUT_SHAPE
 
 
@@ -54,12 +57,13 @@ def _block(x, planes, *, stride, name, preact_name=None, output_name=None):
     else:
         shortcut = conv(activated, planes, 1, strides=stride,
                         name=f"{name}.convShortcut")
-    return keras.layers.Add(name=output_name or f"{name}.add")([shortcut, y])
+    return keras.layers.Add(name=output_name or keras_name(f"{name}.add"))(
+        [shortcut, y])
 
 
 def _wrn(depth, widen_factor, num_classes, name):
     blocks = (depth - 4) // 6  # depth 6n + 4
-    inputs = keras.Input(INPUT_SHAPE, name="input")
+    inputs = keras.Input(INPUT_SHAPE, name="image")
     x = conv(inputs, 16, 3, padding=1, name="conv1")
     x = keras.layers.Identity(name="stem")(x)
     for index in (1, 2, 3):
