@@ -938,7 +938,9 @@ def run(args, architectures=None, data=None, role="student"):
         f"{steps_per_epoch} steps, {len(x_train)} training images, "
         f"pipeline {pipeline}; logs in {folder}")
     start = time.perf_counter()
+    # The pipelines shuffle the training data themselves.
     model.fit(train_data, epochs=args.epochs, validation_data=test_data,
+              shuffle=False,
               validation_freq=args.validation_freq, callbacks=callbacks,
               verbose=args.fit_verbose if args.verbose else 0)
     seconds = time.perf_counter() - start
