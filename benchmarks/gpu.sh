@@ -16,6 +16,18 @@
 #                        per-device step memory and step time; needs 8
 #                        accelerators and Keras Hub (run it by name:
 #                        `bash benchmarks/gpu.sh out sharded_teacher`)
+# and, only when named (each is the full 240-epoch CIFAR-100 recipe, hours):
+#   cifar100_kd, cifar100_dist, cifar100_cmkd   cifar100.py, ResNet32x4 ->
+#                        ResNet8x4 with KD, DIST and CMKD. They read
+#                        $CIFAR100_DIR/cifar100.npz (default data/cifar100;
+#                        `python benchmarks/cifar100.py --export-npz DIR`
+#                        writes it where Keras can download) and the teacher
+#                        $CIFAR_TEACHERS/resnet32x4_vanilla/ckpt_epoch_240.pth
+#                        (mdistiller's cifar_teachers.tar; without it the
+#                        teacher is trained first), with the NumPy input
+#                        pipeline (no TensorFlow). A part stopped by its time
+#                        limit resumes from its last epoch when run again
+#                        with the same output folder.
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit; a
@@ -56,6 +68,9 @@ part() {  # part NAME SECONDS COMMAND...
   if [ "$selected" != "  " ] && [[ "$selected" != *" $name "* ]]; then
     return 0
   fi
+  if [[ "$name" == cifar100_* ]] && [[ "$selected" != *" $name "* ]]; then
+    return 0  # hours long: only when named
+  fi
   echo "== $name (limit ${limit}s): $*" | tee "$out/$name.txt"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
@@ -78,3 +93,17 @@ if [[ "$selected" == *" sharded_teacher "* ]]; then  # by name only
   part sharded_teacher 540 "$python" benchmarks/sharded_teacher.py \
     --size gemma_7b --dtype bfloat16 --model-axes 1,2,4,8 --steps 3
 fi
+
+cifar100_dir=${CIFAR100_DIR:-data/cifar100}
+teacher_ckpt=${CIFAR_TEACHERS:-cifar_teachers}/resnet32x4_vanilla/ckpt_epoch_240.pth
+teacher_args=()
+if [ -f "$teacher_ckpt" ]; then
+  teacher_args=(--teacher-checkpoint "$teacher_ckpt")
+fi
+for method in kd dist cmkd; do
+  part "cifar100_$method" "${CIFAR100_LIMIT_S:-36000}" "$python" \
+    benchmarks/cifar100.py --backend jax --teacher resnet32x4 \
+    --student resnet8x4 --method "$method" --data-dir "$cifar100_dir" \
+    --pipeline numpy --measure-pipeline --fit-verbose 2 \
+    --out "$out/cifar100" ${teacher_args[@]+"${teacher_args[@]}"}
+done
