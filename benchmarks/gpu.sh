@@ -11,6 +11,11 @@
 #   6. layerwise.py      step time with layer-wise learning rates vs without
 #   7. lm_cache.py       a per-token top-k LM teacher cache: size on disk,
 #                        reading it vs recomputing the teacher
+#   8. sharded_teacher.py  a Gemma-7B-shaped teacher (bfloat16) sharded on
+#                        the model axis of a (1, M) mesh, M = 1, 2, 4, 8:
+#                        per-device step memory and step time; needs 8
+#                        accelerators and Keras Hub (run it by name:
+#                        `bash benchmarks/gpu.sh out sharded_teacher`)
 # Made for a GPU machine that has JAX but no TensorFlow and no registry
 # access: what it needs beyond JAX travels as wheels in .whl/ (see
 # benchmarks/README.md, "GPU figures"). Each part has its own time limit; a
@@ -69,3 +74,7 @@ part teacher_cache 120 "$python" benchmarks/teacher_cache.py
 part layerwise 120 "$python" benchmarks/layerwise.py --backend jax \
   --rounds 9
 part lm_cache 120 "$python" benchmarks/lm_cache.py --backend jax
+if [[ "$selected" == *" sharded_teacher "* ]]; then  # by name only
+  part sharded_teacher 540 "$python" benchmarks/sharded_teacher.py \
+    --size gemma_7b --dtype bfloat16 --model-axes 1,2,4,8 --steps 3
+fi

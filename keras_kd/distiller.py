@@ -29,6 +29,7 @@ from keras_kd import losses as kd_losses
 from keras_kd.augment import check_augmentation, check_augmentation_shape
 from keras_kd.augment import distinct_layers
 from keras_kd.diagnostics import Diagnostics, check_single_outputs
+from keras_kd.distribution import check_placement
 from keras_kd.layerwise import LayerwiseLearningRate
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
@@ -369,6 +370,7 @@ class Distiller(Trainer, keras.Model):
             self._terms.bound, self.diagnostics_feed, extensions)
 
     def _check_cached_call(self, method, args, kwargs):
+        check_placement(self)
         return teacher_cache.check_call(
             self._cache_requirements, self.distillation_step.cache_reader,
             method, args, kwargs)

@@ -28,6 +28,32 @@ def make_cnn(prefix, width, classes=NUM_CLASSES, batchnorm=True,
     return keras.Model(inputs, outputs, name=prefix)
 
 
+def make_token_lm(prefix, width, vocabulary=50, length=12):
+    """A per-token language model: `(batch, length)` token ids (0 is
+    padding, masked) to `(batch, length, vocabulary)` logits."""
+    inputs = keras.Input((length,), dtype="int32", name=f"{prefix}_tokens")
+    x = keras.layers.Embedding(vocabulary, width, mask_zero=True,
+                               name=f"{prefix}_embedding")(inputs)
+    x = keras.layers.Dense(width, activation="tanh",
+                           name=f"{prefix}_hidden")(x)
+    outputs = keras.layers.Dense(
+        vocabulary, name=f"{prefix}_logits",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1.0))(x)
+    return keras.Model(inputs, outputs, name=prefix)
+
+
+def uneven_tokens(vocabulary=50, length=12):
+    """16 padded sequences and their token weights; the first half of the
+    batch is much shorter than the second, so that two replicas hold very
+    different numbers of real tokens."""
+    lengths = np.array([2, 3, 1, 4, 2, 3, 2, 1,
+                        12, 12, 10, 12, 12, 11, 12, 12]) * length // 12
+    weights = (np.arange(length)[None] < np.maximum(lengths, 1)[:, None])
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, vocabulary, (len(lengths), length)) * weights
+    return x.astype("int32"), weights.astype("float32")
+
+
 def assert_augmented_once_per_training_step(distiller, augmentations,
                                             x, y):
     """Fits `distiller` for 4 steps and evaluates it, and checks that the

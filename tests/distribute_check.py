@@ -28,7 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_cnn  # noqa: E402
+from conftest import make_cnn, make_token_lm, uneven_tokens  # noqa: E402
 
 import keras_kd  # noqa: E402
 keras.config.disable_traceback_filtering()
@@ -101,10 +101,26 @@ def tf_worker(out):
     with strategy.scope():
         d = build(batchnorm=False)
     logs, weights = run(d)
+    # A masked, chunked token divergence; each worker's half of the batch
+    # holds a very different number of real tokens.
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        lm = keras_kd.Distiller(
+            make_token_lm("t", 32), make_token_lm("s", 16),
+            terms=[keras_kd.Term(keras_kd.losses.ForwardKL(chunk_size=5))],
+            student_loss_weight=0.0)
+        lm.compile(optimizer=keras.optimizers.SGD(0.5))
+    tokens, token_weights = uneven_tokens()
+    lm_logs = lm.fit(tokens, sample_weight=token_weights, batch_size=16,
+                     epochs=3, shuffle=False, verbose=0).history
     np.savez(out, replicas=strategy.num_replicas_in_sync,
              keys=np.array(sorted(logs)),
              logs=np.array([logs[k] for k in sorted(logs)]),
-             **{f"w{i}": w for i, w in enumerate(weights)})
+             lm_keys=np.array(sorted(lm_logs)),
+             lm_logs=np.array([lm_logs[k] for k in sorted(lm_logs)]),
+             **{f"w{i}": w for i, w in enumerate(weights)},
+             **{f"lmw{i}": w for i, w in
+                enumerate(lm.student.get_weights())})
 
 
 if __name__ == "__main__":

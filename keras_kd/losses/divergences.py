@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_kd import _keras_compat as compat
-from keras_kd.distribution import scale_for_replicas
+from keras_kd.distribution import global_sum, scale_for_replicas
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.chunking import VOCAB_MAPPINGS, divergence_loss
 from keras_kd.losses.chunking import lm_head_function, vocab_error
@@ -79,10 +79,14 @@ def reduce_token_losses(values, weights, reduction):
     total = ops.sum(weighted)
     if reduction == "sum":
         return total
-    if reduction == "mean_with_sample_weight" and weights is not None:
-        divisor = ops.sum(weights)
-    else:
-        divisor = ops.cast(ops.size(values), "float32")
+    if reduction == "mean_with_sample_weight":
+        # Under `tf.distribute`, each replica divides its tokens' sum by
+        # the global token count: the replicas' gradients add up to those
+        # of the mean over the global batch, however the padding falls.
+        divisor = (ops.cast(ops.size(values), "float32") if weights is None
+                   else ops.sum(weights))
+        return ops.divide_no_nan(total, global_sum(divisor))
+    divisor = ops.cast(ops.size(values), "float32")
     return scale_for_replicas(ops.divide_no_nan(total, divisor))
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import keras
 
 from keras_kd.batches import unpack
-from keras_kd.distribution import unscale_for_replicas
+from keras_kd.distribution import tracker_update, unscale_for_replicas
 from keras_kd.extension import GradientRouting, ModuleChain
 from keras_kd.step import StepLosses, batch_size
 
@@ -180,8 +180,8 @@ class DistillerTrainer:
         # value is the mean over the epoch's tokens.
         weights = losses.term_weights or {}
         for name, value in losses.terms.items():
-            trackers[name].update_state(unscale_for_replicas(value),
-                                        sample_weight=weights.get(name, n))
+            value, weight = tracker_update(value, weights.get(name), n)
+            trackers[name].update_state(value, sample_weight=weight)
         if teacher is not None and self.diagnostics_feed.metrics:
             self.diagnostics_feed.update(
                 teacher, y_pred, student.diagnostic_features, y,
