@@ -1,14 +1,21 @@
 """Data augmentation for distillation: weak and strong presets built from
 Keras preprocessing layers, applying an augmentation, and its affinity."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_kd.taps import static_shape
+from keras_kd._typing import Augmentation, Tensor
 
 
-def weak(flip=True, translation=0.125, seed=None, name="weak_augmentation"):
+def weak(flip: bool = True, translation: float = 0.125,
+         seed: int | None = None,
+         name: str = "weak_augmentation") -> keras.Sequential:
     """The weak preset: random translation (pad-and-crop) and horizontal flip.
 
     Args:
@@ -30,7 +37,7 @@ def weak(flip=True, translation=0.125, seed=None, name="weak_augmentation"):
     ...                           keras_kd.augment.strong()],
     ...     student_augmentation=keras_kd.augment.strong())
     """
-    layers = []
+    layers: list[Any] = []
     if translation:
         layers.append(keras.layers.RandomTranslation(
             translation, translation, fill_mode="constant", seed=seed))
@@ -39,9 +46,12 @@ def weak(flip=True, translation=0.125, seed=None, name="weak_augmentation"):
     return keras.Sequential(layers, name=name)
 
 
-def strong(flip=True, translation=0.125, rotation=0.08, zoom=0.2,
-           erasing=(0.05, 0.2), value_range=(0.0, 1.0), seed=None,
-           name="strong_augmentation"):
+def strong(flip: bool = True, translation: float = 0.125,
+           rotation: float = 0.08, zoom: float = 0.2,
+           erasing: tuple[float, float] | None = (0.05, 0.2),
+           value_range: tuple[float, float] = (0.0, 1.0),
+           seed: int | None = None,
+           name: str = "strong_augmentation") -> keras.Sequential:
     """The strong preset: the weak preset plus rotation, zoom and random
     erasing (cutout).
 
@@ -80,7 +90,8 @@ def strong(flip=True, translation=0.125, rotation=0.08, zoom=0.2,
     return keras.Sequential(layers, name=name)
 
 
-def check_augmentation(augmentation, what):
+def check_augmentation(augmentation: Augmentation | None,
+                       what: str) -> Augmentation | None:
     """Raises a `TypeError` unless `augmentation` is `None`, a Keras layer
     or a callable."""
     if augmentation is None or isinstance(augmentation, keras.layers.Layer):
@@ -93,7 +104,8 @@ def check_augmentation(augmentation, what):
     )
 
 
-def check_augmentation_shape(augmentation, model, what):
+def check_augmentation_shape(augmentation: Augmentation | None,
+                             model: keras.Model, what: str) -> None:
     """Raises a `ValueError` when a Keras-layer augmentation maps the
     model's input shape to a shape the model does not accept.
 
@@ -121,7 +133,8 @@ def check_augmentation_shape(augmentation, model, what):
         )
 
 
-def apply_augmentation(augmentation, x):
+def apply_augmentation(augmentation: Augmentation | None,
+                       x: Tensor) -> Tensor:
     """Applies an augmentation to a batch: a Keras layer is called with
     `training=True` (so random layers are active), any other callable is
     called as `augmentation(x)`; `None` returns `x`.
@@ -140,7 +153,7 @@ def apply_augmentation(augmentation, x):
     return augmentation(x)
 
 
-def augmentation_name(augmentation):
+def augmentation_name(augmentation: Augmentation) -> str:
     """The name of an augmentation, for messages: a layer's `name`, a
     function's `__name__`, or the callable's class name."""
     if isinstance(augmentation, keras.layers.Layer):
@@ -148,7 +161,8 @@ def augmentation_name(augmentation):
     return getattr(augmentation, "__name__", type(augmentation).__name__)
 
 
-def apply_checked(augmentation, x, what):
+def apply_checked(augmentation: Augmentation | None, x: Tensor,
+                  what: str) -> Tensor:
     """`apply_augmentation`, refusing an augmentation that changes the
     batch size or the shape of the inputs (the teachers and the student
     would then see different batches, or inputs the model was not built
@@ -246,7 +260,9 @@ def _accuracy(model, data, augmentation, batch_size):
     return correct / count
 
 
-def affinity(model, dataset, augmentation, batch_size=256):
+def affinity(model: keras.Model, dataset: Any,
+             augmentation: Augmentation,
+             batch_size: int = 256) -> float:
     """Affinity of an augmentation: accuracy on augmented data over accuracy
     on clean data.
 
@@ -281,11 +297,14 @@ def affinity(model, dataset, augmentation, batch_size=256):
     return _accuracy(model, dataset, augmentation, batch_size) / clean
 
 
-def distinct_layers(teacher_augmentations, student_augmentation):
+def distinct_layers(
+    teacher_augmentations: Augmentation | list[Augmentation | None] | None,
+    student_augmentation: Augmentation | None,
+) -> list[keras.layers.Layer]:
     """The distinct Keras-layer augmentations, teachers' then student's."""
     if not isinstance(teacher_augmentations, list):
         teacher_augmentations = [teacher_augmentations]
-    layers = []
+    layers: list[Any] = []
     for item in teacher_augmentations + [student_augmentation]:
         if isinstance(item, keras.layers.Layer) and not any(
                 item is seen for seen in layers):

@@ -91,7 +91,10 @@ def build_demo_parser():
     )
     demo_parser.add_argument(
         "--quick", action="store_true",
-        help="a tiny run (a few seconds of training) to check the install",
+        help=(
+            "a tiny run (a few seconds of training) that checks the "
+            "install only: its accuracies are not a comparison"
+        ),
     )
     verbosity = demo_parser.add_mutually_exclusive_group()
     verbosity.add_argument(

@@ -8,7 +8,12 @@ model's state; the loss assembly is `keras_kd.step`, and the backend trainer
 that differentiates and applies is picked at import from `keras_kd.trainers`.
 """
 
+from __future__ import annotations
+
 import inspect
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import ops
@@ -25,6 +30,7 @@ from keras_kd.augment import check_augmentation, check_augmentation_shape
 from keras_kd.augment import distinct_layers
 from keras_kd.diagnostics import Diagnostics, check_single_outputs
 from keras_kd.distribution import check_placement
+from keras_kd.layerwise import LayerwiseLearningRate
 from keras_kd.layerwise import attach as attach_layerwise
 from keras_kd.local import LocalModules
 from keras_kd.outputs import check_reads_logits, symbolic_outputs
@@ -34,6 +40,7 @@ from keras_kd.teachers import Teachers, as_teacher_list
 from keras_kd.teachers import check_teacher_outputs, check_teachers_apart
 from keras_kd.term import Term
 from keras_kd.trainers import Trainer
+from keras_kd._typing import Augmentation, Config, Tensor
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -137,12 +144,21 @@ class Distiller(Trainer, keras.Model):
     """
 
     def __init__(
-        self, teacher, student, terms=None, student_loss_weight=1.0,
-        ensemble="logits", teacher_augmentation=None,
-        student_augmentation=None, diagnostics=None,
-        layerwise_lr=None, local_modules=None, name="distiller",
-        **kwargs,
-    ):
+        self,
+        teacher: keras.Model | Sequence[keras.Model],
+        student: keras.Model,
+        terms: Term | Sequence[Term] | None = None,
+        student_loss_weight: float = 1.0,
+        ensemble: str = "logits",
+        teacher_augmentation: (
+            Augmentation | Sequence[Augmentation | None] | None) = None,
+        student_augmentation: Augmentation | None = None,
+        diagnostics: Sequence[Any] | None = None,
+        layerwise_lr: LayerwiseLearningRate | None = None,
+        local_modules: LocalModules | None = None,
+        name: str = "distiller",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(name=name, **kwargs)
         # Whether `fit` is running (its validation data are checked).
         self._fitting = False
@@ -266,7 +282,7 @@ class Distiller(Trainer, keras.Model):
     # Read-only views.
 
     @property
-    def teacher(self):
+    def teacher(self) -> keras.Model:
         """The teacher, when there is one (else see `teachers`).
 
         Raises:
@@ -282,23 +298,23 @@ class Distiller(Trainer, keras.Model):
         return self.teachers[0]
 
     @property
-    def ensemble(self):
+    def ensemble(self) -> str:
         """How several teachers are combined: `"logits"` or `"losses"`."""
         return self._sides.teachers.ensemble
 
     @property
-    def terms(self):
+    def terms(self) -> list[Term]:
         """The distillation terms, in order (the user's own objects)."""
         return list(self._terms.user)
 
     @property
-    def term_names(self):
+    def term_names(self) -> list[str]:
         """The name under which each term is logged (`<name>_loss`), in
         order."""
         return [b.name for b in self._terms.bound]
 
     @property
-    def output_names(self):
+    def output_names(self) -> list[str]:
         """The student's output names, so that `compile` handles a
         multi-output student as Keras handles a multi-output model (a loss
         dict keyed by output name; per-output losses logged as
@@ -311,13 +327,13 @@ class Distiller(Trainer, keras.Model):
         return list(names)
 
     @property
-    def distillation_step(self):
+    def distillation_step(self) -> Any:
         """The backend-agnostic step (`keras_kd.step.DistillationStep`)
         that the trainers run."""
         return self._step.step
 
     @property
-    def training_extension(self):
+    def training_extension(self) -> Any:
         """The feature that changes how a step trains (the layer-wise
         learning-rate state or the local-module plan), or `None`; see
         `keras_kd.extension`."""
@@ -326,14 +342,14 @@ class Distiller(Trainer, keras.Model):
         return self.local_plan
 
     @property
-    def loss_trackers(self):
+    def loss_trackers(self) -> dict[str, Any]:
         """`{name: Mean}`: the trackers of `student_loss`, of each term's
         `<name>_loss` and of each extension loss."""
         return dict(zip(self._tracker_names, self._loss_trackers))
 
     # Keras model API.
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         """Runs the student (on the inputs alone when they carry a teacher
         cache)."""
         return self.student(
@@ -359,7 +375,7 @@ class Distiller(Trainer, keras.Model):
             self._cache_requirements, self.distillation_step.cache_reader,
             method, args, kwargs)
 
-    def check_teacher_cache(self, data):
+    def check_teacher_cache(self, data: Any) -> None:
         """Checks a teacher cache against this distiller (its teachers'
         fingerprint, ensemble mode, terms and cached features) and lets
         the distiller's step read it. `fit` (its `validation_data` too),
@@ -387,7 +403,7 @@ class Distiller(Trainer, keras.Model):
     # Sample weights without labels (`fit(x, sample_weight=w)`), which
     # Keras drops, travel inside `x` (`keras_kd.batches`).
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         args, kwargs = self._check_cached_call("fit", args, kwargs)
         args, kwargs = batches.carry_call_weights("fit", args, kwargs)
         # `fit` checked its `validation_data`: the `evaluate` it runs on
@@ -398,24 +414,24 @@ class Distiller(Trainer, keras.Model):
         finally:
             self._fitting = outer
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         if not self._fitting:
             args, kwargs = self._check_cached_call("evaluate", args, kwargs)
         args, kwargs = batches.carry_call_weights("evaluate", args, kwargs)
         return super().evaluate(*args, **kwargs)
 
-    def train_on_batch(self, *args, **kwargs):
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._check_cached_call(
             "train_on_batch", args, kwargs)
         return super().train_on_batch(*args, **kwargs)
 
-    def test_on_batch(self, *args, **kwargs):
+    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._check_cached_call(
             "test_on_batch", args, kwargs)
         return super().test_on_batch(*args, **kwargs)
 
     @property
-    def trainable_weights(self):
+    def trainable_weights(self) -> list[Any]:
         """The student's and the adapters' trainable weights (never the
         teacher's)."""
         if not self.trainable:
@@ -426,24 +442,25 @@ class Distiller(Trainer, keras.Model):
         return weights
 
     @property
-    def trainable_variables(self):
+    def trainable_variables(self) -> list[Any]:
         return self.trainable_weights
 
     @property
-    def non_trainable_weights(self):
+    def non_trainable_weights(self) -> list[Any]:
         trainable = {id(v) for v in self.trainable_weights}
         return [v for v in self.weights if id(v) not in trainable]
 
     @property
-    def non_trainable_variables(self):
+    def non_trainable_variables(self) -> list[Any]:
         """Every other variable of the distiller: the teachers', batch-norm
         statistics, seed generators, layer-wise divergences."""
         trainable = {id(v) for v in self.trainable_variables}
         return [v for v in self.variables if id(v) not in trainable]
 
     def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
+        self, x: Any = None, y: Any = None, y_pred: Any = None,
+        sample_weight: Any = None, training: bool = True,
+    ) -> Tensor:
         """The student's own loss: the compiled loss on the labels.
 
         Returns zero when there are no labels or no compiled loss (pure
@@ -456,7 +473,8 @@ class Distiller(Trainer, keras.Model):
             return ops.zeros((), dtype="float32")
         return loss(y, y_pred, sample_weight)
 
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+    def compute_metrics(self, x: Any, y: Any, y_pred: Any,
+                        sample_weight: Any = None) -> dict[str, Any]:
         """Updates the compiled metrics on the student outputs and returns
         the logs; without labels (`fit(x)`) the compiled metrics are left
         alone."""
@@ -464,7 +482,7 @@ class Distiller(Trainer, keras.Model):
             return self.get_metrics_result()
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
-    def get_metrics_result(self):
+    def get_metrics_result(self) -> dict[str, Any]:
         """The model's metric values, skipping compiled metrics that have
         not seen a labelled batch yet (pure distillation with `fit(x)`)."""
         logs = {}
@@ -487,7 +505,7 @@ class Distiller(Trainer, keras.Model):
         return logs
 
     @property
-    def optimizer(self):
+    def optimizer(self) -> keras.optimizers.Optimizer | None:
         """The optimizer the distiller trains with (`None` before
         `compile`).
 
@@ -513,7 +531,7 @@ class Distiller(Trainer, keras.Model):
         # distiller's, saved as Keras saves a model's `optimizer`.
         self._optimizer_slot = Untracked(optimizer=optimizer)
 
-    def compile(self, *args, **kwargs):
+    def compile(self, *args: Any, **kwargs: Any) -> None:
         """`keras.Model.compile`, with the same arguments. The distiller
         remembers the `jit_compile` asked for (`"auto"` by default), so
         that a saved distiller resolves it again on the backend that
@@ -527,7 +545,7 @@ class Distiller(Trainer, keras.Model):
             pass  # Keras reports the wrong call.
         super().compile(*args, **kwargs)
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: Config) -> None:
         """Compiles a loaded distiller with the configuration that
         `get_compile_config` saved (Keras leaves a model with its own
         `compile` uncompiled otherwise)."""
@@ -537,7 +555,7 @@ class Distiller(Trainer, keras.Model):
             # Creates the optimizer's variables, which loading restores.
             self.optimizer.build(self.trainable_variables)
 
-    def get_compile_config(self):
+    def get_compile_config(self) -> Config:
         """The `compile` arguments a saved distiller is compiled with again,
         made backend-free: a built-in optimizer under its public Keras
         class (PyTorch's and TensorFlow's own optimizer classes do not run
@@ -555,7 +573,8 @@ class Distiller(Trainer, keras.Model):
 
     # Export and serialization.
 
-    def export_student(self, filepath, verbose=True, **kwargs):
+    def export_student(self, filepath: str | os.PathLike[str],
+                       verbose: bool = True, **kwargs: Any) -> Any:
         """Writes the student alone (no teacher, no adapters) as a
         TensorFlow SavedModel with a `serve` endpoint.
 
@@ -585,7 +604,7 @@ class Distiller(Trainer, keras.Model):
         return export_saved_model(self.student, filepath, verbose=verbose,
                                   **kwargs)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         serialize = keras.saving.serialize_keras_object
         teachers = [serialize(t) for t in self.teachers]
         augmentation = self._sides.teachers.augmentations
@@ -609,7 +628,9 @@ class Distiller(Trainer, keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: Config,
+                    custom_objects: dict[str, Any] | None = None
+                    ) -> Distiller:
         config = dict(config)
 
         def deserialize(item):
@@ -660,7 +681,7 @@ def _check_term_reads_logits(bound, teachers, student):
         + [("student", student.name, chosen(student, bound.student_choice))])
 
 
-def _as_term_list(terms):
+def _as_term_list(terms: Any) -> list[Any]:
     """The `terms` argument of `Distiller` as a new list.
 
     Args:

@@ -24,7 +24,7 @@ class TrainingExtension:
             error messages.
     """
 
-    argument = None
+    argument: str | None = None
 
     def wrap_optimizer(self, optimizer):
         """The optimizer the distiller trains with, given the one Keras'

@@ -17,11 +17,21 @@ and class activation maps, and logs them in the `fit` history with their
 `val_` forms.
 """
 
+import typing
+
 import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.ops.probabilities import as_logits
+
+# The annotations' names are imported for type checkers only (and the
+# annotations are strings): the module's public names are its metrics.
+if typing.TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    from keras_kd._typing import Config, Tensor
 
 _EPSILON = 1e-12
 
@@ -107,12 +117,14 @@ class TopOneAgreement(DistillationMetric):
     0.5
     """
 
-    def __init__(self, name="top1_agreement", dtype=None):
+    def __init__(self, name: str = "top1_agreement",
+                 dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
         self.matches = self.add_variable((), "zeros", name="matches")
         self.count = self.add_variable((), "zeros", name="count")
 
-    def update_state(self, teacher_logits, student_logits, sample_weight=None):
+    def update_state(self, teacher_logits: "Tensor", student_logits: "Tensor",
+                     sample_weight: "Tensor | None" = None) -> None:
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
@@ -126,7 +138,7 @@ class TopOneAgreement(DistillationMetric):
         self.matches.assign_add(total)
         self.count.assign_add(count)
 
-    def result(self):
+    def result(self) -> "Tensor":
         return ops.divide_no_nan(self.matches, self.count)
 
 
@@ -159,15 +171,16 @@ class TeacherKL(DistillationMetric):
 
     reads_distribution = True
 
-    def __init__(self, temperature=1.0, from_logits=True, name="teacher_kl",
-                 dtype=None):
+    def __init__(self, temperature: float = 1.0, from_logits: bool = True,
+                 name: str = "teacher_kl", dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.from_logits = bool(from_logits)
         self.total = self.add_variable((), "zeros", name="total")
         self.count = self.add_variable((), "zeros", name="count")
 
-    def update_state(self, teacher_logits, student_logits, sample_weight=None):
+    def update_state(self, teacher_logits: "Tensor", student_logits: "Tensor",
+                     sample_weight: "Tensor | None" = None) -> None:
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
@@ -180,10 +193,10 @@ class TeacherKL(DistillationMetric):
         self.total.assign_add(total)
         self.count.assign_add(count)
 
-    def result(self):
+    def result(self) -> "Tensor":
         return ops.divide_no_nan(self.total, self.count)
 
-    def get_config(self):
+    def get_config(self) -> "Config":
         config = super().get_config()
         config.update(temperature=self.temperature,
                       from_logits=self.from_logits)
@@ -220,15 +233,16 @@ class MutualInformation(DistillationMetric):
     >>> m.result()  # == mutual_info_score(all teacher labels, all student's)
     """
 
-    def __init__(self, num_classes=None, name="mutual_information",
-                 dtype=None):
+    def __init__(self, num_classes: int | None = None,
+                 name: str = "mutual_information",
+                 dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.num_classes = None
-        self.joint = None
+        self.num_classes: int | None = None
+        self.joint: Any = None
         if num_classes is not None:
             self.set_num_classes(num_classes)
 
-    def set_num_classes(self, num_classes):
+    def set_num_classes(self, num_classes: int) -> None:
         """Creates the count matrix for `num_classes` classes (once)."""
         num_classes = int(num_classes)
         if num_classes < 1:
@@ -247,7 +261,8 @@ class MutualInformation(DistillationMetric):
             (num_classes, num_classes), "zeros", name="joint"
         )
 
-    def update_state(self, teacher_logits, student_logits, sample_weight=None):
+    def update_state(self, teacher_logits: "Tensor", student_logits: "Tensor",
+                     sample_weight: "Tensor | None" = None) -> None:
         teacher_logits = _as_float(teacher_logits, self.dtype)
         student_logits = _as_float(student_logits, self.dtype)
         _check_logits(teacher_logits, student_logits, type(self).__name__)
@@ -270,7 +285,7 @@ class MutualInformation(DistillationMetric):
             t = t * w
         self.joint.assign_add(ops.matmul(ops.transpose(t), s))
 
-    def result(self):
+    def result(self) -> "Tensor":
         if self.joint is None:
             return ops.zeros((), dtype=self.dtype)
         joint = ops.convert_to_tensor(self.joint)
@@ -283,7 +298,7 @@ class MutualInformation(DistillationMetric):
         terms = ops.where(p > 0, p * log_ratio, 0.0)
         return ops.maximum(ops.sum(terms), 0.0)
 
-    def get_config(self):
+    def get_config(self) -> "Config":
         config = super().get_config()
         config.update(num_classes=self.num_classes)
         return config
@@ -321,7 +336,8 @@ class ExpectedCalibrationError(DistillationMetric):
     inputs = "labels"
     reads_distribution = True
 
-    def __init__(self, num_bins=15, from_logits=True, name="ece", dtype=None):
+    def __init__(self, num_bins: int = 15, from_logits: bool = True,
+                 name: str = "ece", dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
         self.from_logits = bool(from_logits)
         num_bins = int(num_bins)
@@ -334,7 +350,8 @@ class ExpectedCalibrationError(DistillationMetric):
         )
         self.correct = self.add_variable((num_bins,), "zeros", name="correct")
 
-    def update_state(self, y_true, student_logits, sample_weight=None):
+    def update_state(self, y_true: "Tensor", student_logits: "Tensor",
+                     sample_weight: "Tensor | None" = None) -> None:
         logits = _as_float(student_logits, self.dtype)
         if len(logits.shape) != 2:
             raise ValueError(
@@ -369,7 +386,7 @@ class ExpectedCalibrationError(DistillationMetric):
         self.confidence.assign_add(sums[:, 1])
         self.correct.assign_add(sums[:, 2])
 
-    def result(self):
+    def result(self) -> "Tensor":
         total = ops.sum(self.counts)
         gap = ops.abs(
             ops.convert_to_tensor(self.correct)
@@ -377,13 +394,14 @@ class ExpectedCalibrationError(DistillationMetric):
         )
         return ops.divide_no_nan(ops.sum(gap), total)
 
-    def get_config(self):
+    def get_config(self) -> "Config":
         config = super().get_config()
         config.update(num_bins=self.num_bins, from_logits=self.from_logits)
         return config
 
 
-def class_activation_map(feature, classifier_kernel, size=None):
+def class_activation_map(feature: "Tensor", classifier_kernel: "Tensor",
+                         size: "Sequence[int] | None" = None) -> "Tensor":
     """Class activation map summed over classes.
 
     `CAM(h, w) = sum_c sum_k W[k, c] F[h, w, k]`: the classifier weights
@@ -459,9 +477,11 @@ class AttentionIoU(DistillationMetric):
 
     inputs = "attention"
 
-    def __init__(self, models=None, feature_layers=None,
-                 classifier_layers=None, threshold=0.4, name=None,
-                 dtype=None):
+    def __init__(self, models: "Sequence[str] | None" = None,
+                 feature_layers: "Sequence[str] | None" = None,
+                 classifier_layers: "Sequence[str] | None" = None,
+                 threshold: float = 0.4, name: str | None = None,
+                 dtype: str | None = None) -> None:
         pairs = {"models": models, "feature_layers": feature_layers,
                  "classifier_layers": classifier_layers}
         for key, value in pairs.items():
@@ -489,7 +509,8 @@ class AttentionIoU(DistillationMetric):
         )
         self.union = self.add_variable((), "zeros", name="union")
 
-    def update_state(self, map_a, map_b, sample_weight=None):
+    def update_state(self, map_a: "Tensor", map_b: "Tensor",
+                     sample_weight: "Tensor | None" = None) -> None:
         """Accumulates intersections and unions of two batches of maps.
 
         Args:
@@ -537,10 +558,10 @@ class AttentionIoU(DistillationMetric):
         return ops.logical_and(
             attention - low >= self.threshold * (high - low), high > low)
 
-    def result(self):
+    def result(self) -> "Tensor":
         return ops.divide_no_nan(self.intersection, self.union)
 
-    def get_config(self):
+    def get_config(self) -> "Config":
         config = super().get_config()
         config.update(
             models=self.models,
@@ -559,7 +580,7 @@ _BY_NAME = {
 }
 
 
-def get(identifier):
+def get(identifier: str | keras.metrics.Metric) -> keras.metrics.Metric:
     """Returns a diagnostic metric from a name or a metric instance.
 
     Args:

@@ -1,7 +1,12 @@
 """Plotting the distillation diagnostics of a `fit` history (matplotlib,
 the `[plots]` extra, imported only when a plot is drawn)."""
 
+from __future__ import annotations
+
 import math
+import os
+from collections.abc import Sequence
+from typing import Any
 
 from keras_kd import metrics as kd_metrics
 
@@ -44,7 +49,9 @@ def _runs(history):
     return {None: history}
 
 
-def plot_diagnostics(history, path, names=None, dpi=100):
+def plot_diagnostics(history: Any, path: str | os.PathLike[str],
+                     names: Sequence[str] | None = None,
+                     dpi: int = 100) -> str | os.PathLike[str]:
     """Writes a PNG with one panel per diagnostic over the epochs.
 
     Each panel shows the training values (solid) and, when present, the

@@ -184,7 +184,7 @@ class StepLosses(NamedTuple):
     total: object
     student_loss: object
     terms: dict
-    term_weights: dict = None
+    term_weights: dict | None = None
 
 
 class StudentForward(NamedTuple):

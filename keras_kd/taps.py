@@ -1,11 +1,14 @@
 """Reading intermediate features: one multi-output forward per model."""
 
+from __future__ import annotations
+
 import difflib
 
 import keras
 
 from keras_kd import _keras_compat as compat
 from keras_kd._untracked import Untracked
+from keras_kd._typing import Shape
 
 
 def graph_endpoints(model, role):
@@ -31,7 +34,7 @@ def graph_endpoints(model, role):
     return inputs, outputs
 
 
-def static_shape(model, which):
+def static_shape(model: keras.Model, which: str) -> Shape | None:
     """The static shape of a model's single input (`which="inputs"`) or
     output (`"outputs"`), or `None` when unknown (subclassed or unbuilt
     models, several inputs or outputs)."""

@@ -1,9 +1,12 @@
 """`Term`: one distillation loss, where it reads, and how much it weighs."""
 
+from __future__ import annotations
+
 import keras
 
 from keras_kd import _checks
 from keras_kd.outputs import check_choice
+from keras_kd._typing import Config
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -51,9 +54,15 @@ class Term:
     """
 
     def __init__(
-        self, loss, weight=1.0, teacher_layer=None, student_layer=None,
-        name=None, teacher_output=None, student_output=None,
-    ):
+        self,
+        loss: keras.losses.Loss,
+        weight: float = 1.0,
+        teacher_layer: str | None = None,
+        student_layer: str | None = None,
+        name: str | None = None,
+        teacher_output: str | int | None = None,
+        student_output: str | int | None = None,
+    ) -> None:
         if not isinstance(loss, keras.losses.Loss):
             raise TypeError(
                 "`loss` must be a `keras.losses.Loss` instance such as "
@@ -87,11 +96,11 @@ class Term:
         self.student_output = student_output
 
     @property
-    def reads_features(self):
+    def reads_features(self) -> bool:
         """Whether the term reads named layers rather than final outputs."""
         return self.teacher_layer is not None
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "loss": keras.saving.serialize_keras_object(self.loss),
             "weight": self.weight,
@@ -103,12 +112,12 @@ class Term:
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> Term:
         config = dict(config)
         config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
         return cls(**config)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = (
             f", teacher_layer={self.teacher_layer!r}, "
             f"student_layer={self.student_layer!r}"

@@ -1,11 +1,14 @@
 """Building a cache: the teachers run once over the data (inference mode)
 and their outputs are stored, in memory or on disk."""
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import warnings
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -18,6 +21,7 @@ from keras_kd.cache.files import (DIGESTS_FILE, FORMAT, MANIFEST, VERSION,
 from keras_kd.cache.store import TeacherCache
 from keras_kd.cache.tag import teachers_fingerprint
 from keras_kd.teachers import Teachers, as_teacher_list
+from keras_kd._typing import Tensor
 
 # Lowest top-k log-probability stored (float16 reaches -65504).
 _MIN_LOG_PROBABILITY = -1e4
@@ -132,9 +136,18 @@ def _top_k(outputs, k, temperature=1.0, with_tail=False):
 
 
 
-def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
-                          layers=None, ensemble="logits", directory=None,
-                          overwrite=False, verbose="auto", temperature=1.0):
+def cache_teacher_outputs(
+    teacher: keras.Model | Sequence[keras.Model],
+    x: Any,
+    batch_size: int = 256,
+    top_k: int | None = None,
+    layers: str | Sequence[str] | None = None,
+    ensemble: str = "logits",
+    directory: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    verbose: str | int = "auto",
+    temperature: float = 1.0,
+) -> TeacherCache:
     """Runs the teachers once over a data set (inference mode) and stores
     their outputs.
 
@@ -233,7 +246,8 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
     probe_rows = (sorted({0, num_samples // 2, num_samples - 1})
                   if num_samples else [0])
     probes, last = {}, None
-    appenders, files = {}, {}
+    appenders: dict[str, Any] = {}
+    files: dict[str, Any] = {}
     digests = None
     max_index = -1
     rows = 0
@@ -282,6 +296,7 @@ def cache_teacher_outputs(teacher, x, batch_size=256, top_k=None,
         raise
     if not rows:
         raise ValueError("`x` holds no sample: nothing to cache.")
+    assert last is not None and digests is not None  # rows > 0
     probes[str(last[0])] = last[1]
     stored = {key: a.close() for key, a in appenders.items()}
     stored_digests = digests.close()

@@ -8,9 +8,12 @@ passes down; a cache that passes is accepted by the distiller's
 `CacheReader`, which the distiller passes down too.
 """
 
+from __future__ import annotations
+
 import inspect
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import keras
 
@@ -84,8 +87,9 @@ class CacheRequirements(NamedTuple):
     terms: tuple
 
 
-def requirements(name, teachers, teacher_side, terms, diagnostics,
-                 extensions=()):
+def requirements(name: str, teachers: Sequence[Any], teacher_side: Any,
+                 terms: Iterable[Any], diagnostics: Any,
+                 extensions: Iterable[str] = ()) -> CacheRequirements:
     """The `CacheRequirements` of a distiller, from its parts.
 
     Args:
@@ -132,7 +136,8 @@ def requirements(name, teachers, teacher_side, terms, diagnostics,
         terms=tuple(needs))
 
 
-def verify(needs, tag, feature_keys):
+def verify(needs: CacheRequirements, tag: str,
+           feature_keys: Collection[tuple[int, str]]) -> None:
     """Checks that a cache (its tag and the features it holds) fits a
     distiller's `CacheRequirements`.
 
@@ -294,7 +299,8 @@ def _inspect(data):
     return (str(tag), feature_keys_of(entry)), data
 
 
-def check_data(needs, reader, data):
+def check_data(needs: Callable[[], CacheRequirements], reader: Any,
+               data: Any) -> Any:
     """Checks data that may carry a teacher cache and lets `reader` read
     the caches that fit; data without a cache passes.
 
@@ -337,7 +343,10 @@ def _once(function):
     return once
 
 
-def check_call(needs, reader, method, args, kwargs):
+def check_call(
+    needs: Callable[[], CacheRequirements], reader: Any, method: str,
+    args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Checks the cached data given to a distiller's `<method>(*args,
     **kwargs)` (`fit`, `evaluate`, `train_on_batch`, `test_on_batch`:
     `x`, and `fit`'s `validation_data`) before Keras runs a step; data

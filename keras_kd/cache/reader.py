@@ -2,12 +2,17 @@
 inputs, and the teachers' `TeacherOutputs` read from the batch. The
 training step imports this module alone."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 from keras import ops
 
 from keras_kd.cache.tag import CacheTag
 from keras_kd.teachers.topk import TopKDistribution
 from keras_kd.teachers import TeacherOutputs
+from keras_kd._typing import Tensor
 
 CACHE_KEY = "keras_kd_teacher_cache"
 INPUTS_KEY = "inputs"
@@ -17,12 +22,12 @@ INPUTS_KEY = "inputs"
 _MIN_PROBABILITY = 1e-30
 
 
-def is_cached(x):
+def is_cached(x: Any) -> bool:
     """Whether `x` is a batch (or data) built by `TeacherCache.inputs`."""
     return isinstance(x, dict) and CACHE_KEY in x and INPUTS_KEY in x
 
 
-def model_inputs(x):
+def model_inputs(x: Any) -> Any:
     """`x` without its cached teacher outputs: the inputs the student
     sees."""
     return x[INPUTS_KEY] if is_cached(x) else x
@@ -50,7 +55,8 @@ def feature_keys_of(entry):
     return keys
 
 
-def reconstruct_logits(log_probs, indices, num_classes):
+def reconstruct_logits(log_probs: Tensor, indices: Tensor,
+                       num_classes: int) -> Tensor:
     """Full logits from a top-k cache: the k stored log-probabilities at
     their indices, and the rest of the probability mass spread evenly over
     the other classes.

@@ -2,9 +2,12 @@
 from disk, the data it pairs with) and `CachedDataset`, batches read from
 its arrays."""
 
+from __future__ import annotations
+
 import json
 import math
 import os
+from typing import Any
 
 import keras
 import numpy as np
@@ -43,7 +46,10 @@ class TeacherCache:
             as it is read; `None` for a cache written without them.
     """
 
-    def __init__(self, manifest, arrays, directory=None, row_digests=None):
+    def __init__(self, manifest: dict[str, Any],
+                 arrays: dict[str, Any],
+                 directory: str | os.PathLike[str] | None = None,
+                 row_digests: Any = None) -> None:
         self.manifest = manifest
         self.arrays = dict(arrays)
         self.directory = directory
@@ -53,26 +59,26 @@ class TeacherCache:
     # Description.
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         return int(self.manifest["num_samples"])
 
     def __len__(self):
         return self.num_samples
 
     @property
-    def top_k(self):
+    def top_k(self) -> int | None:
         return self.manifest["top_k"]
 
     @property
-    def teacher_names(self):
+    def teacher_names(self) -> list[str]:
         return [t["name"] for t in self.manifest["teachers"]]
 
     @property
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
     @property
-    def tag(self):
+    def tag(self) -> str:
         """The key under which a batch carries this cache (a `CacheTag`
         as text)."""
         temperature = self.manifest.get("temperature")
@@ -83,7 +89,7 @@ class TeacherCache:
                             None if temperature is None else self.max_index))
 
     @property
-    def max_index(self):
+    def max_index(self) -> int | None:
         """The largest stored class or token index of a top-k cache (from
         the manifest; a cache written without it reads its indices once),
         or `None`."""
@@ -94,12 +100,12 @@ class TeacherCache:
         return int(self.manifest["max_index"])
 
     @property
-    def feature_keys(self):
+    def feature_keys(self) -> set[tuple[int, str]]:
         """`{(teacher index, layer name)}` of the cached features."""
         return feature_keys_of(self._entry(self.arrays))
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes of the stored arrays."""
         return int(sum(a.nbytes for a in self.arrays.values()))
 
@@ -112,7 +118,7 @@ class TeacherCache:
     # Storage.
 
     @classmethod
-    def load(cls, directory):
+    def load(cls, directory: str | os.PathLike[str]) -> TeacherCache:
         """Opens a cache written by `cache_teacher_outputs(...,
         directory=...)` or `save`; its arrays are memory-mapped, read only."""
         directory = os.fspath(directory)
@@ -124,7 +130,8 @@ class TeacherCache:
             digests = open_array(directory, manifest["row_digests"])
         return cls(manifest, arrays, directory, row_digests=digests)
 
-    def save(self, directory, overwrite=False):
+    def save(self, directory: str | os.PathLike[str],
+             overwrite: bool = False) -> TeacherCache:
         """Writes the cache to `directory` and returns it opened from
         there (memory-mapped)."""
         directory = os.fspath(directory)
@@ -179,7 +186,7 @@ class TeacherCache:
             if sample_digest(x_row, local) != expected:
                 raise sample_error(row)
 
-    def check_rows(self, x, rows, what="`x`"):
+    def check_rows(self, x: Any, rows: Any, what: str = "`x`") -> None:
         """Compares the digests of a batch `x` with those recorded for
         `rows` (a slice or indices) when the cache was built; a cache
         written without row digests passes.
@@ -204,7 +211,7 @@ class TeacherCache:
                 f"{self.teacher_names}): a cache pairs with the data it was "
                 "built on, sample by sample.")
 
-    def inputs(self, x, check_samples=True):
+    def inputs(self, x: Any, check_samples: bool = True) -> Any:
         """`x` with this cache, as `Distiller.fit`, `evaluate` and
         `predict` take it.
 
@@ -346,8 +353,10 @@ class TeacherCache:
 
         return paired.map(attach)
 
-    def dataset(self, x, y=None, sample_weight=None, batch_size=32,
-                shuffle=True, seed=None, check_samples=True, **kwargs):
+    def dataset(self, x: Any, y: Any = None, sample_weight: Any = None,
+                batch_size: int = 32, shuffle: bool = True,
+                seed: int | None = None, check_samples: bool = True,
+                **kwargs: Any) -> CachedDataset:
         """A `keras.utils.PyDataset` of cached batches, read from the arrays
         (memory-mapped for an on-disk cache) batch by batch: for data and
         caches larger than memory, on every backend.

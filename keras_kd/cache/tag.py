@@ -1,8 +1,11 @@
 """The tag a cached batch carries, and the teachers' weights fingerprints
 it names."""
 
+from __future__ import annotations
+
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import keras
@@ -12,7 +15,7 @@ _TAG = re.compile(r"^t([0-9a-f]{16})_c(\d+)_k(\d+)_(mean|each)"
                   r"(?:_tokens_tau([0-9.e+-]+?)(?:_i(\d+))?)?$")
 
 # Teacher names per fingerprint, for error messages.
-KNOWN_TEACHERS = {}
+KNOWN_TEACHERS: dict[str, list[str]] = {}
 
 
 class CacheTag(NamedTuple):
@@ -72,18 +75,20 @@ class CacheTag(NamedTuple):
 
 # Fingerprints.
 
-def weights_fingerprint(model):
+def weights_fingerprint(model: keras.Model) -> str:
     """The SHA-256 digest of a model's weights (their order, dtypes, shapes
     and bytes, batch-norm statistics included), as 32 hex digits."""
     digest = hashlib.sha256()
     for variable in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
         digest.update(f"{value.dtype.str}{value.shape};".encode())
-        digest.update(memoryview(value).cast("B"))
+        # NumPy arrays are buffers; its stubs say so from Python 3.12.
+        digest.update(memoryview(value).cast("B"))  # type: ignore[arg-type]
     return digest.hexdigest()[:32]
 
 
-def teachers_fingerprint(teachers):
+def teachers_fingerprint(
+        teachers: Sequence[keras.Model]) -> tuple[str, list[str]]:
     """The 16-hex-digit fingerprint of an ordered list of teachers, and the
     per-teacher `weights_fingerprint`s it combines."""
     each = [weights_fingerprint(t) for t in teachers]

@@ -6,10 +6,16 @@ A `Distiller` binds a private copy of it to the teachers and the student
 (`attach`) as a `keras_kd.layerwise.routing.LayerwiseState`.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 
 from keras_kd import _checks
 from keras_kd.layerwise.routing import LayerwiseState
+from keras_kd._typing import Config
 
 SIGNALS = ("attention", "jacobian", "hessian")
 SCOPES = ("layer", "block")
@@ -85,9 +91,16 @@ class LayerwiseLearningRate:
     """
 
     def __init__(
-        self, pairs, signal="attention", update_every=50, min_scale=0.5,
-        max_scale=2.0, p=2, scope="layer", hutchinson_samples=1,
-    ):
+        self,
+        pairs: Sequence[Sequence[str]],
+        signal: str = "attention",
+        update_every: int = 50,
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        p: float = 2,
+        scope: str = "layer",
+        hutchinson_samples: int = 1,
+    ) -> None:
         pairs = [tuple(pair) for pair in pairs]
         for pair in pairs:
             if len(pair) != 2 or not all(isinstance(n, str) for n in pair):
@@ -142,16 +155,16 @@ class LayerwiseLearningRate:
         self.hutchinson_samples = int(hutchinson_samples)
 
     @property
-    def student_layers(self):
+    def student_layers(self) -> list[str]:
         """Names of the paired student layers, in order."""
         return [s for s, _ in self.pairs]
 
     @property
-    def teacher_layers(self):
+    def teacher_layers(self) -> list[str]:
         """Names of the paired teacher layers, in order."""
         return [t for _, t in self.pairs]
 
-    def bind(self, teachers, student):
+    def bind(self, teachers: Any, student: keras.Model) -> Any:
         """Validate the pairs against the models and return the state the
         `Distiller` tracks (divergences, maps, the optimizer it wraps).
 
@@ -165,7 +178,7 @@ class LayerwiseLearningRate:
         """
         return LayerwiseState(self, teachers, student)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "pairs": [list(pair) for pair in self.pairs],
             "signal": self.signal,
@@ -178,10 +191,10 @@ class LayerwiseLearningRate:
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> LayerwiseLearningRate:
         return cls(**config)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"LayerwiseLearningRate(pairs={self.pairs!r}, "
             f"signal={self.signal!r}, update_every={self.update_every}, "
@@ -189,7 +202,8 @@ class LayerwiseLearningRate:
         )
 
 
-def attach(layerwise_lr, teachers, student):
+def attach(layerwise_lr: LayerwiseLearningRate | None, teachers: Any,
+           student: keras.Model) -> LayerwiseState | None:
     """The `LayerwiseState` for a `Distiller`, or `None` without one.
 
     Args:

@@ -11,10 +11,16 @@ are Keras variables of the wrapper, so they are optimizer state: listed in
 `BackupAndRestore`, and threaded through JAX's stateless step.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 from keras import ops
 
 from keras_kd._untracked import Untracked
+from keras_kd._typing import Config, Tensor
 
 _LSO = keras.optimizers.LossScaleOptimizer
 
@@ -40,7 +46,7 @@ class ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         base = ops.cast(self.optimizer.learning_rate, "float32")
         return base * ops.cast(self.scale, "float32")
 
-    def get_config(self):
+    def get_config(self) -> Config:
         # Rebuilt by `LayerwiseOptimizer.build`, never deserialized.
         return {"scale": self.scale.path}
 
@@ -150,7 +156,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     ```
     """
 
-    def __init__(self, inner_optimizer, groups, name=None, **kwargs):
+    def __init__(self, inner_optimizer: keras.optimizers.Optimizer,
+                 groups: Any, name: str | None = None,
+                 **kwargs: Any) -> None:
         if kwargs:
             raise ValueError(
                 "`LayerwiseOptimizer` takes no argument of its own besides "
@@ -198,16 +206,16 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                               aggregation="mean", name=f"scale_{group}")
             for group in self._groups.names
         ]
-        self._group_optimizers = []
+        self._group_optimizers: list[Any] = []
 
     # What is read from the inner optimizer.
 
     @property
-    def iterations(self):
+    def iterations(self) -> Any:
         return self.inner_optimizer.iterations
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> Any:
         return self.inner_optimizer.learning_rate
 
     @learning_rate.setter
@@ -215,7 +223,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.learning_rate = learning_rate
 
     @property
-    def loss_scale_factor(self):
+    def loss_scale_factor(self) -> Any:
         inner = self.__dict__.get("inner_optimizer")
         return None if inner is None else inner.loss_scale_factor
 
@@ -233,25 +241,25 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     # Groups.
 
     @property
-    def group_names(self):
+    def group_names(self) -> list[str]:
         """The names of the groups, in order."""
         return list(self._groups.names)
 
     @property
-    def scales(self):
+    def scales(self) -> dict[str, Any]:
         """Dict from group name to its scale (a scalar float32 Keras
         variable, initially 1): the group trains at
         `learning_rate * scale`."""
         return dict(zip(self._groups.names, self._scales))
 
     @property
-    def group_optimizers(self):
+    def group_optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
         """Dict from group name to the copy of the inner optimizer that
         trains it (empty before `build`)."""
         return dict(zip(self._groups.names, self._group_optimizers))
 
     @property
-    def group_variables(self):
+    def group_variables(self) -> dict[str, list[Any]]:
         """Dict from group name to the variables it trains, then `None` to
         the variables the inner optimizer trains (after `build`)."""
         if not self.built:
@@ -282,7 +290,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 return index
         return None
 
-    def build(self, var_list):
+    def build(self, var_list: Sequence[Any]) -> None:
         """Creates every inner optimizer's variables.
 
         Each group's copy of the inner optimizer is built on the group's
@@ -304,7 +312,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         _refuse_accumulation(inner)
         var_list = list(var_list)
         count = len(self._groups.names)
-        members = [[] for _ in range(count + 1)]
+        members: list[list[Any]] = [[] for _ in range(count + 1)]
         owner = {}
         for variable in var_list:
             index = self._group_of(variable, var_list)
@@ -337,7 +345,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
 
     @property
-    def variables(self):
+    def variables(self) -> list[Any]:
         out = super().variables + self.inner_optimizer.variables
         for optimizer in self._group_optimizers:
             out = out + optimizer.variables
@@ -351,7 +359,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # Applying gradients.
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads: Sequence[Tensor],
+              trainable_variables: Sequence[Any] | None = None) -> None:
         """Applies each gradient with the optimizer of its variable's
         group (see `keras.optimizers.Optimizer.apply`)."""
         if trainable_variables is None:
@@ -367,7 +376,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             self.build(trainable_variables)
         grads = self._clip_together(list(grads))
         optimizers = self._optimizers()
-        routed = [([], []) for _ in optimizers]
+        routed: list[tuple[list[Any], list[Any]]] = [
+            ([], []) for _ in optimizers]
         for grad, variable in zip(grads, trainable_variables):
             index = self._groups.owner.get(id(variable))
             if index is None:
@@ -408,10 +418,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         return [None if g is None else g * ops.cast(factor, g.dtype)
                 for g in grads]
 
-    def scale_loss(self, loss):
+    def scale_loss(self, loss: Tensor) -> Tensor:
         return self.inner_optimizer.scale_loss(loss)
 
-    def finalize_variable_values(self, var_list):
+    def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
         """Lets every optimizer finalize its own variables (with `use_ema`,
         each group's moving averages replace its variables)."""
         del var_list
@@ -424,7 +434,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # Serialization.
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(
@@ -433,7 +443,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: Config,
+                    custom_objects: dict[str, Any] | None = None
+                    ) -> LayerwiseOptimizer:
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects)

@@ -24,6 +24,7 @@ segment; in inference mode it computes the same values each time.
 """
 
 import weakref
+from typing import Any
 
 import keras
 from keras import ops
@@ -85,7 +86,8 @@ class Segments:
         return self._call(x, list(eps), training=False)
 
 
-_SEGMENTS = weakref.WeakKeyDictionary()
+_SEGMENTS: weakref.WeakKeyDictionary[Any, Any] = (
+    weakref.WeakKeyDictionary())
 
 
 def segments_for(tap):

@@ -2,10 +2,16 @@
 local modules (which student layers cut the student, which teacher layers
 each module aligns to, and the activation-mapping loss)."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 
 from keras_kd.local.plan import LocalModulePlan
 from keras_kd.losses.activation_mapping import ActivationMapping
+from keras_kd._typing import Config
 
 
 @keras.saving.register_keras_serializable(package="keras_kd")
@@ -97,9 +103,15 @@ class LocalModules:
     """
 
     def __init__(
-        self, split_at, teacher_layers, alpha=1.0, beta=0.1,
-        pooling="avg_max", normalize="sigmoid", name="local",
-    ):
+        self,
+        split_at: Sequence[str],
+        teacher_layers: Sequence[str],
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        pooling: str = "avg_max",
+        normalize: str = "sigmoid",
+        name: str = "local",
+    ) -> None:
         split_at = _names(split_at, "split_at")
         teacher_layers = _names(teacher_layers, "teacher_layers")
         if not split_at:
@@ -131,20 +143,21 @@ class LocalModules:
         self.name = name
 
     @property
-    def alpha(self):
+    def alpha(self) -> float:
         return self.loss.alpha
 
     @property
-    def beta(self):
+    def beta(self) -> float:
         return self.loss.beta
 
     @property
-    def loss_names(self):
+    def loss_names(self) -> list[str]:
         """The names under which the modules' activation-mapping losses are
         logged (`<name>_<k>`, 1-based, one per split)."""
         return [f"{self.name}_{k + 1}" for k in range(len(self.split_at))]
 
-    def bind(self, teachers, student, terms, assembly, diagnostics=None):
+    def bind(self, teachers: Any, student: keras.Model, terms: Any,
+             assembly: Any, diagnostics: Any = None) -> Any:
         """Builds and validates the modules for a student and its teachers;
         called by `Distiller`.
 
@@ -164,7 +177,7 @@ class LocalModules:
         return LocalModulePlan(self, teachers, student, terms, assembly,
                                diagnostics=diagnostics)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "split_at": list(self.split_at),
             "teacher_layers": list(self.teacher_layers),
@@ -176,10 +189,10 @@ class LocalModules:
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> LocalModules:
         return cls(**config)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"LocalModules(split_at={self.split_at!r}, "
             f"teacher_layers={self.teacher_layers!r}, alpha={self.alpha}, "
@@ -187,7 +200,7 @@ class LocalModules:
         )
 
 
-def _names(value, argument):
+def _names(value: Any, argument: str) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise TypeError(
             f"`{argument}` must be a list of layer names, got {value!r}."

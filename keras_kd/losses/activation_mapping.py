@@ -7,12 +7,15 @@ term, so that how tightly the student is held to the teacher where the
 teacher is *not* active is a separate knob.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.losses.features import match_spatial
+from keras_kd._typing import Config, Tensor
 
 POOLINGS = ("avg_max", "avg", "max")
 NORMALIZATIONS = ("sigmoid", "minmax")
@@ -228,10 +231,15 @@ class ActivationMapping(DistillationLoss):
     """
 
     def __init__(
-        self, alpha=1.0, beta=0.1, pooling="avg_max", normalize="sigmoid",
-        name="activation_mapping", reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        pooling: str = "avg_max",
+        normalize: str = "sigmoid",
+        name: str = "activation_mapping",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         alpha = _checks.non_negative("alpha", alpha)
         beta = _checks.non_negative("beta", beta)
@@ -242,13 +250,14 @@ class ActivationMapping(DistillationLoss):
         self.pooling = pooling
         self.normalize = normalize
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return activation_mapping_loss(
             teacher_output, student_output, alpha=self.alpha,
             beta=self.beta, pooling=self.pooling, normalize=self.normalize,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             alpha=self.alpha, beta=self.beta, pooling=self.pooling,

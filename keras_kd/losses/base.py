@@ -1,8 +1,13 @@
 """The base class every distillation loss derives from."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 
 from keras_kd.outputs import is_tensor_like
+from keras_kd._typing import Config, Shape, Tensor
 
 
 class DistillationLoss(keras.losses.Loss):
@@ -41,10 +46,13 @@ class DistillationLoss(keras.losses.Loss):
     matches_channels = True
     reads_distribution = False
 
-    def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
+    def __init__(self, name: str | None = None,
+                 reduction: str = "sum_over_batch_size",
+                 dtype: str | None = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true: Tensor, y_pred: Tensor,
+                 sample_weight: Tensor | None = None) -> Tensor:
         """`loss(teacher_output, student_output, sample_weight=None)`.
 
         Raises:
@@ -62,7 +70,8 @@ class DistillationLoss(keras.losses.Loss):
                 )
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def check_shapes(self, teacher_shape, student_shape, where):
+    def check_shapes(self, teacher_shape: Shape, student_shape: Shape,
+                     where: str) -> None:
         """Raises a `ValueError` when the loss cannot compare inputs of
         these shapes; the `Distiller` calls it when it is built, for every
         term whose shapes are known. Accepts any shapes by default.
@@ -74,14 +83,15 @@ class DistillationLoss(keras.losses.Loss):
         """
         del teacher_shape, student_shape, where
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config["dtype"] = self.dtype
         if self.reads_distribution:
             config["from_logits"] = self.from_logits
         return config
 
-    def call(self, teacher_output, student_output):  # pragma: no cover
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError(
             f"{type(self).__name__} must implement "
             "`call(teacher_output, student_output)` returning per-sample "
@@ -102,11 +112,12 @@ class BatchCoupledLoss(DistillationLoss):
     Python threads at once.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._batch_weights = None
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true: Tensor, y_pred: Tensor,
+                 sample_weight: Tensor | None = None) -> Tensor:
         self._batch_weights = sample_weight
         try:
             return super().__call__(

@@ -2,6 +2,8 @@
 Pearson and Spearman losses (Niu et al., arXiv:2410.06561), as the library
 reads it (see `CMKD` and `docs/losses/cmkd.md`)."""
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -16,6 +18,7 @@ from keras_kd.ops.probabilities import as_logits, normalized_entropy
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import sort_and_soft_rank
+from keras_kd._typing import Config, Tensor
 
 HARD_SAMPLE_TERMS = ("spearman", "pearson")
 
@@ -195,17 +198,17 @@ class CMKD(BatchCoupledLoss):
 
     def __init__(
         self,
-        temperature=4.0,
-        regularization_strength=DEFAULT_STRENGTH,
-        window=DEFAULT_WINDOW,
-        hard_samples="spearman",
-        standardize=False,
-        intra_weight=0.0,
-        from_logits=True,
-        name="cmkd",
-        reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        temperature: float = 4.0,
+        regularization_strength: float = DEFAULT_STRENGTH,
+        window: int | None = DEFAULT_WINDOW,
+        hard_samples: str = "spearman",
+        standardize: bool = False,
+        intra_weight: float = 0.0,
+        from_logits: bool = True,
+        name: str = "cmkd",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.regularization_strength = _checks.positive(
@@ -217,7 +220,8 @@ class CMKD(BatchCoupledLoss):
         self.intra_weight = _checks.non_negative("intra_weight", intra_weight)
         self.from_logits = bool(from_logits)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return cmkd_loss(
             as_logits(teacher_output, self.from_logits),
             as_logits(student_output, self.from_logits),
@@ -230,7 +234,7 @@ class CMKD(BatchCoupledLoss):
             sample_weight=self._batch_weights,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             temperature=self.temperature,

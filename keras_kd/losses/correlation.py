@@ -18,6 +18,8 @@ student's sorted order, into which the teacher's values are gathered.
 on these terms.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -30,6 +32,7 @@ from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import exact_rank
 from keras_kd.ops.rank import sort_and_soft_rank
+from keras_kd._typing import Config, Tensor
 
 
 def pearson_loss(teacher_logits, student_logits, temperature=1.0):
@@ -160,24 +163,25 @@ class PearsonCorrelation(DistillationLoss):
 
     def __init__(
         self,
-        temperature=1.0,
-        from_logits=True,
-        name="pearson_correlation",
-        reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        temperature: float = 1.0,
+        from_logits: bool = True,
+        name: str = "pearson_correlation",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.from_logits = bool(from_logits)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return pearson_loss(
             as_logits(teacher_output, self.from_logits),
             as_logits(student_output, self.from_logits),
             self.temperature,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(temperature=self.temperature)
         return config
@@ -240,14 +244,14 @@ class SpearmanCorrelation(DistillationLoss):
 
     def __init__(
         self,
-        temperature=1.0,
-        regularization_strength=DEFAULT_STRENGTH,
-        window=DEFAULT_WINDOW,
-        from_logits=True,
-        name="spearman_correlation",
-        reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        temperature: float = 1.0,
+        regularization_strength: float = DEFAULT_STRENGTH,
+        window: int | None = DEFAULT_WINDOW,
+        from_logits: bool = True,
+        name: str = "spearman_correlation",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.regularization_strength = _checks.positive(
@@ -256,7 +260,8 @@ class SpearmanCorrelation(DistillationLoss):
         self.window = check_window(window)
         self.from_logits = bool(from_logits)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return spearman_loss(
             as_logits(teacher_output, self.from_logits),
             as_logits(student_output, self.from_logits),
@@ -265,7 +270,7 @@ class SpearmanCorrelation(DistillationLoss):
             window=self.window,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             temperature=self.temperature,

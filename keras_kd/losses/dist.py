@@ -8,6 +8,8 @@ probabilities across the batch, so the loss couples the samples of a batch
 (`keras_kd.losses.base.BatchCoupledLoss`).
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -17,6 +19,7 @@ from keras_kd.losses.correlation import pearson_loss
 from keras_kd.ops.correlation import pearson_correlation
 from keras_kd.ops.correlation import weighted_pearson_correlation
 from keras_kd.ops.probabilities import as_logits, softened
+from keras_kd._typing import Config, Tensor
 
 
 def intra_class_loss(
@@ -147,21 +150,22 @@ class DIST(BatchCoupledLoss):
 
     def __init__(
         self,
-        temperature=4.0,
-        beta=1.0,
-        gamma=1.0,
-        from_logits=True,
-        name="dist",
-        reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        temperature: float = 4.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        from_logits: bool = True,
+        name: str = "dist",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.beta = _checks.non_negative("beta", beta)
         self.gamma = _checks.non_negative("gamma", gamma)
         self.from_logits = bool(from_logits)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return dist_loss(
             as_logits(teacher_output, self.from_logits),
             as_logits(student_output, self.from_logits),
@@ -171,7 +175,7 @@ class DIST(BatchCoupledLoss):
             sample_weight=self._batch_weights,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             temperature=self.temperature, beta=self.beta, gamma=self.gamma

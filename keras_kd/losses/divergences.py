@@ -16,7 +16,10 @@ teacher's distribution over the vocabulary and `p_s = softmax(z_s / tau)`
 the student's, per token; `KL(p || q) = sum_v p_v (log p_v - log q_v)`.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import keras
 from keras import ops
@@ -28,6 +31,7 @@ from keras_kd.losses.chunking import VOCAB_MAPPINGS, divergence_loss
 from keras_kd.losses.chunking import lm_head_function, vocab_error
 from keras_kd.ops.divergences import forward_kl, generalized_jsd
 from keras_kd.ops.divergences import reverse_kl, skew_kl
+from keras_kd._typing import Config, Shape, Tensor
 
 REDUCTIONS = ("mean_with_sample_weight", "sum_over_batch_size", "mean", "sum",
               "none", None)
@@ -101,9 +105,15 @@ class TokenDivergence(DistillationLoss):
     matches_channels = False
     reads_distribution = True
 
-    def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, from_logits=True,
-                 name=None, reduction="mean_with_sample_weight", dtype=None):
+    def __init__(self, temperature: float = 1.0,
+                 chunk_size: int | None = None,
+                 vocab_mapping: Any = None,
+                 lm_head: Tensor | None = None,
+                 teacher_lm_head: Tensor | None = None,
+                 from_logits: bool = True,
+                 name: str | None = None,
+                 reduction: str = "mean_with_sample_weight",
+                 dtype: str | None = None) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got "
                              f"{reduction!r}.")
@@ -129,10 +139,12 @@ class TokenDivergence(DistillationLoss):
         self.teacher_lm_head = teacher_lm_head
         self.from_logits = bool(from_logits)
 
-    def divergence(self, log_p_t, log_p_s):  # pragma: no cover
+    def divergence(self, log_p_t: Tensor,
+                   log_p_s: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return divergence_loss(
             teacher_output, student_output, self.divergence,
             temperature=self.temperature, chunk_size=self.chunk_size,
@@ -140,7 +152,8 @@ class TokenDivergence(DistillationLoss):
             teacher_lm_head=self.teacher_lm_head,
             from_logits=self.from_logits)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true: Tensor, y_pred: Tensor,
+                 sample_weight: Tensor | None = None) -> Tensor:
         mask = compat.keras_mask(y_pred)
         with keras.name_scope(self.name):
             values = self.call(y_true, y_pred)
@@ -148,7 +161,8 @@ class TokenDivergence(DistillationLoss):
             loss = reduce_token_losses(values, weights, self.reduction)
             return ops.cast(loss, self.dtype)
 
-    def log_weight(self, student_output, sample_weight=None):
+    def log_weight(self, student_output: Tensor,
+                   sample_weight: Tensor | None = None) -> Tensor | None:
         """The weight of one batch's value in an epoch's mean (the
         `Distiller`'s history): the sum of the token weights for the
         token-mean reduction, so that the epoch value is the mean over the
@@ -162,7 +176,9 @@ class TokenDivergence(DistillationLoss):
             return ops.cast(ops.size(positions), "float32")
         return ops.sum(weights)
 
-    def vocab_sizes(self, teacher_shape, student_shape):
+    def vocab_sizes(self, teacher_shape: Shape | None,
+                    student_shape: Shape | None
+                    ) -> tuple[int | None, int | None]:
         """`(teacher vocabulary, student vocabulary)` from the static output
         shapes the distiller compares (hidden states when an LM head is
         set); `None` where unknown."""
@@ -174,8 +190,9 @@ class TokenDivergence(DistillationLoss):
             student_vocab = lm_head_function(self.lm_head)[1]
         return teacher_vocab, student_vocab
 
-    def check_output_shapes(self, teacher_shape, student_shape,
-                            teacher_name, student_name):
+    def check_output_shapes(self, teacher_shape: Shape | None,
+                            student_shape: Shape | None,
+                            teacher_name: str, student_name: str) -> None:
         """Raises a `ValueError` naming both vocabulary sizes when they
         differ and `vocab_mapping` is `None` (called by the `Distiller` at
         construction)."""
@@ -185,7 +202,7 @@ class TokenDivergence(DistillationLoss):
         raise vocab_error(v_t, v_s, teacher=f"teacher '{teacher_name}'",
                           student=f"student '{student_name}'")
 
-    def get_config(self):
+    def get_config(self) -> Config:
         if self.lm_head is not None or self.teacher_lm_head is not None:
             raise NotImplementedError(
                 f"{type(self).__name__} with an `lm_head` holds a layer of "
@@ -253,17 +270,22 @@ class ForwardKL(TokenDivergence):
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
-    def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, from_logits=True,
-                 name="forward_kl", reduction="mean_with_sample_weight",
-                 dtype=None):
+    def __init__(self, temperature: float = 1.0,
+                 chunk_size: int | None = None,
+                 vocab_mapping: Any = None,
+                 lm_head: Tensor | None = None,
+                 teacher_lm_head: Tensor | None = None,
+                 from_logits: bool = True,
+                 name: str | None = "forward_kl",
+                 reduction: str = "mean_with_sample_weight",
+                 dtype: str | None = None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
                          teacher_lm_head=teacher_lm_head,
                          from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
 
-    def divergence(self, log_p_t, log_p_s):
+    def divergence(self, log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
         return forward_kl(log_p_t, log_p_s)
 
 
@@ -297,17 +319,22 @@ class ReverseKL(TokenDivergence):
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
-    def __init__(self, temperature=1.0, chunk_size=None, vocab_mapping=None,
-                 lm_head=None, teacher_lm_head=None, from_logits=True,
-                 name="reverse_kl", reduction="mean_with_sample_weight",
-                 dtype=None):
+    def __init__(self, temperature: float = 1.0,
+                 chunk_size: int | None = None,
+                 vocab_mapping: Any = None,
+                 lm_head: Tensor | None = None,
+                 teacher_lm_head: Tensor | None = None,
+                 from_logits: bool = True,
+                 name: str | None = "reverse_kl",
+                 reduction: str = "mean_with_sample_weight",
+                 dtype: str | None = None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
                          teacher_lm_head=teacher_lm_head,
                          from_logits=from_logits, name=name,
                          reduction=reduction, dtype=dtype)
 
-    def divergence(self, log_p_t, log_p_s):
+    def divergence(self, log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
         return reverse_kl(log_p_t, log_p_s)
 
 
@@ -343,11 +370,16 @@ class GeneralizedJSD(TokenDivergence):
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
-    def __init__(self, beta=0.5, normalized=True, temperature=1.0,
-                 chunk_size=None, vocab_mapping=None, lm_head=None,
-                 teacher_lm_head=None, from_logits=True,
-                 name="generalized_jsd",
-                 reduction="mean_with_sample_weight", dtype=None):
+    def __init__(self, beta: float = 0.5, normalized: bool = True,
+                 temperature: float = 1.0,
+                 chunk_size: int | None = None,
+                 vocab_mapping: Any = None,
+                 lm_head: Tensor | None = None,
+                 teacher_lm_head: Tensor | None = None,
+                 from_logits: bool = True,
+                 name: str | None = "generalized_jsd",
+                 reduction: str = "mean_with_sample_weight",
+                 dtype: str | None = None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
                          teacher_lm_head=teacher_lm_head,
@@ -363,10 +395,10 @@ class GeneralizedJSD(TokenDivergence):
         self.beta = beta
         self.normalized = bool(normalized)
 
-    def divergence(self, log_p_t, log_p_s):
+    def divergence(self, log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
         return generalized_jsd(log_p_t, log_p_s, self.beta, self.normalized)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(beta=self.beta, normalized=self.normalized)
         return config
@@ -397,10 +429,16 @@ class SkewKL(TokenDivergence):
     >>> loss(teacher_logits, student_logits, sample_weight=padding)
     """
 
-    def __init__(self, alpha=0.1, reverse=False, temperature=1.0,
-                 chunk_size=None, vocab_mapping=None, lm_head=None,
-                 teacher_lm_head=None, from_logits=True, name="skew_kl",
-                 reduction="mean_with_sample_weight", dtype=None):
+    def __init__(self, alpha: float = 0.1, reverse: bool = False,
+                 temperature: float = 1.0,
+                 chunk_size: int | None = None,
+                 vocab_mapping: Any = None,
+                 lm_head: Tensor | None = None,
+                 teacher_lm_head: Tensor | None = None,
+                 from_logits: bool = True,
+                 name: str | None = "skew_kl",
+                 reduction: str = "mean_with_sample_weight",
+                 dtype: str | None = None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size,
                          vocab_mapping=vocab_mapping, lm_head=lm_head,
                          teacher_lm_head=teacher_lm_head,
@@ -412,15 +450,15 @@ class SkewKL(TokenDivergence):
         self.alpha = alpha
         self.reverse = bool(reverse)
 
-    def divergence(self, log_p_t, log_p_s):
+    def divergence(self, log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
         return skew_kl(log_p_t, log_p_s, self.alpha, self.reverse)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(alpha=self.alpha, reverse=self.reverse)
         return config
 
 
 for _cls in (ForwardKL, ReverseKL, GeneralizedJSD, SkewKL):
-    _cls.__doc__ = _cls.__doc__.replace("{args}", _COMMON_ARGS)
+    _cls.__doc__ = (_cls.__doc__ or "").replace("{args}", _COMMON_ARGS)
 del _cls

@@ -1,10 +1,13 @@
 """Losses on intermediate features: attention transfer and FitNet hints."""
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
+from keras_kd._typing import Config, Shape, Tensor
 
 
 def match_spatial(teacher_feature, student_feature):
@@ -165,20 +168,22 @@ class AttentionTransfer(DistillationLoss):
     matches_channels = False
 
     def __init__(
-        self, p=2, name="attention_transfer",
-        reduction="sum_over_batch_size", dtype=None,
-    ):
+        self, p: float = 2, name: str = "attention_transfer",
+        reduction: str = "sum_over_batch_size", dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         _checks.positive("p", p)
         self.p = p
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return attention_transfer_loss(teacher_output, student_output, self.p)
 
-    def check_shapes(self, teacher_shape, student_shape, where):
+    def check_shapes(self, teacher_shape: Shape, student_shape: Shape,
+                     where: str) -> None:
         check_spatial(teacher_shape, student_shape, where)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(p=self.p)
         return config
@@ -207,9 +212,11 @@ class FeatureMSE(DistillationLoss):
     """
 
     def __init__(
-        self, name="feature_mse", reduction="sum_over_batch_size", dtype=None
-    ):
+        self, name: str = "feature_mse",
+        reduction: str = "sum_over_batch_size", dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return feature_mse_loss(teacher_output, student_output)

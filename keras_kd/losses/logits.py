@@ -1,15 +1,18 @@
 """Losses on logits: Hinton knowledge distillation, with optional z-score
 logit standardization."""
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
 from keras_kd.ops.probabilities import as_logits
+from keras_kd._typing import Config, Tensor
 
 
-def standardize_logits(logits, epsilon=1e-7):
+def standardize_logits(logits: Tensor, epsilon: float = 1e-7) -> Tensor:
     """Z-score logits per sample over the class axis.
 
     `(z - mean(z)) / (std(z) + epsilon)`, with the unbiased (N - 1) standard
@@ -42,7 +45,8 @@ def standardize_logits(logits, epsilon=1e-7):
     return centred / (std + epsilon)
 
 
-def kd_loss(teacher_logits, student_logits, temperature=4.0, standardize=False):
+def kd_loss(teacher_logits: Tensor, student_logits: Tensor,
+            temperature: float = 4.0, standardize: bool = False) -> Tensor:
     """Per-sample Hinton distillation loss.
 
     `tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))`, computed from
@@ -101,19 +105,20 @@ class KD(DistillationLoss):
 
     def __init__(
         self,
-        temperature=4.0,
-        standardize=False,
-        from_logits=True,
-        name="kd",
-        reduction="sum_over_batch_size",
-        dtype=None,
-    ):
+        temperature: float = 4.0,
+        standardize: bool = False,
+        from_logits: bool = True,
+        name: str = "kd",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _checks.positive("temperature", temperature)
         self.standardize = bool(standardize)
         self.from_logits = bool(from_logits)
 
-    def call(self, teacher_output, student_output):
+    def call(self, teacher_output: Tensor,
+             student_output: Tensor) -> Tensor:
         return kd_loss(
             as_logits(teacher_output, self.from_logits),
             as_logits(student_output, self.from_logits),
@@ -121,7 +126,7 @@ class KD(DistillationLoss):
             standardize=self.standardize,
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             temperature=self.temperature, standardize=self.standardize

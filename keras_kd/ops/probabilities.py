@@ -4,10 +4,14 @@ reads a distribution), the softened softmax of the losses, the normalized
 entropy of a distribution, and the floor of the log-probability of a masked
 (`-inf`) logit."""
 
+from __future__ import annotations
+
 import math
 
 import keras
 from keras import ops
+
+from keras_kd._typing import Tensor
 
 # The teacher's log-probabilities are floored here, so that a masked (-inf)
 # teacher logit gives a probability of exactly 0 and finite arithmetic
@@ -19,7 +23,7 @@ from keras import ops
 LOG_FLOOR = -1e30
 
 
-def as_logits(scores, from_logits=True):
+def as_logits(scores: Tensor, from_logits: bool = True) -> Tensor:
     """Class scores as logits: `scores` themselves when `from_logits`, else
     the log of the probabilities `scores` clipped to
     `[epsilon, 1 - epsilon]` (`epsilon = keras.config.epsilon()`, the
@@ -54,12 +58,12 @@ def as_logits(scores, from_logits=True):
     return ops.log(ops.clip(scores, epsilon, 1.0 - epsilon))
 
 
-def softened(logits, temperature):
+def softened(logits: Tensor, temperature: float) -> Tensor:
     """`softmax(logits / temperature)` along the last axis."""
     return ops.softmax(logits / temperature, axis=-1)
 
 
-def normalized_entropy(p, log_p):
+def normalized_entropy(p: Tensor, log_p: Tensor) -> Tensor:
     """`H(p) / log(C)` per row, from probabilities and their logarithms."""
     num_classes = p.shape[-1]
     # p log p -> 0 as p -> 0; masked (-inf) logits give exactly 0 * -inf.

@@ -18,6 +18,8 @@ values:
   instead of the O(n^2) of an all-pairs soft rank.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 
@@ -27,6 +29,7 @@ from keras import ops
 
 from keras_kd.ops.scatter import scatter_rows
 from keras_kd.ops.sort import sort_rows
+from keras_kd._typing import Tensor
 
 DEFAULT_STRENGTH = 0.1
 DEFAULT_WINDOW = 16
@@ -174,7 +177,7 @@ def _average_tied_positions(sorted_rows, positions, n):
     return ops.reshape(totals[:, 0] / totals[:, 1], shape)
 
 
-def exact_rank(x, axis=-1):
+def exact_rank(x: Tensor, axis: int = -1) -> Tensor:
     """Exact ranks along `axis`, 1-based, with ties averaged.
 
     Matches `scipy.stats.rankdata(x, axis=axis)` (the "average" method).
@@ -202,11 +205,11 @@ def exact_rank(x, axis=-1):
 
 
 def soft_rank(
-    x,
-    regularization_strength=DEFAULT_STRENGTH,
-    axis=-1,
-    window=DEFAULT_WINDOW,
-):
+    x: Tensor,
+    regularization_strength: float = DEFAULT_STRENGTH,
+    axis: int = -1,
+    window: int | None = DEFAULT_WINDOW,
+) -> Tensor:
     """Differentiable ranks along `axis` (1-based, ties averaged in the limit).
 
     An all-pairs soft rank writes the rank of `x_i` as
@@ -284,8 +287,9 @@ def soft_rank(
 
 
 def sorted_soft_rank(
-    x, regularization_strength=DEFAULT_STRENGTH, window=DEFAULT_WINDOW
-):
+    x: Tensor, regularization_strength: float = DEFAULT_STRENGTH,
+    window: int | None = DEFAULT_WINDOW,
+) -> tuple[Tensor, Tensor]:
     """`soft_rank` along the last axis, left in sorted order.
 
     Returns `(ranks, order)` with `order` the ascending sort permutation of
@@ -308,8 +312,9 @@ def sorted_soft_rank(
 
 
 def sort_and_soft_rank(
-    x, regularization_strength=DEFAULT_STRENGTH, window=DEFAULT_WINDOW
-):
+    x: Tensor, regularization_strength: float = DEFAULT_STRENGTH,
+    window: int | None = DEFAULT_WINDOW,
+) -> tuple[Tensor, Tensor, Tensor]:
     """`sorted_soft_rank` that also returns the sorted values.
 
     Returns `(sorted_x, ranks, order)`: `sorted_x[..., p] = x[..., order[...,
@@ -505,7 +510,9 @@ def _fraction_sum(steps, coefficients, squared=False):
     return total
 
 
-def pairwise_soft_rank(x, regularization_strength=DEFAULT_STRENGTH, axis=-1):
+def pairwise_soft_rank(x: Tensor,
+                       regularization_strength: float = DEFAULT_STRENGTH,
+                       axis: int = -1) -> Tensor:
     """All-pairs soft rank, `0.5 + sum_j sigmoid((x_i - x_j) / eps)`.
 
     The O(n^2) time and memory reference that `soft_rank` approximates

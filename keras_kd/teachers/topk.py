@@ -3,12 +3,15 @@ plus one bucket for the rest (`TopKDistribution`), as a teacher-output
 cache stores it, and how a divergence reads it against dense student
 logits (`topk_bins`)."""
 
+from __future__ import annotations
+
 from typing import NamedTuple
 
 from keras import ops
 
 from keras_kd.ops.probabilities import LOG_FLOOR
 from keras_kd.ops.scatter import mark_columns
+from keras_kd._typing import Tensor
 
 
 class TopKDistribution(NamedTuple):
@@ -35,7 +38,9 @@ class TopKDistribution(NamedTuple):
     tail_mass: object
 
 
-def top_k_distribution(teacher_logits, k, temperature=1.0, dtype="float16"):
+def top_k_distribution(teacher_logits: Tensor, k: int,
+                       temperature: float = 1.0,
+                       dtype: str = "float16") -> TopKDistribution:
     """The `TopKDistribution` of dense teacher logits.
 
     Args:
@@ -59,14 +64,15 @@ def top_k_distribution(teacher_logits, k, temperature=1.0, dtype="float16"):
                             ops.cast(values, dtype), ops.cast(tail, dtype))
 
 
-def _log_or_floor(x):
+def _log_or_floor(x: Tensor) -> Tensor:
     """`log(x)` where `x > 0`, else `LOG_FLOOR` (finite gradients)."""
     positive = x > 0
     return ops.where(positive, ops.log(ops.where(positive, x, 1.0)),
                      LOG_FLOOR)
 
 
-def topk_bins(teacher, log_p_s):
+def topk_bins(teacher: TopKDistribution,
+              log_p_s: Tensor) -> tuple[Tensor, Tensor]:
     """Teacher and student log-probabilities on the `k + 1` bins of a
     `TopKDistribution` (its `k` tokens, then the tail bucket)."""
     indices = ops.cast(teacher.indices, "int32")

@@ -13,8 +13,11 @@ _BACKEND = keras.backend.backend()
 if _BACKEND == "tensorflow":
     from keras_kd.trainers.tensorflow import TensorFlowTrainer as Trainer
 elif _BACKEND == "jax":
-    from keras_kd.trainers.jax import JAXTrainer as Trainer
+    from keras_kd.trainers.jax import (  # type: ignore[assignment]
+        JAXTrainer as Trainer)
 elif _BACKEND == "torch":
-    from keras_kd.trainers.torch import TorchTrainer as Trainer
+    from keras_kd.trainers.torch import (  # type: ignore[assignment]
+        TorchTrainer as Trainer)
 else:
-    from keras_kd.trainers.unsupported import UnsupportedTrainer as Trainer
+    from keras_kd.trainers.unsupported import (  # type: ignore[assignment]
+        UnsupportedTrainer as Trainer)
