@@ -336,3 +336,18 @@ def test_module_paths_that_differ_only_by_dot_and_underscore(resnet8_state):
     with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight'.*"
                        r"'layer1_0\.conv1\.weight'"):
         cifar.load_torch_weights(cifar.resnet8(), resnet8_state)
+
+
+def test_a_checkpoint_file_without_pytorch_says_what_to_install(
+        monkeypatch, tmp_path):
+    import sys
+
+    model = cifar.resnet8()
+    before = [w.copy() for w in model.get_weights()]
+    # `import torch` raises ImportError while the entry is None.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"pip install torch"):
+        cifar.load_torch_weights(model, tmp_path / "teacher.pth")
+    monkeypatch.undo()
+    assert all(np.array_equal(a, b)
+               for a, b in zip(before, model.get_weights()))
