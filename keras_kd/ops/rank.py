@@ -29,6 +29,7 @@ from keras import ops
 
 from keras_kd.ops.scatter import scatter_rows
 from keras_kd.ops.sort import sort_rows
+from keras_kd.ops.window import window_brackets
 from keras_kd._typing import Tensor
 
 DEFAULT_STRENGTH = 0.1
@@ -384,130 +385,13 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
         inverse_strength = 1.0 / regularization_strength  # full precision
     else:
         inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
-    ranks = positions + _window_brackets(sorted_rows, inverse_strength, window)
+    ranks = positions + window_brackets(sorted_rows, inverse_strength, window)
     # A tied pair inside the window gets sigmoid(0) = 1/2 each way, which
     # averages its places exactly, as `_tie_offsets(window)` would; only
     # runs of more than `window + 1` equal values need a correction.
     frozen = ops.stop_gradient(sorted_rows)
     correction = _long_run_correction(frozen, positions, n, window)
     return sorted_rows, ranks + correction, permutation
-
-
-def _window_brackets(sorted_rows, inverse_strength, window):
-    """`sum_k b(p, p + k) - b(p - k, p)` over `k = 1..window`, where
-    `b(i, j) = sigmoid((x_i - x_j) / eps)` for sorted rows `x`.
-
-    No pair needs its own exponential: with `f_j = exp((x_j - x_{j+1}) /
-    eps)` (in (0, 1] for sorted rows), `u = exp((x_p - x_{p+k}) / eps)` is
-    the running product `f_p ... f_{p+k-1}` and `b = u / (1 + u)`. The
-    brackets of up to `_BLOCK` steps are summed as one fraction
-    (`_fraction_sum`), so a whole block costs multiplications and a single
-    division, and all of it fuses into one elementwise pass per direction.
-    The gradient is written out the same way: for the pair `(p, p + k)`,
-    `d b / d x_p = -d b / d x_{p+k} = b (1 - b) / eps = u / (1 + u)^2 / eps`.
-    The brackets depend on `x / eps` only, so the gradient with respect to
-    a tensor `1 / eps` is `sum_p x_p g_p / (1 / eps)` (`g` the gradient with
-    respect to `x`).
-
-    `inverse_strength` is `1 / eps`: a Python number, or a tensor (which
-    then receives a gradient).
-    """
-    n = sorted_rows.shape[-1]
-    w = window
-
-    def steps(factors):
-        """Factors padded with `w` zeros on each side (`f_j` in column
-        `j + w`), read `k` places up and down: the `k`-th step multiplies
-        `u` by `f_{p+k-1}` going up, by `f_{p-k}` going down. Steps past
-        either end are 0, and so are the brackets behind them."""
-        up = [factors[:, w + k - 1: w + k - 1 + n] for k in range(1, w + 1)]
-        down = [factors[:, w - k: w - k + n] for k in range(1, w + 1)]
-        return up, down
-
-    def brackets_and_grad(x, scale):
-        lower, upper = x[:, :-1], x[:, 1:]
-        # Equal neighbours are a tie (factor 1), infinite ones included:
-        # inf - inf would make the factor, and every product through it, NaN.
-        gaps = ops.where(ops.equal(lower, upper), 0.0, lower - upper)
-        factors = ops.pad(ops.exp(gaps * scale), [[0, 0], [w, w]])
-        up, down = steps(factors)
-        total = _fraction_sum(up, None) - _fraction_sum(down, None)
-
-        def grad_x(upstream):
-            upstream = ops.cast(upstream, x.dtype)
-            # The same factors (max with 0 changes nothing), but not the
-            # same expression: a compiler that merged the running products
-            # with the forward pass's would keep every one of them in memory
-            # between the passes. (`relu`, not `maximum(factors, 0.0)`: on
-            # torch Keras computes `maximum` of float64 tensors in float32.)
-            up, down = steps(ops.relu(factors))
-            g = ops.pad(upstream, [[0, 0], [w, w]])
-            # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
-            g_up = [upstream - g[:, w + k: w + k + n] for k in range(1, w + 1)]
-            g_down = [g[:, w - k: w - k + n] - upstream
-                      for k in range(1, w + 1)]
-            result = _fraction_sum(up, g_up, squared=True) - _fraction_sum(
-                down, g_down, squared=True
-            )
-            return result * scale
-
-        return total, grad_x
-
-    if isinstance(inverse_strength, (int, float)):
-
-        @ops.custom_gradient
-        def brackets(x):
-            total, grad_x = brackets_and_grad(x, inverse_strength)
-
-            def grad(*args, upstream=None):
-                if upstream is None:
-                    (upstream,) = args
-                return grad_x(upstream)
-
-            return total, grad
-
-        return brackets(sorted_rows)
-
-    @ops.custom_gradient
-    def brackets_with_strength(x, scale):
-        total, grad_x = brackets_and_grad(x, scale)
-
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            g = grad_x(upstream)
-            # Each row of g sums to 0, so subtracting a constant per row (the
-            # median of the sorted row) changes nothing but the rounding.
-            centred = x - x[:, n // 2: n // 2 + 1]
-            finite = ops.where(ops.isfinite(centred), centred, 0.0)
-            return g, ops.cast(ops.sum(finite * g) / scale, scale.dtype)
-
-        return total, grad
-
-    return brackets_with_strength(sorted_rows, inverse_strength)
-
-
-_BLOCK = 8  # steps per fraction: keeps the denominator below 4 ** 8
-
-
-def _fraction_sum(steps, coefficients, squared=False):
-    """`sum_k c_k u_k / (1 + u_k) ** e` with `u_k` the product of the
-    first `k` steps (each in [0, 1]), `c_k` = 1 when `coefficients` is
-    None and `e` = 2 if `squared` else 1. Each block of `_BLOCK` terms is
-    added up as one fraction, `num / den` with `den = prod (1 + u_k) ** e`."""
-    total = u = None
-    for start in range(0, len(steps), _BLOCK):
-        num = den = None
-        for k in range(start, min(start + _BLOCK, len(steps))):
-            u = steps[k] if u is None else u * steps[k]
-            scale = 1.0 + u
-            if squared:
-                scale = scale * scale
-            term = u if coefficients is None else coefficients[k] * u
-            num = term if num is None else num * scale + term * den
-            den = scale if den is None else den * scale
-        total = num / den if total is None else total + num / den
-    return total
 
 
 def pairwise_soft_rank(x: Tensor,

@@ -45,6 +45,7 @@ from keras_kd.ops import probabilities
 from keras_kd.ops import rank
 from keras_kd.ops import scatter
 from keras_kd.ops import sort
+from keras_kd.ops import window
 
 pytestmark = pytest.mark.backends("torch")
 
@@ -337,6 +338,12 @@ def _soft_rank_tensor_strength(batch, scale):
              np.asarray(0.1, "float32")])
 
 
+def _brackets_tensor_strength(batch, scale):
+    return ((lambda x, strength: window.window_brackets(
+        ops.sort(x, axis=-1), 1.0 / strength, 16)),
+        [normal(batch, CLASSES * scale, seed=1), np.asarray(0.1, "float32")])
+
+
 def _soft_rank_axis_0(batch, scale):
     """Ranks along the first axis of a `(classes, batch)` tensor."""
     return ((lambda x: rank.soft_rank(x, axis=0)),
@@ -413,6 +420,9 @@ OP_CASES = [
     ("rank.sorted_soft_rank", "", rows_case(rank.sorted_soft_rank)),
     ("rank.sort_and_soft_rank", "", rows_case(rank.sort_and_soft_rank)),
     ("rank.pairwise_soft_rank", "", rows_case(rank.pairwise_soft_rank)),
+    ("window.window_brackets", "", rows_case(
+        lambda x: window.window_brackets(ops.sort(x, axis=-1), 10.0, 16))),
+    ("window.window_brackets", "tensor strength", _brackets_tensor_strength),
     ("scatter.scatter_rows", "", _scatter_rows),
     ("scatter.mark_columns", "", _mark_columns),
     ("sort.argsort_rows", "", rows_case(sort.argsort_rows)),

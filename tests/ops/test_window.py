@@ -1,0 +1,73 @@
+"""The soft rank's window brackets: the PyTorch form (one sigmoid per
+window step, updated in place) against the running-product form that
+TensorFlow and JAX use, in values and in gradients."""
+
+import numpy as np
+import pytest
+
+from keras_kd.ops import window
+
+pytestmark = pytest.mark.backends("torch")
+
+
+def _rows(kind):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 41))
+    if kind == "ties":
+        x = np.round(x, 1)  # runs of equal values
+    elif kind == "infinities":
+        x[:, ::5] = -np.inf  # masked logits: a long run of equal -inf
+        x[:, 1] = np.inf
+    return np.sort(x, axis=-1)
+
+
+def _value_and_grads(fn, x, strength_tensor):
+    import torch
+
+    rows = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    inputs = [rows]
+    scale = 7.0
+    if strength_tensor:
+        scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+        inputs.append(scale)
+    upstream = torch.tensor(
+        np.random.default_rng(6).normal(size=x.shape), dtype=torch.float64)
+    value = fn(rows, scale, 9)
+    grads = torch.autograd.grad((value * upstream).sum(), inputs)
+    return [value.detach().numpy()] + [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "infinities"])
+@pytest.mark.parametrize("strength_tensor", [False, True])
+def test_torch_form_equals_running_product_form(kind, strength_tensor):
+    x = _rows(kind)
+    ours = _value_and_grads(window._torch_brackets, x, strength_tensor)
+    reference = _value_and_grads(window._running_product_brackets, x,
+                                 strength_tensor)
+    assert len(ours) == len(reference) == 2 + strength_tensor
+    for a, b in zip(ours, reference):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+    # Tied neighbours get half a place each way: the brackets are not
+    # all zero, and each row of the gradient sums to 0.
+    assert np.abs(ours[0]).max() > 0.1
+    np.testing.assert_allclose(ours[1].sum(axis=-1), 0.0, atol=1e-9)
+
+
+def test_public_function_uses_torch_form():
+    import torch
+
+    x = torch.tensor(_rows("distinct"))
+    calls = []
+    original = window._torch_brackets
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    window._torch_brackets = spy
+    try:
+        window.window_brackets(x, 3.0, 4)
+    finally:
+        window._torch_brackets = original
+    assert len(calls) == 1
