@@ -53,9 +53,11 @@ def _quickstart(r):
     assert r["teacher"] > 0.9
     assert r["student_alone"] > 0.3
     # The point: the distilled student beats the student alone, which has
-    # 50 labels. Seed 0: 0.874 against 0.811 on TensorFlow, 0.809 against
-    # 0.794 on JAX; the margin depends on the backend, the sign does not.
-    assert r["student_distilled"] > r["student_alone"]
+    # 30 labels, by a clear margin. Seed 0, then seed 1: 0.976 against
+    # 0.813, 0.963 against 0.793 on TensorFlow; 0.974 against 0.750, 0.974
+    # against 0.746 on JAX; 0.954 against 0.770 (seed 0) on PyTorch.
+    assert r["student_distilled"] > r["student_alone"] + 0.1
+    assert r["student_distilled"] > 0.9
 
 
 def _local_modules(r):
