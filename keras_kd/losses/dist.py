@@ -15,8 +15,8 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import BatchCoupledLoss
-from keras_kd.losses.correlation import pearson_loss
 from keras_kd.ops.correlation import pearson_correlation
+from keras_kd.ops.correlation import probability_correlation
 from keras_kd.ops.correlation import weighted_pearson_correlation
 from keras_kd.ops.probabilities import as_logits, softened
 from keras_kd._typing import Config, Tensor
@@ -43,9 +43,19 @@ def intra_class_loss(
     Returns:
         A scalar tensor.
     """
+    p_t, p_s = _softened_pair(teacher_logits, student_logits, temperature)
+    return _intra_class_loss(p_t, p_s, sample_weight)
+
+
+def _softened_pair(teacher_logits, student_logits, temperature):
+    """The teacher's (not differentiated) and the student's softened
+    probabilities."""
     teacher_logits = ops.stop_gradient(ops.convert_to_tensor(teacher_logits))
-    p_t = softened(teacher_logits, temperature)
-    p_s = softened(student_logits, temperature)
+    return (softened(teacher_logits, temperature),
+            softened(student_logits, temperature))
+
+
+def _intra_class_loss(p_t, p_s, sample_weight):
     if sample_weight is None:
         correlation = pearson_correlation(p_s, p_t, axis=0)
     else:
@@ -91,13 +101,12 @@ def dist_loss(
     Returns:
         A tensor of shape `(batch,)`.
     """
-    inter = pearson_loss(teacher_logits, student_logits, temperature)
-    loss = beta * inter
+    # Both terms read the same softened outputs: one softmax each (on an
+    # eager backend every op is a pass over the batch).
+    p_t, p_s = _softened_pair(teacher_logits, student_logits, temperature)
+    loss = beta * (1.0 - probability_correlation(p_s, p_t))
     if gamma:
-        intra = intra_class_loss(
-            teacher_logits, student_logits, temperature, sample_weight
-        )
-        loss = loss + gamma * intra
+        loss = loss + gamma * _intra_class_loss(p_t, p_s, sample_weight)
     return (temperature**2) * loss
 
 
