@@ -6,7 +6,8 @@ index row at a time in a Python loop: a scatter of a `256 x 1000` batch
 launches hundreds of thousands of small torch ops, and its backward more.
 The two scatters keras-kd needs put values into known columns of each
 row, which is what `torch.Tensor.scatter` does in one call; so on PyTorch
-these functions call it, and elsewhere they keep `keras.ops.scatter`.
+these functions call it, and elsewhere they keep `keras.ops.scatter`
+(`keras.ops.scatter_update` of booleans for the marks).
 
 - `scatter_rows(values, permutation)` undoes a row-wise sort (the rank
   functions put ranks back in the original columns with it; its gradient
