@@ -2,7 +2,8 @@
 # Every GPU figure of keras-kd in one command, on the JAX backend:
 #   1. step_overhead.py  distiller step vs teacher inference + student step,
 #                        and vs keras.distillation (both students)
-#   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward
+#   2. losses.py         Spearman / CMKD / DIST vs KD, forward + backward;
+#                        a top-k (k=10) teacher vs dense teacher logits
 #   3. memory.py         LAKD peak memory and step time vs end-to-end KD
 #   4. lm_memory.py      token-level divergence, chunked vs unchunked: peak
 #                        extra memory and step time at B=4, T=1024, V=32000

@@ -26,6 +26,13 @@ eager on PyTorch (Keras' default there: the loss, then
    `keras_kd.ops.rank.soft_rank` and of the tfp soft ranks.
 4. What the window gives up: the cosine between the Spearman loss gradient
    with a window of 4 to 32 neighbours and with all pairs compared softly.
+5. A top-k teacher against a dense one, per token, at B=8, T=128,
+   V=32000, k=10: `ForwardKL()` given dense teacher logits `(B, T, V)`,
+   and the same loss given the teacher's `TopKDistribution` (computed
+   before timing, as a teacher cache stores it, float16), forward and
+   backward with respect to the student logits. The teacher (logits, or
+   the top-k arrays) is an argument of the compiled step, not a constant
+   XLA could fold. Target: the top-k step at most 0.5x the dense step.
 
 The tfp baseline is `tfp.math.soft_sorting_matrix`, which is NeuralSort
 (Grover et al. 2019, a softmax over an n x n score matrix), not a Sinkhorn
@@ -37,6 +44,8 @@ Usage:
     python benchmarks/losses.py --quick    # fewer repetitions
     python benchmarks/losses.py --backend jax     # jax.jit (no tfp row)
     python benchmarks/losses.py --backend torch   # eager PyTorch (no tfp row)
+    python benchmarks/losses.py --only topk       # part 5 alone
+    python benchmarks/losses.py --only correlation  # parts 1 to 4
 
 `--backend` (default: $KERAS_BACKEND, else tensorflow) is read before Keras
 is imported; the memory subprocesses inherit it.
@@ -68,11 +77,14 @@ from keras import ops  # noqa: E402
 from keras_kd.losses.cmkd import CMKD  # noqa: E402
 from keras_kd.losses.correlation import SpearmanCorrelation  # noqa: E402
 from keras_kd.losses.dist import DIST  # noqa: E402
+from keras_kd.losses.divergences import ForwardKL  # noqa: E402
 from keras_kd.ops.correlation import pearson_correlation  # noqa: E402
 from keras_kd.ops.rank import exact_rank  # noqa: E402
 from keras_kd.ops.rank import pairwise_soft_rank  # noqa: E402
 from keras_kd.ops.rank import soft_rank  # noqa: E402
 from keras_kd.ops.sort import argsort_rows  # noqa: E402
+from keras_kd.teachers.topk import TopKDistribution  # noqa: E402
+from keras_kd.teachers.topk import top_k_distribution  # noqa: E402
 
 BACKEND = keras.backend.backend()
 STRENGTH = 0.1  # regularization_strength of every soft rank below
@@ -261,7 +273,17 @@ def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
     steps = {}
     for name, loss in losses.items():
         step, to_tensor = make_step(loss, teacher, jit=jit)
-        s = to_tensor(student)
+        steps[name] = (step, to_tensor(student))
+    return time_steps(steps, rounds, slow_rounds)
+
+
+def time_steps(steps, rounds, slow_rounds=3):
+    """`steps` maps a name to `(step, student)`; each step is called once
+    to compile (or warm up) and twice more, then once per name in each of
+    `rounds` interleaved rounds (a step slower than 0.5 s in only the
+    first `slow_rounds`). Returns the medians and quartiles per name."""
+    warm = {}
+    for name, (step, s) in steps.items():
         start = time.perf_counter()
         step(s)  # compile
         compile_s = time.perf_counter() - start
@@ -269,11 +291,11 @@ def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
         start = time.perf_counter()
         step(s)
         first = time.perf_counter() - start
-        steps[name] = (step, s, compile_s, first)
-    wall = {name: [] for name in steps}
-    cpu = {name: [] for name in steps}
+        warm[name] = (step, s, compile_s, first)
+    wall = {name: [] for name in warm}
+    cpu = {name: [] for name in warm}
     for r in range(rounds):
-        for name, (step, s, _, first) in steps.items():
+        for name, (step, s, _, first) in warm.items():
             if first > 0.5 and r >= slow_rounds:
                 continue  # quadratic baselines: a few rounds are enough
             c0, w0 = time.process_time(), time.perf_counter()
@@ -286,10 +308,10 @@ def time_losses(losses, batch, classes, rounds, jit=True, slow_rounds=3):
             "wall_p25_ms": 1e3 * float(np.percentile(wall[name], 25)),
             "wall_p75_ms": 1e3 * float(np.percentile(wall[name], 75)),
             "cpu_ms": 1e3 * float(np.median(cpu[name])),
-            "compile_s": steps[name][2],
+            "compile_s": warm[name][2],
             "runs": len(wall[name]),
         }
-        for name in steps
+        for name in warm
     }
 
 
@@ -338,6 +360,127 @@ def print_targets(results):
               f"{wall:.2f} ms = {r['wall_ms'] / wall:.2f}x, CPU "
               f"{r['cpu_ms']:.2f} / {cpu:.2f} ms = {r['cpu_ms'] / cpu:.2f}x "
               f"({verdict} the target in wall time)")
+
+
+# ------------------------------------------------------ top-k vs dense teacher
+
+TOPK_SHAPE = (8, 128, 32000)  # batch, time, vocabulary
+TOPK_K = 10
+TOPK_LIMIT = 0.5  # the top-k step at most this times the dense step
+DENSE = "ForwardKL, dense teacher logits"
+TOPK = f"ForwardKL, top-{TOPK_K} teacher"
+
+
+def make_teacher_step(loss, teacher):
+    """Like `make_step`, with the teacher (dense logits or a
+    `TopKDistribution` of arrays) passed to the compiled function as an
+    argument on every backend: a closed-over teacher would be a constant
+    that XLA may fold (the dense teacher's softmax, the top-k marks),
+    which a training step cannot do. The step waits for the value and one
+    entry of the gradient rather than copying the whole `(B, T, V)`
+    gradient to NumPy: a copy both variants would pay and a training step
+    does not."""
+    sparse = isinstance(teacher, TopKDistribution)
+    leaves = list(teacher) if sparse else [teacher]
+
+    def rebuild(parts):
+        return TopKDistribution(*parts) if sparse else parts[0]
+
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        leaves = [tf.constant(leaf) for leaf in leaves]
+
+        def forward_backward(student, *parts):
+            with tf.GradientTape() as tape:
+                tape.watch(student)
+                value = loss(rebuild(parts), student)
+            return value, tape.gradient(value, student)
+
+        compiled = tf.function(forward_backward, jit_compile=True)
+
+        def step(student):
+            return _wait(*compiled(student, *leaves))
+
+        return step, tf.constant
+    if BACKEND == "jax":
+        import jax
+
+        leaves = [jax.numpy.asarray(leaf) for leaf in leaves]
+        compiled = jax.jit(jax.value_and_grad(
+            lambda s, *parts: loss(rebuild(parts), s)))
+
+        def step(student):
+            return _wait(*compiled(student, *leaves))
+
+        return step, jax.numpy.asarray
+    if BACKEND == "torch":
+        import torch
+
+        teacher = rebuild([ops.convert_to_tensor(leaf) for leaf in leaves])
+
+        def to_tensor(array):
+            return ops.convert_to_tensor(array).requires_grad_(True)
+
+        def step(student):
+            value = loss(teacher, student)
+            (grad,) = torch.autograd.grad(value, student)
+            return _wait(value.detach(), grad)
+
+        return step, to_tensor
+    raise SystemExit(f"benchmarks/losses.py supports tensorflow, jax and "
+                     f"torch, not {BACKEND}.")
+
+
+def _wait(value, grad):
+    """The value and the first entry of the gradient as Python floats:
+    reading both back waits for an accelerator to finish the step."""
+    first = grad[(0,) * len(grad.shape)]
+    return float(ops.convert_to_numpy(value)), float(
+        ops.convert_to_numpy(first))
+
+
+def time_topk_teacher(rounds, shape=TOPK_SHAPE, k=TOPK_K):
+    """Times `ForwardKL()` with a dense teacher and with its top-k form,
+    interleaved; the top-k form is computed before timing (float16, the
+    cache's dtype)."""
+    rng = np.random.default_rng(0)
+    teacher = (3.0 * rng.normal(size=shape)).astype("float32")
+    student = (3.0 * rng.normal(size=shape)).astype("float32")
+    sparse = top_k_distribution(teacher, k)
+    sparse = TopKDistribution(*[ops.convert_to_numpy(p) for p in sparse])
+    loss = ForwardKL()
+    steps = {}
+    for name, given in ((DENSE, teacher), (TOPK, sparse)):
+        step, to_tensor = make_teacher_step(loss, given)
+        steps[name] = (step, to_tensor(student))
+    return time_steps(steps, rounds, slow_rounds=rounds)
+
+
+def print_topk_teacher(results, mode, shape=TOPK_SHAPE, k=TOPK_K):
+    batch, length, vocab = shape
+    print(f"\nTop-k teacher against dense teacher logits, per token: "
+          f"ForwardKL at B={batch}, T={length}, V={vocab}, k={k}, forward "
+          f"+ backward with respect to the student logits, {mode}; the "
+          "top-k distribution is computed before timing, the dense logits "
+          "are an input of the step")
+    print(f"{'teacher':36s} {'wall ms':>9s} {'wall p25-p75':>15s} "
+          f"{'CPU ms':>9s} {'runs':>5s}")
+    for name, r in results.items():
+        quartiles = f"{r['wall_p25_ms']:.1f}-{r['wall_p75_ms']:.1f}"
+        print(f"{name:36s} {r['wall_ms']:9.2f} {quartiles:>15s} "
+              f"{r['cpu_ms']:9.2f} {r['runs']:5d}")
+    dense, top = results[DENSE], results[TOPK]
+    print("Speed target (ratio of medians):")
+    print(f"  baseline {DENSE}: wall {dense['wall_ms']:.2f} ms, CPU "
+          f"{dense['cpu_ms']:.2f} ms")
+    wall = top["wall_ms"] / dense["wall_ms"]
+    cpu = top["cpu_ms"] / dense["cpu_ms"]
+    verdict = "within" if wall <= TOPK_LIMIT else "above"
+    print(f"  top-{k} <= {TOPK_LIMIT:g} x dense: wall {top['wall_ms']:.2f} / "
+          f"{dense['wall_ms']:.2f} ms = {wall:.2f}x, CPU "
+          f"{top['cpu_ms']:.2f} / {dense['cpu_ms']:.2f} ms = {cpu:.2f}x "
+          f"({verdict} the target in wall time)")
 
 
 # ------------------------------------------------------------------- memory
@@ -521,6 +664,9 @@ def main():
                         help="Keras backend (default: $KERAS_BACKEND, else "
                         "tensorflow)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("correlation", "topk"),
+                        help="run parts 1 to 4 (correlation) or part 5 "
+                        "(topk) alone")
     parser.add_argument("--memory-child")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--classes", type=int, default=32000)
@@ -548,6 +694,20 @@ def main():
 
         print(f"torch={torch.__version__} threads={torch.get_num_threads()} "
               f"device={ops.convert_to_tensor(0.0).device}")
+    compiled = {
+        "tensorflow": "XLA (tf.function(jit_compile=True))",
+        "jax": "jax.jit",
+        "torch": "eager PyTorch (torch.autograd.grad)",
+    }[BACKEND]
+    if args.only != "topk":
+        correlation_parts(args.quick, compiled)
+    if args.only != "correlation":
+        results = time_topk_teacher(3 if args.quick else 10)
+        print_topk_teacher(results, compiled)
+
+
+def correlation_parts(quick, compiled):
+    """Parts 1 to 4 of the module docstring."""
     losses, kd_name = candidates()
     print(f"KD baseline: {kd_name}; soft rank strength {STRENGTH}, "
           f"tfp temperature {TFP_TEMPERATURE}")
@@ -561,12 +721,7 @@ def main():
     rows = measure_memory(
         ["KD", "SpearmanCorrelation", "CMKD", "DIST"], 8, 32000)
 
-    rounds = 6 if args.quick else 30
-    compiled = {
-        "tensorflow": "XLA (tf.function(jit_compile=True))",
-        "jax": "jax.jit",
-        "torch": "eager PyTorch (torch.autograd.grad)",
-    }[BACKEND]
+    rounds = 6 if quick else 30
     results = time_losses(losses, 256, 1000, rounds)
     print_timings(f"Forward + backward at B=256, C=1000, {compiled}",
                   results)

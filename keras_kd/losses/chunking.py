@@ -128,11 +128,11 @@ def divergence_loss(teacher_output, student_output, divergence,
         if student_head is not None:
             student = student_head(student)
         student = as_logits(ops.cast(student, "float32"), from_logits)
-        log_p_s = ops.log_softmax(student / temperature, axis=-1)
         if sparse:
             log_p_t, log_p_s = topk_bins(TopKDistribution(*teacher),
-                                          log_p_s)
+                                          student, temperature)
         else:
+            log_p_s = ops.log_softmax(student / temperature, axis=-1)
             logits = teacher[0]
             if teacher_head is not None:
                 logits = ops.stop_gradient(teacher_head(logits))

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from keras import ops
 
 from keras_kd.ops.probabilities import LOG_FLOOR
-from keras_kd.ops.scatter import mark_columns
+from keras_kd.ops.topk import log_softmax_bins
 from keras_kd._typing import Tensor
 
 
@@ -71,25 +71,34 @@ def _log_or_floor(x: Tensor) -> Tensor:
                      LOG_FLOOR)
 
 
-def topk_bins(teacher: TopKDistribution,
-              log_p_s: Tensor) -> tuple[Tensor, Tensor]:
+def topk_bins(teacher: TopKDistribution, student_logits: Tensor,
+              temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Teacher and student log-probabilities on the `k + 1` bins of a
-    `TopKDistribution` (its `k` tokens, then the tail bucket)."""
+    `TopKDistribution` (its `k` tokens, then the tail bucket).
+
+    Args:
+        teacher: the teacher's `TopKDistribution`, made at `temperature`.
+        student_logits: `(..., vocab)` float logits of the student (or its
+            log-probabilities: any shift per row gives the same bins).
+        temperature: `tau`; the student's distribution is
+            `softmax(student_logits / tau)`.
+
+    Returns:
+        `(log_p_t, log_p_s)`, each `(..., k + 1)` float32; with `k` equal to
+        the vocabulary size, `(..., k)` (no tail).
+    """
     indices = ops.cast(teacher.indices, "int32")
     log_t = ops.maximum(ops.cast(teacher.log_probs, "float32"), LOG_FLOOR)
-    tail_t = _log_or_floor(ops.cast(teacher.tail_mass, "float32"))
-    picked = ops.take_along_axis(log_p_s, indices, axis=-1)
-    vocab = log_p_s.shape[-1]
+    vocab = student_logits.shape[-1]
     k = indices.shape[-1]
     if k is not None and k == vocab:
         # Every token is kept: the tail is empty (a stored tail mass is
         # rounding noise).
-        return log_t, picked
-    # The student's tail, as a log-sum-exp over the tokens outside the top
-    # k (1 - sum(p) would lose a small tail to rounding). The top-k tokens
-    # are marked by one row-wise scatter.
-    in_top = mark_columns(indices, vocab)
-    tail_s = ops.logsumexp(ops.where(in_top, LOG_FLOOR, log_p_s), axis=-1)
-    tail_s = ops.maximum(tail_s, LOG_FLOOR)
-    return (ops.concatenate([log_t, tail_t[..., None]], axis=-1),
-            ops.concatenate([picked, tail_s[..., None]], axis=-1))
+        log_p_s = ops.log_softmax(student_logits / temperature, axis=-1)
+        return log_t, ops.take_along_axis(log_p_s, indices, axis=-1)
+    tail_t = _log_or_floor(ops.cast(teacher.tail_mass, "float32"))
+    # The student's tail is a log-sum-exp over the tokens outside the top k
+    # (1 - sum(p) would lose a small tail to rounding), taken without the
+    # full log-softmax (see `keras_kd.ops.topk`).
+    log_p_s = log_softmax_bins(student_logits, indices, temperature)
+    return ops.concatenate([log_t, tail_t[..., None]], axis=-1), log_p_s

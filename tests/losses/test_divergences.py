@@ -286,6 +286,44 @@ def test_top_k_teacher_is_the_k_plus_one_bin_divergence(logits):
     assert expected < dense  # coarser bins: a lower bound
 
 
+def test_top_k_teacher_gradient_is_that_of_the_k_plus_one_bins(logits):
+    """Below the full vocabulary, the student's bins of a sparse teacher
+    (read without its full log-softmax, `keras_kd.ops.topk`) give the value
+    and gradient of the divergence between the bins taken from both full
+    log-softmaxes, chunked or not, compiled or not."""
+    t, s = logits
+    k, tau = 4, 2.0
+    sparse = top_k_distribution(t, k, temperature=tau, dtype="float32")
+    indices = ops.convert_to_tensor(sparse.indices)
+
+    def bins(log_p):
+        picked = ops.take_along_axis(log_p, indices, axis=-1)
+        columns = ops.arange(log_p.shape[-1], dtype="int32")
+        listed = ops.any(ops.equal(columns[:, None], indices[..., None, :]),
+                         axis=-1)
+        rest = ops.logsumexp(ops.where(listed, -1e30, log_p), axis=-1)
+        return ops.concatenate([picked, rest[..., None]], axis=-1)
+
+    for loss in (ForwardKL(temperature=tau), ReverseKL(temperature=tau),
+                 GeneralizedJSD(beta=0.3, temperature=tau)):
+        def reference(b, c):
+            log_t = bins(ops.log_softmax(ops.convert_to_tensor(t) / tau,
+                                         axis=-1))
+            log_s = bins(ops.log_softmax(b / tau, axis=-1))
+            per_token = tau**2 * loss.divergence(log_t, log_s)
+            return ops.sum(per_token * c) / ops.sum(c)
+
+        ref, (ref_grad, _) = value_and_grad(reference, s, PADDING)
+        for chunk, compile_ in ((None, False), (3, False), (None, True)):
+            loss.chunk_size = chunk
+            fn = lambda b, c: loss(sparse, b, sample_weight=c)  # noqa: E731
+            got, (grad, _) = value_and_grad(jit(fn) if compile_ else fn,
+                                            s, PADDING)
+            np.testing.assert_allclose(got, ref, rtol=1e-5)
+            np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+            assert np.abs(grad[1, 2:]).max() == 0.0  # padding: no gradient
+
+
 def test_fused_lm_head_equals_logits():
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(2, 7, 5)).astype("float32")

@@ -45,6 +45,7 @@ from keras_kd.ops import probabilities
 from keras_kd.ops import rank
 from keras_kd.ops import scatter
 from keras_kd.ops import sort
+from keras_kd.ops import topk
 from keras_kd.ops import window
 
 pytestmark = pytest.mark.backends("torch")
@@ -245,14 +246,20 @@ def test_loss_variants(name):
     assert_same_count(LOSS_VARIANTS[name], BATCH_AND_SIZE)
 
 
-def test_top_k_teacher():
-    """A divergence read against a sparse (top-k) teacher: the k bins are
-    marked and gathered per row, which must not loop either."""
+@pytest.mark.parametrize("loss", [
+    ForwardKL(), ForwardKL(temperature=2.0), GeneralizedJSD(beta=0.3),
+    # One piece per chunk of 2 time steps (the time axis stays fixed).
+    ForwardKL(chunk_size=2)], ids=["forward", "temperature", "jsd", "chunk"])
+def test_top_k_teacher(loss):
+    """A divergence read against a sparse (top-k) teacher: the student's
+    k + 1 bins (`keras_kd.ops.topk.log_softmax_bins`, a
+    `torch.autograd.Function` here), which must not loop either."""
     def build(batch, scale):
         vocab = 30 * scale
         teacher = top_k_distribution(normal(batch, 3, vocab, seed=1), 5,
+                                     temperature=loss.temperature,
                                      dtype="float32")
-        return (lambda student: ForwardKL()(teacher, student),
+        return (lambda student: loss(teacher, student),
                 [normal(batch, 3, vocab, seed=2)])
 
     assert_same_count(build, BATCH_AND_SIZE)
@@ -365,6 +372,16 @@ def _mark_columns(batch, scale):
     return (lambda: scatter.mark_columns(marks, classes)), []
 
 
+def _log_softmax_bins(temperature):
+    def build(batch, scale):
+        classes = CLASSES * scale
+        order = np.argsort(normal(batch, classes, seed=2), axis=-1)
+        indices = constant(order[:, :5].astype("int32"))
+        return ((lambda x: topk.log_softmax_bins(x, indices, temperature)),
+                [normal(batch, classes, seed=1)])
+    return build
+
+
 def _entropy(x):
     log_p = ops.log_softmax(x, axis=-1)
     return probabilities.normalized_entropy(ops.exp(log_p), log_p)
@@ -426,6 +443,8 @@ OP_CASES = [
     ("scatter.scatter_rows", "", _scatter_rows),
     ("scatter.mark_columns", "", _mark_columns),
     ("sort.argsort_rows", "", rows_case(sort.argsort_rows)),
+    ("topk.log_softmax_bins", "", _log_softmax_bins(1.0)),
+    ("topk.log_softmax_bins", "temperature", _log_softmax_bins(2.0)),
     ("sort.sort_rows", "", rows_case(sort.sort_rows)),
 ]
 
