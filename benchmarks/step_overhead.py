@@ -1,11 +1,12 @@
-"""Per-step overhead of `keras_kd.Distiller` (XLA, TensorFlow or JAX).
+"""Per-step overhead of `keras_kd.Distiller` (TensorFlow, JAX, PyTorch).
 
 For a CNN teacher and two students (a small one and one of the teacher's
 size) this measures, on one fixed batch:
 
   (a) the `keras_kd.Distiller` train step;
   (b) its lower bound: the teacher's inference forward (the same
-      multi-output extractor the distiller runs, jit-compiled) plus the
+      multi-output extractor the distiller runs, jit-compiled on
+      TensorFlow and JAX, under `torch.no_grad()` on PyTorch) plus the
       student's own train step (the student compiled alone with the same
       optimizer and loss), timed separately and summed;
   (c) `keras.distillation.Distiller` with the equivalent configuration
@@ -17,11 +18,12 @@ Every train step (a, b's student part, c) is driven the same way: the
 model's compiled `train_function` is called directly on the batch (the
 path `train_on_batch` takes, without its per-call metric reset and log
 conversion), and each timed block of steps ends by reading the last loss
-back to the host. All models use `jit_compile=True`. On JAX the compiled
-`train_function` is stateless: each runner threads its own state (every
-variable's value) from step to step, as `fit` does, and the teacher's
-forward is a `jax.jit` of the extractor's `stateless_call` with its weights
-passed in.
+back to the host. On TensorFlow and JAX all models use
+`jit_compile=True`; on PyTorch they run eagerly (`jit_compile=False`,
+Keras' default there). On JAX the compiled `train_function` is stateless:
+each runner threads its own state (every variable's value) from step to
+step, as `fit` does, and the teacher's forward is a `jax.jit` of the
+extractor's `stateless_call` with its weights passed in.
 
 The machine may be noisy, so the configurations are timed round-robin (the
 order rotates every round) for many short rounds after a warm-up. For wall
@@ -38,6 +40,8 @@ Usage:
     python benchmarks/step_overhead.py --backend jax   # on JAX (default:
                                                   # KERAS_BACKEND, else
                                                   # tensorflow)
+    python benchmarks/step_overhead.py --backend torch # eager PyTorch (no
+                                                  # compilation: ~1 min)
     python benchmarks/step_overhead.py            # full run (~5 min on 2
                                                   # loaded cores, ~2.3 of
                                                   # them XLA compilation)
@@ -71,8 +75,11 @@ if BACKEND == "tensorflow":
     import tensorflow as tf  # noqa: E402
 elif BACKEND == "jax":
     import jax  # noqa: E402
+elif BACKEND == "torch":
+    import torch  # noqa: E402
 else:
-    sys.exit(f"step_overhead.py runs on tensorflow or jax, not {BACKEND}")
+    sys.exit(f"step_overhead.py runs on tensorflow, jax or torch, not "
+             f"{BACKEND}")
 
 import keras_kd  # noqa: E402
 
@@ -81,6 +88,8 @@ STUDENT_LOSS_WEIGHT = 0.5
 KD_WEIGHT = 1.0
 AT_WEIGHT = 1000.0
 FEATURE_STAGE = 2
+# XLA on TensorFlow and JAX; Keras' default (eager) on PyTorch.
+JIT_COMPILE = BACKEND != "torch"
 
 
 # Models.
@@ -155,8 +164,8 @@ def build_kd_distiller(teacher, student, prefix):
         student_loss_weight=STUDENT_LOSS_WEIGHT,
     )
     distiller.compile(
-        optimizer=optimizer(), loss=student_loss(), jit_compile=True
-    )
+        optimizer=optimizer(), loss=student_loss(),
+        jit_compile=JIT_COMPILE)
     return distiller
 
 
@@ -179,21 +188,22 @@ def build_keras_distiller(teacher, student, prefix):
         student_loss_weight=STUDENT_LOSS_WEIGHT,
     )
     distiller.compile(
-        optimizer=optimizer(), loss=student_loss(), jit_compile=True
-    )
+        optimizer=optimizer(), loss=student_loss(),
+        jit_compile=JIT_COMPILE)
     return distiller
 
 
 def build_student_alone(student):
     student.compile(optimizer=optimizer(), loss=student_loss(),
-                    jit_compile=True)
+                    jit_compile=JIT_COMPILE)
     return student
 
 
 def build_teacher_forward(teacher, prefix):
-    """The teacher's inference forward as the distiller runs it: one
-    jit-compiled call of a multi-output extractor (logits and the tapped
-    stage), `training=False`."""
+    """The teacher's inference forward as the distiller runs it: one call
+    of a multi-output extractor (logits and the tapped stage),
+    `training=False`; jit-compiled on TensorFlow and JAX, eager under
+    `torch.no_grad()` (no autograd graph) on PyTorch."""
     t_layer, _ = feature_layers(prefix)
     extractor = keras.Model(
         teacher.input, [teacher.output, teacher.get_layer(t_layer).output]
@@ -204,6 +214,12 @@ def build_teacher_forward(teacher, prefix):
         stateless = jax.jit(lambda tv, ntv, x: extractor.stateless_call(
             tv, ntv, x, training=False)[0])
         return lambda x: stateless(trainable, non_trainable, x)
+    if BACKEND == "torch":
+        def forward(x):
+            with torch.no_grad():
+                return extractor(x, training=False)
+
+        return forward
 
     @tf.function(jit_compile=True)
     def forward(x):
@@ -248,7 +264,7 @@ class TrainSteps:
     def __call__(self, n):
         for _ in range(n):
             logs = self._step()
-        np.asarray(logs["loss"])
+        keras.ops.convert_to_numpy(logs["loss"])
 
 
 class ForwardSteps:
@@ -262,7 +278,7 @@ class ForwardSteps:
     def __call__(self, n):
         for _ in range(n):
             out = self.fn(self.x)
-        np.asarray(out[0])
+        keras.ops.convert_to_numpy(out[0])
 
 
 def time_round_robin(runners, rounds, steps):
@@ -371,7 +387,7 @@ def main(argv=None):
         # "retracing" when it sees several of them. Harmless here.
         tf.get_logger().setLevel("ERROR")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("tensorflow", "jax"),
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
                         help="Keras backend (read before Keras is imported)")
     parser.add_argument("--quick", action="store_true",
                         help="very short smoke run (small models, 2 rounds)")
@@ -402,14 +418,22 @@ def main(argv=None):
         teacher_widths, teacher_blocks = (16, 32, 64), 2
         small_widths, small_blocks = (8, 16, 32), 1
 
-    engine = (f"tensorflow {tf.__version__}" if BACKEND == "tensorflow"
-              else f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    if BACKEND == "tensorflow":
+        engine = f"tensorflow {tf.__version__}"
+    elif BACKEND == "jax":
+        engine = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = (f"torch {torch.__version__} on {device}, "
+                  f"{torch.get_num_threads()} threads")
     print(f"python {platform.python_version()}, {engine}, "
           f"keras {keras.__version__}, keras_kd {keras_kd.__version__}, "
           f"backend {BACKEND}, {os.cpu_count()} CPUs")
     print(f"batch {batch}, 32x32x3 inputs, {num_classes} classes; "
           f"{rounds} rounds x {steps} steps per config (round-robin), "
-          f"{warmup} warm-up steps; jit_compile=True everywhere")
+          f"{warmup} warm-up steps; "
+          + ("jit_compile=True everywhere" if JIT_COMPILE
+             else "eager (jit_compile=False) everywhere"))
 
     rng = np.random.default_rng(0)
     x = keras.ops.convert_to_tensor(
@@ -462,7 +486,8 @@ def main(argv=None):
         runners[(label, "b_student")].warm_up()
         print(f"  '{label}' first-step loss: keras_kd {first_kd:.5f}, "
               f"keras.distillation {first_ref:.5f}")
-    print(f"compile + first steps: {time.perf_counter() - compile_start:.1f} s")
+    print(f"{'compile + first' if JIT_COMPILE else 'first'} steps: "
+          f"{time.perf_counter() - compile_start:.1f} s")
 
     for runner in runners.values():
         runner(warmup)

@@ -77,7 +77,15 @@ def attention_map(feature, p=2):
     Returns:
         A tensor of shape `(batch, positions)`.
     """
-    att = ops.mean(ops.power(ops.abs(feature), p), axis=-1)
+    if p == 2:
+        # |F|^2 is F^2, values and gradients alike: one elementwise op
+        # where `power(abs(F), p)` is two each way, and in eager PyTorch
+        # `ops.power` (a tensor exponent) costs several times
+        # `ops.square`.
+        magnitude = ops.square(feature)
+    else:
+        magnitude = ops.power(ops.abs(feature), p)
+    att = ops.mean(magnitude, axis=-1)
     att = ops.reshape(att, (ops.shape(att)[0], -1))
     return att / (ops.norm(att, axis=-1, keepdims=True) + 1e-12)
 

@@ -31,6 +31,14 @@ def test_attention_transfer_matches_numpy_with_pooling(maps):
     assert abs(float(AttentionTransfer()(t, t))) < 1e-8
 
 
+@pytest.mark.parametrize("p", [1, 3.5])
+def test_attention_transfer_other_powers_match_numpy(maps, p):
+    t, s = maps
+    expected = ((np_at(s, p) - np_at(np_pool(t, 2), p)) ** 2).mean(-1).mean()
+    np.testing.assert_allclose(float(AttentionTransfer(p=p)(t, s)), expected,
+                               rtol=1e-5)
+
+
 def test_feature_mse_matches_numpy_with_pooling(maps):
     t, _ = maps
     s = np.random.default_rng(2).normal(size=(4, 4, 4, 6)).astype("float32")
