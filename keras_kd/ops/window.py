@@ -29,8 +29,8 @@ from keras import ops
 from keras_kd._typing import Tensor
 
 
-def window_brackets(sorted_rows: Tensor, inverse_strength, window: int
-                    ) -> Tensor:
+def window_brackets(sorted_rows: Tensor, inverse_strength: float | Tensor,
+                    window: int) -> Tensor:
     """The soft rank's brackets of rows sorted in ascending order.
 
     Args:
