@@ -126,3 +126,23 @@ def to_numpy(x):
     if BACKEND == "torch" and hasattr(x, "detach"):
         x = x.detach()
     return np.asarray(ops.convert_to_numpy(x))
+
+
+def count_aten_ops(fn):
+    """Runs `fn()` on the PyTorch backend and returns how many ATen ops it
+    dispatched (every op that reaches PyTorch's dispatcher, backward ops
+    included when `fn` differentiates)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return count.calls

@@ -21,6 +21,7 @@ import keras_kd
 from keras_kd import Distiller, LayerwiseLearningRate, LocalModules, Term
 from keras_kd.losses import KD, FeatureMSE
 
+from backend_utils import count_aten_ops
 from conftest import NUM_CLASSES, make_cnn
 
 pytestmark = pytest.mark.backends("torch")
@@ -29,23 +30,6 @@ SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 STAGES = [("s_stage1", "t_stage1"), ("s_stage2", "t_stage2")]
 SMALL, LARGE = 4, 32
 WARMUP_STEPS = 2
-
-
-def _dispatched_ops(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as count:
-        fn()
-    return count.calls
 
 
 def _batch(size):
@@ -104,7 +88,7 @@ def _count_step(kwargs, size, teachers=None, cached=False):
     for _ in range(WARMUP_STEPS):
         d.train_on_batch(x, y)
     before = keras.ops.convert_to_numpy(d.student.trainable_weights[0].value)
-    calls = _dispatched_ops(lambda: d.train_on_batch(x, y))
+    calls = count_aten_ops(lambda: d.train_on_batch(x, y))
     after = keras.ops.convert_to_numpy(d.student.trainable_weights[0].value)
     assert not np.array_equal(before, after)  # the counted step trained
     return calls

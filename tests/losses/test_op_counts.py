@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+from backend_utils import count_aten_ops
+
 import keras_kd.losses
 import keras_kd.ops
 from keras_kd.losses import CMKD
@@ -67,23 +69,14 @@ def dispatched_ops(fn, *arrays):
     computed.
     """
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
-            return func(*args, **(kwargs or {}))
 
     tensors = [
         torch.tensor(a, requires_grad=np.issubdtype(a.dtype, np.floating))
         for a in map(np.asarray, arrays)
     ]
     wanted = [t for t in tensors if t.requires_grad]
-    with Count() as count:
+
+    def run():
         results = fn(*tensors)
         if not isinstance(results, (tuple, list)):
             results = (results,)
@@ -93,7 +86,8 @@ def dispatched_ops(fn, *arrays):
             total = sum(totals[1:], totals[0])
             if total.requires_grad:
                 torch.autograd.grad(total, wanted, allow_unused=True)
-    return count.calls
+
+    return count_aten_ops(run)
 
 
 def constant(array):
