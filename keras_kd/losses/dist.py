@@ -2,7 +2,8 @@
 (Huang et al., "Knowledge Distillation from A Stronger Teacher",
 arXiv:2205.10536).
 
-The inter-class term is `keras_kd.losses.correlation.pearson_loss`; the
+The inter-class term is `keras_kd.losses.correlation.pearson_loss`'s
+formula, computed from the same softened outputs as the other term; the
 intra-class term (`intra_class_loss`) correlates each class's
 probabilities across the batch, so the loss couples the samples of a batch
 (`keras_kd.losses.base.BatchCoupledLoss`).
