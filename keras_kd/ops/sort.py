@@ -11,22 +11,30 @@ to a `TopK` of every element, which XLA compiles (`jit_compile=True`) to a
 sort of (value, index) pairs with a general comparator; on CPU that sort is
 several times slower than XLA's sort of a single integer tensor. So each
 float32 value and its column index are packed into one int64 key whose
-integer order is the order of (value, index); `tf.sort` sorts the keys
-alone (XLA drops the unused index operand of its `TopK`, leaving a sort of
-one tensor), and the indices are read back from the keys' low bits and the
-values from their high bits (no gather). Values are mapped to integers with
-the usual order-preserving bit trick (flip all bits but the sign of
-negative floats), so the order is exact: no rounding, and equal values keep
-ascending column order. `-0.0` sorts just before `+0.0`; the rank functions
-compare the sorted values themselves, so the two still count as a tie. The
-gradient of the sorted values is one scatter back to the original columns.
+integer order is the order of (value, index); the keys are sorted alone,
+and the indices are read back from the keys' low bits and the values from
+their high bits (no gather). Values are mapped to integers with the usual
+order-preserving bit trick (flip all bits but the sign of negative floats),
+so the order is exact: no rounding, and equal values keep ascending column
+order. `-0.0` sorts just before `+0.0`; the rank functions compare the
+sorted values themselves, so the two still count as a tie. The gradient of
+the sorted values is one scatter back to the original columns.
 
-The same key sort runs eagerly, in a `tf.function` and under XLA (only
-public TensorFlow API, no test of the compilation context); outside XLA it
-is TensorFlow's own `TopK` kernel on int64 keys. float64 inputs and rows
-too long for the packing use `keras.ops.argsort`. `benchmarks/losses.py`
-prints both sorts side by side.
+The keys are unique, so the sort need not be stable; but `tf.sort` (a
+`TopK`) compiles to XLA's *stable* sort, which on CPU took 3.7x as long as
+the unstable one at 256 x 1000 (`benchmarks/losses.py` prints the key sort
+beside `tf.argsort`). The keys are therefore sorted by XLA's own sort
+(`XlaSort`, unstable), in a small function compiled with
+`jit_compile=True`: inside an XLA step it is inlined, and called eagerly or
+from a plain `tf.function` it runs as its own compiled cluster, so nothing
+has to tell the contexts apart. `XlaSort` is exposed only by TensorFlow's
+`tensorflow.compiler.tf2xla` module, the one TensorFlow-internal import of
+the library: where that import fails, the keys are sorted with `tf.sort`
+(the same result, slower under XLA). float64 inputs and rows too long for
+the packing use `keras.ops.argsort`.
 """
+
+import functools
 
 import keras
 from keras import ops
@@ -47,11 +55,36 @@ def _tensorflow_key_sort(rows):
     keys = tf.bitwise.left_shift(
         tf.cast(_flip_negative(bits), tf.int64), index_bits
     )
-    keys = tf.sort(keys + tf.range(n, dtype=tf.int64)[None, :], axis=-1)
+    keys = _sort_keys(keys + tf.range(n, dtype=tf.int64)[None, :])
     permutation = tf.cast(tf.bitwise.bitwise_and(keys, index_mask), "int32")
     # The high bits hold the values themselves: no gather needed.
     high = tf.cast(tf.bitwise.right_shift(keys, index_bits), tf.int32)
     return tf.bitcast(_flip_negative(high), tf.float32), permutation
+
+
+@functools.lru_cache(maxsize=None)
+def _key_sort_function():
+    """The unstable XLA sort of int64 keys along the last axis, compiled
+    (`jit_compile=True`), or `None` where TensorFlow does not expose it."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.compiler.tf2xla.python import xla
+    except ImportError:
+        return None
+    if not callable(getattr(xla, "sort", None)):
+        return None
+    return tf.function(xla.sort, jit_compile=True, autograph=False)
+
+
+def _sort_keys(keys):
+    """Ascending sort of int64 keys along the last axis."""
+    import tensorflow as tf
+
+    compiled = _key_sort_function()
+    if compiled is None:
+        return tf.sort(keys, axis=-1)
+    return compiled(keys)
 
 
 def _flip_negative(bits):
