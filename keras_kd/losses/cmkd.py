@@ -18,6 +18,7 @@ from keras_kd.ops.probabilities import as_logits, normalized_entropy
 from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import sort_and_soft_rank
+from keras_kd.ops.scatter import gather_rows
 from keras_kd._typing import Config, Tensor
 
 HARD_SAMPLE_TERMS = ("spearman", "pearson")
@@ -99,9 +100,7 @@ def cmkd_loss(
     scaled, student_ranks, order = sort_and_soft_rank(
         student_logits / temperature, regularization_strength, window
     )
-    teacher_scaled = ops.take_along_axis(
-        teacher_logits / temperature, order, axis=-1
-    )
+    teacher_scaled = gather_rows(teacher_logits / temperature, order)
     # The teacher's probabilities serve both the weights and L_P.
     log_p_t = ops.log_softmax(teacher_scaled, axis=-1)
     p_t = ops.exp(log_p_t)

@@ -32,6 +32,7 @@ from keras_kd.ops.rank import DEFAULT_STRENGTH
 from keras_kd.ops.rank import DEFAULT_WINDOW
 from keras_kd.ops.rank import exact_rank
 from keras_kd.ops.rank import sort_and_soft_rank
+from keras_kd.ops.scatter import gather_rows
 from keras_kd._typing import Config, Tensor
 
 
@@ -116,11 +117,11 @@ def spearman_in_order(teacher_logits, student_ranks, order):
     is unchanged when both vectors are permuted alike, and gathering the
     teacher's ranks is cheaper than un-sorting the soft ranks."""
     teacher_ranks = exact_rank(teacher_logits, axis=-1)  # no gradient
-    teacher_ranks = ops.take_along_axis(teacher_ranks, order, axis=-1)
+    teacher_ranks = gather_rows(teacher_ranks, order)
     # Ranks of n entries, exact or soft, always have mean (n + 1) / 2.
     mean_rank = 0.5 * (student_ranks.shape[-1] + 1)
     return 1.0 - correlation_with_known_mean(
-        student_ranks, teacher_ranks, lambda x: mean_rank
+        student_ranks, teacher_ranks, mean_rank
     )
 
 

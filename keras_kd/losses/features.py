@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_kd import _checks
 from keras_kd.losses.base import DistillationLoss
+from keras_kd.ops.energy import channel_energy
 from keras_kd._typing import Config, Shape, Tensor
 
 
@@ -78,14 +79,13 @@ def attention_map(feature, p=2):
         A tensor of shape `(batch, positions)`.
     """
     if p == 2:
-        # |F|^2 is F^2, values and gradients alike: one elementwise op
-        # where `power(abs(F), p)` is two each way, and in eager PyTorch
-        # `ops.power` (a tensor exponent) costs several times
-        # `ops.square`.
-        magnitude = ops.square(feature)
+        # |F|^2 is F^2, values and gradients alike: `channel_energy` is
+        # one pass over the feature map each way on PyTorch, where
+        # `power(abs(F), p)` then a mean is several (and `ops.power`, a
+        # tensor exponent, is slow there).
+        att = channel_energy(feature)
     else:
-        magnitude = ops.power(ops.abs(feature), p)
-    att = ops.mean(magnitude, axis=-1)
+        att = ops.mean(ops.power(ops.abs(feature), p), axis=-1)
     att = ops.reshape(att, (ops.shape(att)[0], -1))
     return att / (ops.norm(att, axis=-1, keepdims=True) + 1e-12)
 

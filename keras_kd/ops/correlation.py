@@ -7,7 +7,16 @@ product of their norms floored at `1e-8`, computed in float32 for
 half-precision inputs. A vector whose spread is at rounding level (see
 `_correlation`) counts as constant: its correlation is 0 up to that
 rounding, and its norm counts as 1 in the gradient.
+
+On TensorFlow and JAX the correlation is written in `keras.ops` and
+differentiated by the backend; XLA fuses it into a few passes. On PyTorch,
+where every eager op is a pass over the inputs, it is one
+`torch.autograd.Function` with the gradient written out (the same values
+and gradients): about a dozen torch ops forward and backward, against
+about forty for the `keras.ops` form differentiated by autograd.
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -38,13 +47,7 @@ def pearson_correlation(a, b, axis=-1, epsilon=EPSILON):
     """
 
     a, b = ops.convert_to_tensor(a), ops.convert_to_tensor(b)
-
-    def centre(x):
-        return x - ops.mean(x, axis=axis, keepdims=True)
-
-    return _correlation(
-        a, b, centre, ops.sum, axis, epsilon, _length(a, axis)
-    )
+    return _correlation(a, b, axis, epsilon, _length(a, axis))
 
 
 def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
@@ -66,25 +69,9 @@ def weighted_pearson_correlation(a, b, weights, axis=0, epsilon=EPSILON):
     Returns:
         The correlations, with `axis` removed.
     """
-    shape = [1] * len(a.shape)
-    shape[axis] = -1
-
-    def weights_like(x):
-        return ops.reshape(ops.cast(weights, x.dtype), shape)
-
-    def centre(x):
-        w = weights_like(x)
-        total = ops.sum(w, axis=axis, keepdims=True)
-        mean = ops.divide_no_nan(
-            ops.sum(w * x, axis=axis, keepdims=True), total
-        )
-        return x - mean
-
-    def weighted_sum(x, axis):
-        return ops.sum(weights_like(x) * x, axis=axis)
-
+    a, b = ops.convert_to_tensor(a), ops.convert_to_tensor(b)
     return _correlation(
-        a, b, centre, weighted_sum, axis, epsilon, _length(a, axis)
+        a, b, axis, epsilon, _length(a, axis), weights=weights
     )
 
 
@@ -99,21 +86,23 @@ def _length(x, axis):
 _VALUE_ROUNDING = 4.0
 
 
-def _correlation(a, b, centre, total, axis, epsilon, mean_terms):
-    """Cosine similarity of `centre(a)` and `centre(b)` under the sum
-    `total`, with the product of the norms floored at `epsilon` and rows at
-    rounding level counted as constant.
+def _correlation(a, b, axis, epsilon, mean_terms, mean=None, weights=None):
+    """Cosine similarity of the centred `a` and `b` along `axis`, with the
+    product of the norms floored at `epsilon` and rows at rounding level
+    counted as constant.
 
     Args:
         a: tensor, not centred.
         b: tensor of the same shape, not centred.
-        centre: function subtracting the (weighted) mean along `axis`.
-        total: function `(x, axis)` summing (with the weights) along `axis`.
         axis: the axis along which the vectors lie.
         epsilon: floor of the product of the norms.
-        mean_terms: how many values `centre` sums to get the mean (0 when
-            the mean is known without a sum); the rounding error of that
-            mean grows with it.
+        mean_terms: how many values are summed to get the mean (0 when the
+            mean is known without a sum); the rounding error of that mean
+            grows with it.
+        mean: `None` (the mean along `axis` is computed), or the known mean
+            of both vectors, a Python number.
+        weights: `None`, or one non-negative weight per entry along `axis`:
+            means and sums are then weighted.
 
     Returns:
         The correlations, with `axis` removed, in the dtype of `a`.
@@ -126,8 +115,6 @@ def _correlation(a, b, centre, total, axis, epsilon, mean_terms):
         # float32.
         a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
     sum_eps = _machine_epsilon(keras.backend.standardize_dtype(a.dtype))
-    a_c, b_c = centre(a), centre(b)
-    covariance = total(a_c * b_c, axis=axis)
     # A constant row (the all-zero logits of a zero-initialized head, their
     # softmax, their ranks) should centre to exactly 0, but its centred
     # values keep the rounding of the values (a softmax, 1 / C) and of a
@@ -145,10 +132,50 @@ def _correlation(a, b, centre, total, axis, epsilon, mean_terms):
     tolerance = _VALUE_ROUNDING * value_eps + ops.cast(
         mean_terms, a.dtype
     ) * sum_eps
-    squares_a = _squares_or_one(a, a_c, total, axis, tolerance)
-    squares_b = _squares_or_one(b, b_c, total, axis, tolerance)
+    if keras.backend.backend() == "torch":
+        correlation = _torch_correlation(
+            a, b, axis, epsilon, tolerance, mean, weights
+        )
+    else:
+        correlation = _keras_correlation(
+            a, b, axis, epsilon, tolerance, mean, weights
+        )
+    return ops.cast(correlation, dtype)
+
+
+def _keras_correlation(a, b, axis, epsilon, tolerance, mean, weights):
+    """`_correlation` in `keras.ops`, differentiated by the backend."""
+    if weights is None:
+        def total(x):
+            return ops.sum(x, axis=axis)
+    else:
+        shape = [1] * len(a.shape)
+        shape[axis] = -1
+        w = ops.reshape(ops.cast(weights, a.dtype), shape)
+
+        def total(x):
+            return ops.sum(w * x, axis=axis)
+
+    if mean is not None:
+        def centre(x):
+            return x - mean
+    elif weights is None:
+        def centre(x):
+            return x - ops.mean(x, axis=axis, keepdims=True)
+    else:
+        weight_sum = ops.sum(w, axis=axis, keepdims=True)
+
+        def centre(x):
+            return x - ops.divide_no_nan(
+                ops.sum(w * x, axis=axis, keepdims=True), weight_sum
+            )
+
+    a_c, b_c = centre(a), centre(b)
+    covariance = total(a_c * b_c)
+    squares_a = _squares_or_one(a, a_c, total, tolerance)
+    squares_b = _squares_or_one(b, b_c, total, tolerance)
     norms = ops.sqrt(ops.maximum(squares_a * squares_b, epsilon**2))
-    return ops.cast(covariance / norms, dtype)
+    return covariance / norms
 
 
 def _machine_epsilon(dtype):
@@ -159,32 +186,124 @@ def _machine_epsilon(dtype):
     return float(np.finfo(dtype).eps)
 
 
-def _squares_or_one(x, x_c, total, axis, tolerance):
+def _squares_or_one(x, x_c, total, tolerance):
     """The (weighted) sum of squares of the centred `x_c`, or 1 where it is
     at most `tolerance^2` times that of `x` (a constant row, 0 <= 0
     included)."""
-    squares = total(x_c * x_c, axis=axis)
-    scale = total(x * x, axis=axis)
+    squares = total(x_c * x_c)
+    scale = total(x * x)
     constant = squares <= ops.square(tolerance) * scale
     return ops.where(constant, 1.0, squares)
+
+
+def _torch_correlation(a, b, axis, epsilon, tolerance, mean, weights):
+    """`_correlation` on PyTorch: one autograd function (see the module
+    docstring)."""
+    import torch
+
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if weights is not None:
+        shape = [1] * a.dim()
+        shape[axis] = -1
+        weights = torch.as_tensor(weights).to(a.dtype).reshape(shape)
+    return _torch_function().apply(
+        a, b, axis % a.dim(), float(epsilon), float(tolerance),
+        None if mean is None else float(mean), weights,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_function():
+    import torch
+
+    class Correlation(torch.autograd.Function):
+        """`rho = cov / max(sqrt(S_a S_b), epsilon)` with `cov`, `S_a`,
+        `S_b` the (weighted) sums of products of the centred vectors, and
+        `S_x` replaced by 1 for a vector at rounding level.
+
+        Gradient with respect to the centred `a` (the same for `b`, with
+        the roles swapped): `w (b_c / N - rho a_c / S_a)`, without the
+        second term where `S_a` was replaced by 1 or the norm floored.
+        Centring by a computed mean adds `-w / sum(w)` times the sum of that
+        gradient, which is 0 (both `a_c` and `b_c` have weighted sum 0),
+        so it is left out."""
+
+        @staticmethod
+        def forward(ctx, a, b, axis, epsilon, tolerance, mean, weights):
+            def centre(x):
+                if mean is not None:
+                    return x - mean
+                if weights is None:
+                    return x - x.mean(dim=axis, keepdim=True)
+                total = weights.sum(dim=axis, keepdim=True)
+                weighted = (weights * x).sum(dim=axis, keepdim=True)
+                return x - torch.where(total == 0, 0.0, weighted / total)
+
+            def total(x, y):
+                if weights is None:
+                    return torch.linalg.vecdot(x, y, dim=axis)
+                return torch.linalg.vecdot(weights * x, y, dim=axis)
+
+            a_c, b_c = centre(a), centre(b)
+            covariance = total(a_c, b_c)
+            bound = tolerance * tolerance
+
+            def squares_or_one(x, x_c):
+                squares = total(x_c, x_c)
+                constant = squares <= bound * total(x, x)
+                return torch.where(constant, 1.0, squares), ~constant
+
+            squares_a, varies_a = squares_or_one(a, a_c)
+            squares_b, varies_b = squares_or_one(b, b_c)
+            product = squares_a * squares_b
+            unfloored = product > epsilon * epsilon
+            norms = torch.sqrt(torch.clamp(product, min=epsilon * epsilon))
+            correlation = covariance / norms
+            ctx.axis = axis
+            ctx.save_for_backward(
+                a_c, b_c, weights, norms, correlation, squares_a, squares_b,
+                varies_a & unfloored, varies_b & unfloored,
+            )
+            return correlation
+
+        @staticmethod
+        def backward(ctx, upstream):
+            (a_c, b_c, weights, norms, correlation, squares_a, squares_b,
+             active_a, active_b) = ctx.saved_tensors
+            axis = ctx.axis
+            scale = (upstream / norms).unsqueeze(axis)
+            shrink = upstream * correlation
+
+            def gradient(x_c, y_c, squares, active):
+                coefficient = torch.where(active, -shrink / squares, 0.0)
+                grad = torch.addcmul(
+                    y_c * scale, x_c, coefficient.unsqueeze(axis)
+                )
+                return grad if weights is None else grad * weights
+
+            grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_a = gradient(a_c, b_c, squares_a, active_a)
+            if ctx.needs_input_grad[1]:
+                grad_b = gradient(b_c, a_c, squares_b, active_b)
+            return grad_a, grad_b, None, None, None, None, None
+
+    return Correlation
+
 
 def probability_correlation(a, b):
     """`pearson_correlation` of two probability vectors (last axis): each
     sums to 1, so both have mean `1 / C`."""
-
-    def mean(x):
-        return 1.0 / ops.cast(ops.shape(x)[-1], x.dtype)  # may be dynamic
-
-    return correlation_with_known_mean(a, b, mean)
+    classes = a.shape[-1]
+    if classes is None:  # dynamic: the mean is a tensor
+        mean = 1.0 / ops.cast(ops.shape(a)[-1], a.dtype)
+        return _correlation(a, b, -1, EPSILON, 0, mean=mean)
+    return correlation_with_known_mean(a, b, 1.0 / classes)
 
 
 def correlation_with_known_mean(a, b, mean):
     """`pearson_correlation` along the last axis of two vectors whose mean
-    is known: `mean(x)` gives it in the dtype of `x`. Centring by it gives
-    the same value without two reductions and their gradients (and without
-    the rounding of a computed mean)."""
-
-    def centre(x):
-        return x - mean(x)
-
-    return _correlation(a, b, centre, ops.sum, -1, EPSILON, 0)
+    is known: `mean`, a number. Centring by it gives the same value without
+    two reductions and their gradients (and without the rounding of a
+    computed mean)."""
+    return _correlation(a, b, -1, EPSILON, 0, mean=mean)

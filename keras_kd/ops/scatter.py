@@ -1,4 +1,5 @@
-"""Row-wise scatters that run as one vectorised op on every backend.
+"""Row-wise scatters (and the gather they undo) that run as one vectorised
+op on every backend.
 
 `keras.ops.scatter` is one op on TensorFlow (`tf.scatter_nd`) and on JAX
 (`.at[].add`), but the PyTorch backend of Keras 3 adds the values one
@@ -14,6 +15,10 @@ these functions call it, and elsewhere they keep `keras.ops.scatter`
   is a gather on every backend).
 - `mark_columns(indices, n)` marks the listed columns of each row (the
   top-k bins of a sparse teacher).
+- `gather_rows(values, permutation)` reads every row in a permutation's
+  order: `keras.ops.take_along_axis` on the last axis, which on PyTorch
+  is `torch.gather` alone (Keras' PyTorch form first checks and wraps the
+  indices, four more eager passes over them).
 """
 
 import keras
@@ -44,7 +49,8 @@ def scatter_rows(values, permutation):
     if _is_torch():
         import torch
 
-        return torch.zeros_like(values).scatter(
+        # Every column is written: no zeros needed.
+        return torch.empty_like(values).scatter_(
             -1, permutation.long(), values)
     shape = ops.shape(values)
     n = values.shape[-1]
@@ -55,6 +61,33 @@ def scatter_rows(values, permutation):
         ops.scatter(flat_indices, ops.reshape(values, (-1,)), (shape[0] * n,)),
         shape,
     )
+
+
+def gather_rows(values, permutation):
+    """`values[r, permutation[r, p]]` at `[r, p]`: each row read in the
+    order of its permutation (the inverse of `scatter_rows`).
+
+    Args:
+        values: tensor of shape `(rows, n)`.
+        permutation: integer tensor of the same shape, column numbers in
+            `[0, n)`.
+
+    Returns:
+        A tensor of the shape and dtype of `values`, differentiable with
+        respect to `values`.
+
+    Example:
+
+    >>> np.asarray(gather_rows(np.array([[10.0, 20.0, 30.0]]),
+    ...                        np.array([[2, 0, 1]])))
+    array([[30., 10., 20.]])
+    """
+    if _is_torch():
+        import torch
+
+        return torch.gather(torch.as_tensor(values), -1,
+                            torch.as_tensor(permutation).long())
+    return ops.take_along_axis(values, permutation, axis=-1)
 
 
 def mark_columns(indices, n):

@@ -3,8 +3,10 @@
 `argsort_rows(rows)` returns, for a 2-D tensor, the permutation that sorts
 every row in ascending order (as `keras.ops.argsort(rows, axis=-1)`, as
 int32); `sort_rows(rows)` returns the sorted rows, differentiable, and that
-permutation. On JAX and PyTorch they are `keras.ops.argsort` and
-`keras.ops.take_along_axis`.
+permutation. On JAX they are `keras.ops.argsort` and
+`keras.ops.take_along_axis`; on PyTorch `sort_rows` is one `torch.sort`,
+which returns the values with the permutation (no gather, and no
+`take_along_axis`, whose Keras form adds index checks as eager ops).
 
 On TensorFlow they sort integer keys instead. TensorFlow lowers `argsort`
 to a `TopK` of every element, which XLA compiles (`jit_compile=True`) to a
@@ -130,10 +132,11 @@ def sort_rows(rows):
     """Sorts every row of a 2-D tensor: returns `(sorted_rows, permutation)`.
 
     `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
-    `permutation` as from `argsort_rows`. The gradient with respect to
-    `rows` puts the upstream gradient back in the original columns. On
-    TensorFlow the sorted values are read from the sorted keys themselves
-    and the gradient is one scatter; elsewhere they are a
+    `permutation` as from `argsort_rows` (on PyTorch, from `torch.sort`).
+    The gradient with respect to `rows` puts the upstream gradient back in
+    the original columns. On TensorFlow the sorted values are read from
+    the sorted keys themselves and the gradient is one scatter; on PyTorch
+    they come with the permutation from `torch.sort`; on JAX they are a
     `take_along_axis` by the permutation, differentiated by the backend.
 
     Args:
@@ -142,6 +145,11 @@ def sort_rows(rows):
     Returns:
         The sorted rows (dtype of `rows`) and the int32 permutation.
     """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        sorted_rows, permutation = torch.sort(torch.as_tensor(rows), dim=-1)
+        return sorted_rows, permutation.to(torch.int32)
     if not _use_fast_path(rows):
         permutation = argsort_rows(rows)
         return ops.take_along_axis(rows, permutation, axis=-1), permutation

@@ -43,6 +43,7 @@ from keras_kd.losses import top_k_distribution
 from keras_kd.ops import affine
 from keras_kd.ops import correlation
 from keras_kd.ops import divergences
+from keras_kd.ops import energy
 from keras_kd.ops import probabilities
 from keras_kd.ops import rank
 from keras_kd.ops import scatter
@@ -324,6 +325,11 @@ def _affine(bias):
     return build
 
 
+def _channel_energy(batch, scale):
+    size, channels = 4 * scale, 3 * scale
+    return energy.channel_energy, [normal(batch, size, size, channels)]
+
+
 def _weighted_pearson(batch, scale):
     weights = constant(np.linspace(0.0, 1.0, batch).astype("float32"))
     return ((lambda a, b: correlation.weighted_pearson_correlation(
@@ -356,6 +362,14 @@ def _scatter_rows(batch, scale):
     order = np.argsort(normal(batch, classes, seed=2), axis=-1)
     permutation = constant(order.astype("int32"))
     return ((lambda v: scatter.scatter_rows(v, permutation)),
+            [normal(batch, classes, seed=1)])
+
+
+def _gather_rows(batch, scale):
+    classes = CLASSES * scale
+    order = np.argsort(normal(batch, classes, seed=2), axis=-1)
+    permutation = constant(order.astype("int32"))
+    return ((lambda v: scatter.gather_rows(v, permutation)),
             [normal(batch, classes, seed=1)])
 
 
@@ -393,8 +407,7 @@ OP_CASES = [
     ("correlation.correlation_with_known_mean", "", rows_case(
         lambda a, b: correlation.correlation_with_known_mean(
             a - ops.mean(a, axis=-1, keepdims=True),
-            b - ops.mean(b, axis=-1, keepdims=True),
-            lambda x: ops.zeros((), x.dtype)), pairs=True)),
+            b - ops.mean(b, axis=-1, keepdims=True), 0.0), pairs=True)),
     ("divergences.kl_divergence", "",
      log_softmax_pair(divergences.kl_divergence)),
     ("divergences.log_mixture", "", log_softmax_pair(
@@ -436,6 +449,8 @@ OP_CASES = [
     ("window.window_brackets", "tensor strength", _brackets_tensor_strength),
     ("scatter.scatter_rows", "", _scatter_rows),
     ("scatter.mark_columns", "", _mark_columns),
+    ("scatter.gather_rows", "", _gather_rows),
+    ("energy.channel_energy", "", _channel_energy),
     ("sort.argsort_rows", "", rows_case(sort.argsort_rows)),
     ("topk.log_softmax_bins", "", _log_softmax_bins(1.0)),
     ("topk.log_softmax_bins", "temperature", _log_softmax_bins(2.0)),

@@ -14,6 +14,7 @@ from keras import ops
 import keras_kd.ops.rank as rank_module
 from keras_kd.ops.rank import exact_rank
 from keras_kd.ops.rank import soft_rank
+from keras_kd.ops.scatter import gather_rows
 from keras_kd.ops.scatter import mark_columns
 from keras_kd.ops.scatter import scatter_rows
 
@@ -89,6 +90,27 @@ def test_scatter_rows_undoes_a_sort_and_compiles():
         np.testing.assert_array_equal(result[0], rows)
         np.testing.assert_array_equal(
             result[1], np.broadcast_to(weights[order], rows.shape))
+
+
+def test_gather_rows_is_take_along_axis_and_undoes_scatter_rows():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(4, 30)).astype("float32")
+    weights = rng.normal(size=(4, 30)).astype("float32")
+    permutation = random_permutations(4, 30, seed=6)
+    expected = np.take_along_axis(values, permutation, axis=-1)
+    gradient = value_and_grad_fn(lambda v: ops.sum(
+        ops.multiply(gather_rows(v, permutation), weights)))
+    for run, grad in ((gather_rows, gradient),
+                      (jit(gather_rows), jit(gradient))):
+        got, (got_grad,) = evaluate((run(values, permutation),
+                                     grad(values)[1]))
+        np.testing.assert_array_equal(got, expected)
+        # The gradient puts the upstream gradient back in place.
+        np.testing.assert_array_equal(
+            got_grad, to_numpy(scatter_rows(weights, permutation)))
+    np.testing.assert_array_equal(
+        to_numpy(scatter_rows(gather_rows(values, permutation),
+                              permutation)), values)
 
 
 def test_ranks_equal_those_with_keras_scatter(monkeypatch):
