@@ -357,20 +357,15 @@ def _soft_rank_axis_0(batch, scale):
             [normal(CLASSES * scale, batch, seed=1)])
 
 
-def _scatter_rows(batch, scale):
-    classes = CLASSES * scale
-    order = np.argsort(normal(batch, classes, seed=2), axis=-1)
-    permutation = constant(order.astype("int32"))
-    return ((lambda v: scatter.scatter_rows(v, permutation)),
-            [normal(batch, classes, seed=1)])
-
-
-def _gather_rows(batch, scale):
-    classes = CLASSES * scale
-    order = np.argsort(normal(batch, classes, seed=2), axis=-1)
-    permutation = constant(order.astype("int32"))
-    return ((lambda v: scatter.gather_rows(v, permutation)),
-            [normal(batch, classes, seed=1)])
+def _by_permutation(fn):
+    """`fn(values, permutation)`: `scatter_rows` and `gather_rows`."""
+    def build(batch, scale):
+        classes = CLASSES * scale
+        order = np.argsort(normal(batch, classes, seed=2), axis=-1)
+        permutation = constant(order.astype("int32"))
+        return ((lambda v: fn(v, permutation)),
+                [normal(batch, classes, seed=1)])
+    return build
 
 
 def _mark_columns(batch, scale):
@@ -447,9 +442,9 @@ OP_CASES = [
     ("window.window_brackets", "", rows_case(
         lambda x: window.window_brackets(ops.sort(x, axis=-1), 10.0, 16))),
     ("window.window_brackets", "tensor strength", _brackets_tensor_strength),
-    ("scatter.scatter_rows", "", _scatter_rows),
+    ("scatter.scatter_rows", "", _by_permutation(scatter.scatter_rows)),
     ("scatter.mark_columns", "", _mark_columns),
-    ("scatter.gather_rows", "", _gather_rows),
+    ("scatter.gather_rows", "", _by_permutation(scatter.gather_rows)),
     ("energy.channel_energy", "", _channel_energy),
     ("sort.argsort_rows", "", rows_case(sort.argsort_rows)),
     ("topk.log_softmax_bins", "", _log_softmax_bins(1.0)),
