@@ -117,40 +117,75 @@ def _tied_ranks_of_sorted(sorted_rows, n):
     # comparing each entry with its nearest neighbours; the general
     # averaging runs only when some row has a longer run.
     reach = min(_TIE_REACH, n - 1)
+    if keras.backend.backend() == "torch":
+        return _torch_tied_ranks(sorted_rows, positions, n, reach)
     ranks = positions + _tie_offsets(sorted_rows, reach)
-    return ranks + _long_run_correction(sorted_rows, positions, n, reach)
+    return _with_long_run_correction(ranks, sorted_rows, positions, n, reach)
 
 
-def _long_run_correction(sorted_rows, positions, n, reach):
-    """What `positions + _tie_offsets(sorted_rows, reach)` misses of the
-    averaged ranks: 0 unless some row has a run of more than `reach + 1`
-    equal values, and only computed in that case."""
-    if n <= reach + 1:
-        return ops.zeros_like(positions)
-    return _cond(
-        _has_run_longer_than(sorted_rows, reach + 1),
-        lambda: _average_tied_positions(sorted_rows, positions, n)
-        - positions
-        - _tie_offsets(sorted_rows, reach),
-        lambda: ops.zeros_like(positions),
+def _torch_tied_ranks(sorted_rows, positions, n, reach):
+    """`_tied_ranks_of_sorted` on PyTorch, whose ops run eagerly: only the
+    rows that hold a tie are averaged (a copy of those rows, then the
+    general path), so a batch without ties costs one comparison of
+    neighbours instead of the `4 * reach` passes of `_tie_offsets`."""
+    import torch
+
+    tied = torch.any(sorted_rows[:, 1:] == sorted_rows[:, :-1], dim=-1)
+    rows = torch.nonzero(tied).squeeze(-1)
+    if rows.numel() == 0:
+        return positions
+    subset = sorted_rows.index_select(0, rows)
+    subset_positions = positions[: rows.numel()]
+    subset_ranks = _with_long_run_correction(
+        subset_positions + _tie_offsets(subset, reach),
+        subset, subset_positions, n, reach,
     )
+    return positions.contiguous().index_copy_(0, rows, subset_ranks)
 
 
-def _cond(pred, true_fn, false_fn):
-    """`keras.ops.cond`, except that under JAX a predicate whose value is
-    known (outside `jax.jit`) picks its branch in Python. `jax.lax.cond`
-    traces and compiles both branches again on every eager call (new
-    closures each time), about a second per call on CPU."""
-    if keras.backend.backend() == "jax":
+def _with_long_run_correction(ranks, sorted_rows, positions, n, reach):
+    """`ranks` (`positions` plus the tie offsets of `reach` neighbours, or
+    the soft rank's brackets of a window of `reach`) plus what they miss of
+    the averaged ranks: nothing unless some row has a run of more than
+    `reach + 1` equal values, and only computed in that case.
+
+    The check is a `keras.ops.cond` in a traced step. Where its value is
+    already known (eager PyTorch and TensorFlow, JAX outside `jax.jit`) the
+    branch is picked in Python: nothing is added to rows without long runs,
+    and `jax.lax.cond` does not trace and compile both branches again on
+    every eager call (new closures each time, about a second per call on
+    CPU)."""
+    if n <= reach + 1:
+        return ranks
+
+    def correction():
+        return (_average_tied_positions(sorted_rows, positions, n)
+                - positions - _tie_offsets(sorted_rows, reach))
+
+    long_run = _has_run_longer_than(sorted_rows, reach + 1)
+    known = _known_value(long_run)
+    if known is None:
+        return ranks + ops.cond(
+            long_run, correction, lambda: ops.zeros_like(positions))
+    return ranks + correction() if known else ranks
+
+
+def _known_value(pred):
+    """The Python bool of a scalar predicate when its value is available
+    now (no trace in progress), else None."""
+    backend = keras.backend.backend()
+    if backend == "jax":
         import jax
 
         try:
-            taken = bool(pred)
+            return bool(pred)
         except jax.errors.ConcretizationTypeError:  # traced under jit
-            pass
-        else:
-            return true_fn() if taken else false_fn()
-    return ops.cond(pred, true_fn, false_fn)
+            return None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(pred) if tf.executing_eagerly() else None
+    return bool(pred)
 
 
 def _average_tied_positions(sorted_rows, positions, n):
@@ -200,7 +235,7 @@ def exact_rank(x: Tensor, axis: int = -1) -> Tensor:
     """
     x = ops.convert_to_tensor(x)  # NumPy input: torch cannot stop its gradient
     rows, n, undo = _to_rows(ops.stop_gradient(x), axis)
-    sorted_rows, permutation = sort_rows(rows)
+    sorted_rows, permutation = sort_rows(rows, index_dtype=None)
     ranks = _tied_ranks_of_sorted(sorted_rows, n)
     return ops.stop_gradient(undo(scatter_rows(ranks, permutation)))
 
@@ -314,7 +349,7 @@ def sorted_soft_rank(
 
 def sort_and_soft_rank(
     x: Tensor, regularization_strength: float = DEFAULT_STRENGTH,
-    window: int | None = DEFAULT_WINDOW,
+    window: int | None = DEFAULT_WINDOW, index_dtype: str | None = "int32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`sorted_soft_rank` that also returns the sorted values.
 
@@ -327,10 +362,13 @@ def sort_and_soft_rank(
         x: float tensor with a static last dimension.
         regularization_strength: `eps > 0`, as for `soft_rank`.
         window: neighbours compared softly on each side, as for `soft_rank`.
+        index_dtype: dtype of `order`. `None` keeps the sort's own: int64
+            on PyTorch (`torch.sort`), int32 elsewhere. The gather of
+            `keras_kd.ops.scatter.gather_rows` reads that without a cast.
 
     Returns:
         The sorted values and the soft ranks (shape and float dtype of `x`),
-        and the int32 order.
+        and the order (int32 unless `index_dtype` says otherwise).
 
     Example:
 
@@ -343,6 +381,8 @@ def sort_and_soft_rank(
     sorted_rows, ranks, permutation = _soft_rank_of_rows(
         rows, n, regularization_strength, window
     )
+    if index_dtype is not None:
+        permutation = ops.cast(permutation, index_dtype)
     shape = ops.shape(x)
     return undo(sorted_rows), undo(ranks), ops.reshape(permutation, shape)
 
@@ -377,7 +417,7 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
     if window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
     window = min(window, n - 1)
-    sorted_rows, permutation = sort_rows(rows)
+    sorted_rows, permutation = sort_rows(rows, index_dtype=None)
     positions = _positions(rows)
     if window < 1:  # one entry per row
         return sorted_rows, positions, permutation
@@ -385,13 +425,14 @@ def _soft_rank_of_rows(rows, n, regularization_strength, window):
         inverse_strength = 1.0 / regularization_strength  # full precision
     else:
         inverse_strength = 1.0 / ops.cast(regularization_strength, rows.dtype)
-    ranks = positions + window_brackets(sorted_rows, inverse_strength, window)
+    ranks = window_brackets(sorted_rows, inverse_strength, window,
+                            start=positions)
     # A tied pair inside the window gets sigmoid(0) = 1/2 each way, which
     # averages its places exactly, as `_tie_offsets(window)` would; only
     # runs of more than `window + 1` equal values need a correction.
     frozen = ops.stop_gradient(sorted_rows)
-    correction = _long_run_correction(frozen, positions, n, window)
-    return sorted_rows, ranks + correction, permutation
+    ranks = _with_long_run_correction(ranks, frozen, positions, n, window)
+    return sorted_rows, ranks, permutation
 
 
 def pairwise_soft_rank(x: Tensor,

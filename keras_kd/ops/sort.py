@@ -128,7 +128,7 @@ def argsort_rows(rows):
     return ops.cast(ops.argsort(rows, axis=-1), "int32")
 
 
-def sort_rows(rows):
+def sort_rows(rows, index_dtype="int32"):
     """Sorts every row of a 2-D tensor: returns `(sorted_rows, permutation)`.
 
     `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
@@ -141,15 +141,26 @@ def sort_rows(rows):
 
     Args:
         rows: float tensor of shape `(rows, n)` with a static `n`.
+        index_dtype: dtype of the permutation. `None` keeps the sort's own:
+            int64 on PyTorch, int32 elsewhere (`keras_kd.ops.scatter`'s
+            functions take either; on PyTorch int64 needs no cast).
 
     Returns:
-        The sorted rows (dtype of `rows`) and the int32 permutation.
+        The sorted rows (dtype of `rows`) and the permutation (int32 unless
+        `index_dtype` says otherwise).
     """
+    sorted_rows, permutation = _sort_rows(rows)
+    if index_dtype is not None:
+        permutation = ops.cast(permutation, index_dtype)
+    return sorted_rows, permutation
+
+
+def _sort_rows(rows):
+    """`sort_rows` with the permutation in the sort's own dtype."""
     if keras.backend.backend() == "torch":
         import torch
 
-        sorted_rows, permutation = torch.sort(torch.as_tensor(rows), dim=-1)
-        return sorted_rows, permutation.to(torch.int32)
+        return torch.sort(torch.as_tensor(rows), dim=-1)
     if not _use_fast_path(rows):
         permutation = argsort_rows(rows)
         return ops.take_along_axis(rows, permutation, axis=-1), permutation

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import scipy.special
@@ -167,15 +168,28 @@ def test_full_window_gradient_is_the_all_pairs_gradient(compiled, float64):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_exact_rank_with_short_and_long_runs_of_ties(compiled):
     rng = np.random.default_rng(9)
-    rows = rng.permutation(60).astype("float32")[None].repeat(3, 0)
+    rows = rng.permutation(60).astype("float32")[None].repeat(5, 0)
     rows[0, 10:12] = rows[0, 30]  # pairs and a triple, no longer run
     rows[0, 40:42] = rows[0, 50]
-    rows[1, :5] = rows[1, 20]  # a run of 6 equal values
-    rows[2, ::4] = 7.0  # a run of 15
+    rows[2, :5] = rows[2, 20]  # a run of 6 equal values
+    rows[3, ::4] = 7.0  # a run of 15
+    # Rows 1 and 4 have no ties (PyTorch averages only the tied rows).
     fn = jit(exact_rank) if compiled else exact_rank
     np.testing.assert_array_equal(
         to_numpy(fn(rows)), scipy.stats.rankdata(rows, axis=-1)
     )
+
+
+def test_sort_and_soft_rank_index_dtype():
+    x = np.random.default_rng(11).normal(size=(3, 40)).astype("float32")
+    _, ranks, order = sort_and_soft_rank(x, 0.2, window=5)
+    _, own_ranks, own_order = sort_and_soft_rank(x, 0.2, window=5,
+                                                 index_dtype=None)
+    assert keras.backend.standardize_dtype(order.dtype) == "int32"
+    own = keras.backend.standardize_dtype(own_order.dtype)
+    assert own == ("int64" if keras.backend.backend() == "torch" else "int32")
+    np.testing.assert_array_equal(to_numpy(own_order), to_numpy(order))
+    np.testing.assert_array_equal(to_numpy(own_ranks), to_numpy(ranks))
 
 
 def test_sorted_soft_rank_is_soft_rank_in_sorted_order():
