@@ -13,10 +13,11 @@ values and gradients:
   blocks of fractions: no exponential per pair, and everything fuses into
   one elementwise pass per direction under XLA.
 - On PyTorch, whose eager ops each make a pass over memory, one sigmoid per
-  window step, added to the row at both ends of each pair in place: about
-  ten torch ops per step, forward and backward together, against about
-  thirty for the running-product form run eagerly. The number of ops
-  depends on `window` only, never on the size of the rows.
+  window step, added to the row at both ends of each pair in place: eight
+  torch ops per step, forward and backward together (ten for inputs too
+  large to keep the pairs between the passes), against about thirty for
+  the running-product form run eagerly. The number of ops depends on
+  `window` only, never on the size of the rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from keras_kd._typing import Tensor
 
 
 def window_brackets(sorted_rows: Tensor, inverse_strength: float | Tensor,
-                    window: int) -> Tensor:
+                    window: int, start: Tensor | None = None) -> Tensor:
     """The soft rank's brackets of rows sorted in ascending order.
 
     Args:
@@ -38,6 +39,10 @@ def window_brackets(sorted_rows: Tensor, inverse_strength: float | Tensor,
         inverse_strength: `1 / eps`: a Python number, or a scalar tensor
             (which then receives a gradient).
         window: neighbours compared softly on each side, `1 <= window < n`.
+        start: optional tensor that broadcasts to `sorted_rows` (the soft
+            rank's places), added to the brackets without a gradient. The
+            PyTorch form adds the brackets into a copy of it: one pass
+            fewer than adding it afterwards.
 
     Returns:
         A tensor of the shape and dtype of `sorted_rows`. Its gradient with
@@ -52,8 +57,9 @@ def window_brackets(sorted_rows: Tensor, inverse_strength: float | Tensor,
     Added to the places 1, 2, 3 this gives the tied pair 1.5 each.
     """
     if keras.backend.backend() == "torch":
-        return _torch_brackets(sorted_rows, inverse_strength, window)
-    return _running_product_brackets(sorted_rows, inverse_strength, window)
+        return _torch_brackets(sorted_rows, inverse_strength, window, start)
+    brackets = _running_product_brackets(sorted_rows, inverse_strength, window)
+    return brackets if start is None else brackets + ops.stop_gradient(start)
 
 
 def _running_product_brackets(sorted_rows, inverse_strength, window):
@@ -173,20 +179,31 @@ def _fraction_sum(steps, coefficients, squared=False):
     return total
 
 
-def _torch_brackets(sorted_rows, inverse_strength, window):
+def _torch_brackets(sorted_rows, inverse_strength, window, start=None):
     """The PyTorch form: per window step `k`, the pairs `(p, p + k)` of
     every row as one tensor `b`, added at `p` and subtracted at `p + k`.
-    The backward pass computes `b` again (keeping all `window` of them
-    would hold `2 * window` copies of the rows until the backward pass):
-    `d b / d x_p = -d b / d x_{p+k} = b (1 - b) / eps`."""
+    The forward pass keeps the `window` tensors `b` for the backward pass
+    while they fit in `KEPT_PAIRS_BYTES`, and the backward pass computes
+    them again otherwise: `d b / d x_p = -d b / d x_{p+k} = b (1 - b) /
+    eps`."""
     import torch
 
     x = torch.as_tensor(sorted_rows)
+    if start is not None:
+        start = torch.as_tensor(start).detach()
     if isinstance(inverse_strength, (int, float)):
-        return _torch_function().apply(x, float(inverse_strength), window)
+        return _torch_function().apply(
+            x, float(inverse_strength), window, start)
     scale = torch.as_tensor(inverse_strength, dtype=x.dtype,
                             device=x.device)
-    return _torch_function().apply(x, scale, window)
+    return _torch_function().apply(x, scale, window, start)
+
+
+# The PyTorch form keeps the window's pairs for the backward pass while
+# they take at most this much memory (`window` tensors of the rows' size:
+# 16 MB at 256 x 1000 in float32 with a window of 16); larger inputs
+# compute them again in the backward pass, two more passes per step.
+KEPT_PAIRS_BYTES = 64 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,33 +223,42 @@ def _torch_function():
 
     class Brackets(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, scale, window):
+        def forward(ctx, x, scale, window, start):
             scaled = scaled_rows(x, scale)
-            total = torch.zeros_like(x)
+            if start is None:
+                total = torch.zeros_like(x)
+            else:
+                total = torch.empty_like(x).copy_(start)
+            keep = window * x.numel() * x.element_size() <= KEPT_PAIRS_BYTES
+            kept = []
             for k in range(1, window + 1):
                 b = pairs(scaled, k)
                 # In place on views (`t[...] += b` would copy back).
                 total[:, :-k].add_(b)
                 total[:, k:].sub_(b)
-            ctx.window = window
+                if keep:
+                    kept.append(b)
+            ctx.window, ctx.kept = window, len(kept)
             if isinstance(scale, torch.Tensor):
-                ctx.save_for_backward(scaled, x, scale)
+                ctx.save_for_backward(scaled, x, scale, *kept)
                 ctx.scale = None
             else:
-                ctx.save_for_backward(scaled)
+                ctx.save_for_backward(scaled, *kept)
                 ctx.scale = scale
             return total
 
         @staticmethod
         def backward(ctx, upstream):
+            saved = ctx.saved_tensors
+            kept = saved[len(saved) - ctx.kept:]
             if ctx.scale is None:
-                scaled, x, scale = ctx.saved_tensors
+                scaled, x, scale = saved[:3]
             else:
-                (scaled,), scale = ctx.saved_tensors, ctx.scale
+                scaled, scale = saved[0], ctx.scale
             upstream = upstream.to(scaled.dtype)
             grad = torch.zeros_like(scaled)
             for k in range(1, ctx.window + 1):
-                b = pairs(scaled, k)
+                b = kept[k - 1] if kept else pairs(scaled, k)
                 slope = torch.addcmul(b, b, b, value=-1.0)  # b (1 - b)
                 # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
                 coefficient = upstream[:, :-k] - upstream[:, k:]
@@ -248,6 +274,6 @@ def _torch_function():
                 centred = x - x[:, n // 2: n // 2 + 1]
                 finite = torch.where(torch.isfinite(centred), centred, 0.0)
                 grad_scale = ((finite * grad).sum() / scale).to(scale.dtype)
-            return grad, grad_scale, None
+            return grad, grad_scale, None, None
 
     return Brackets

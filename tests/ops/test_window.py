@@ -39,7 +39,12 @@ def _value_and_grads(fn, x, strength_tensor):
 
 @pytest.mark.parametrize("kind", ["distinct", "ties", "infinities"])
 @pytest.mark.parametrize("strength_tensor", [False, True])
-def test_torch_form_equals_running_product_form(kind, strength_tensor):
+@pytest.mark.parametrize("kept", [True, False])
+def test_torch_form_equals_running_product_form(kind, strength_tensor, kept,
+                                                monkeypatch):
+    # With no memory for them, the pairs are computed again backward.
+    if not kept:
+        monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 0)
     x = _rows(kind)
     ours = _value_and_grads(window._torch_brackets, x, strength_tensor)
     reference = _value_and_grads(window._running_product_brackets, x,
@@ -71,3 +76,34 @@ def test_public_function_uses_torch_form():
     finally:
         window._torch_brackets = original
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_torch_form_keeps_pairs_only_within_the_memory_bound(kept,
+                                                             monkeypatch):
+    import torch
+
+    # 6 x 41 float64 rows and a window of 9: 17,712 bytes of pairs.
+    monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 17_712 if kept else 17_711)
+    rows = torch.tensor(_rows("distinct"), requires_grad=True)
+    value = window._torch_brackets(rows, 7.0, 9)
+    saved = value.grad_fn.saved_tensors
+    assert len(saved) == (1 + 9 if kept else 1)
+    if kept:  # the pair (p, p + 3) of every row
+        pairs = torch.sigmoid(7.0 * (rows[:, :-3] - rows[:, 3:]))
+        np.testing.assert_allclose(saved[3].detach().numpy(),
+                                   pairs.detach().numpy(), rtol=1e-12)
+
+
+def test_start_is_added_without_a_gradient():
+    import torch
+
+    x = torch.tensor(_rows("distinct"), requires_grad=True)
+    start = torch.arange(1.0, 42.0, dtype=torch.float64).expand(6, 41)
+    plain = window.window_brackets(x, 3.0, 4)
+    started = window.window_brackets(x, 3.0, 4, start=start)
+    np.testing.assert_allclose(started.detach().numpy(),
+                               (plain + start).detach().numpy(), rtol=1e-12)
+    (g_plain,) = torch.autograd.grad(plain.sum(), x)
+    (g_started,) = torch.autograd.grad(started.sum(), x)
+    np.testing.assert_allclose(g_started.numpy(), g_plain.numpy(), rtol=1e-12)
