@@ -157,24 +157,34 @@ def _keras_correlation(a, b, axis, epsilon, tolerance, mean, weights):
         def total(x):
             return ops.sum(w * x, axis=axis)
 
-    if mean is not None:
-        def centre(x):
-            return x - mean
-    elif weights is None:
-        def centre(x):
-            return x - ops.mean(x, axis=axis, keepdims=True)
+    # The values' (weighted) sum of squares is `total(x_c * x_c) + count *
+    # mean^2`, with `count` the (weighted) number of entries: the centred
+    # values sum to 0 (`_squares_or_one`).
+    if weights is None:
+        count = a.shape[axis]
+        if count is None:  # a dynamic length
+            count = ops.cast(ops.shape(a)[axis], a.dtype)
     else:
-        weight_sum = ops.sum(w, axis=axis, keepdims=True)
+        count = ops.sum(w, axis=axis, keepdims=True)
 
-        def centre(x):
-            return x - ops.divide_no_nan(
-                ops.sum(w * x, axis=axis, keepdims=True), weight_sum
-            )
+    def centre(x):
+        if mean is not None:
+            x_mean = mean
+        elif weights is None:
+            x_mean = ops.mean(x, axis=axis, keepdims=True)
+        else:
+            x_mean = ops.divide_no_nan(
+                ops.sum(w * x, axis=axis, keepdims=True), count)
+        mean_squares = count * x_mean * x_mean
+        if mean is None or weights is not None:  # kept the axis
+            mean_squares = ops.squeeze(mean_squares, axis=axis)
+        return x - x_mean, mean_squares
 
-    a_c, b_c = centre(a), centre(b)
+    a_c, a_mean_squares = centre(a)
+    b_c, b_mean_squares = centre(b)
     covariance = total(a_c * b_c)
-    squares_a = _squares_or_one(a, a_c, total, tolerance)
-    squares_b = _squares_or_one(b, b_c, total, tolerance)
+    squares_a = _squares_or_one(total(a_c * a_c), a_mean_squares, tolerance)
+    squares_b = _squares_or_one(total(b_c * b_c), b_mean_squares, tolerance)
     norms = ops.sqrt(ops.maximum(squares_a * squares_b, epsilon**2))
     return covariance / norms
 
@@ -187,13 +197,13 @@ def _machine_epsilon(dtype):
     return float(np.finfo(dtype).eps)
 
 
-def _squares_or_one(x, x_c, total, tolerance):
-    """The (weighted) sum of squares of the centred `x_c`, or 1 where it is
-    at most `tolerance^2` times that of `x` (a constant row, 0 <= 0
-    included)."""
-    squares = total(x_c * x_c)
-    scale = total(x * x)
-    constant = squares <= ops.square(tolerance) * scale
+def _squares_or_one(squares, mean_squares, tolerance):
+    """The (weighted) sum of squares `squares` of the centred vectors, or 1
+    where it is at most `tolerance^2` times that of the values (a constant
+    row, 0 <= 0 included). The values' sum of squares is `squares +
+    mean_squares` (`count * mean^2`): the centred values sum to 0, so no
+    pass over the values is needed for it."""
+    constant = squares <= ops.square(tolerance) * (squares + mean_squares)
     return ops.where(constant, 1.0, squares)
 
 
@@ -231,31 +241,42 @@ def _torch_function():
 
         @staticmethod
         def forward(ctx, a, b, axis, epsilon, tolerance, mean, weights):
+            # As in `_keras_correlation`: the values' sum of squares is
+            # `total(x_c, x_c) + count * mean^2`.
+            if weights is None:
+                count = a.shape[axis]
+            else:
+                count = weights.sum(dim=axis, keepdim=True)
+
             def centre(x):
                 if mean is not None:
-                    return x - mean
-                if weights is None:
-                    return x - x.mean(dim=axis, keepdim=True)
-                total = weights.sum(dim=axis, keepdim=True)
-                weighted = (weights * x).sum(dim=axis, keepdim=True)
-                return x - torch.where(total == 0, 0.0, weighted / total)
+                    x_mean = mean
+                elif weights is None:
+                    x_mean = x.mean(dim=axis, keepdim=True)
+                else:
+                    weighted = (weights * x).sum(dim=axis, keepdim=True)
+                    x_mean = torch.where(count == 0, 0.0, weighted / count)
+                mean_squares = count * x_mean * x_mean
+                if mean is None or weights is not None:  # kept the axis
+                    mean_squares = mean_squares.squeeze(axis)
+                return x - x_mean, mean_squares
 
             def total(x, y):
                 if weights is None:
                     return torch.linalg.vecdot(x, y, dim=axis)
                 return torch.linalg.vecdot(weights * x, y, dim=axis)
 
-            a_c, b_c = centre(a), centre(b)
-            covariance = total(a_c, b_c)
             bound = tolerance * tolerance
 
-            def squares_or_one(x, x_c):
+            def squares_or_one(x):
+                x_c, mean_squares = centre(x)
                 squares = total(x_c, x_c)
-                constant = squares <= bound * total(x, x)
-                return torch.where(constant, 1.0, squares), ~constant
+                constant = squares <= bound * (squares + mean_squares)
+                return x_c, torch.where(constant, 1.0, squares), ~constant
 
-            squares_a, varies_a = squares_or_one(a, a_c)
-            squares_b, varies_b = squares_or_one(b, b_c)
+            a_c, squares_a, varies_a = squares_or_one(a)
+            b_c, squares_b, varies_b = squares_or_one(b)
+            covariance = total(a_c, b_c)
             product = squares_a * squares_b
             unfloored = product > epsilon * epsilon
             norms = torch.sqrt(torch.clamp(product, min=epsilon * epsilon))
