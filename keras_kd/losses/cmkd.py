@@ -98,7 +98,8 @@ def cmkd_loss(
     # nothing for XLA's CPU runtime to run before the two sorts, which it
     # then runs at the same time more often (docs/ops.md).
     scaled, student_ranks, order = sort_and_soft_rank(
-        student_logits / temperature, regularization_strength, window
+        student_logits / temperature, regularization_strength, window,
+        index_dtype=None,
     )
     teacher_scaled = gather_rows(teacher_logits / temperature, order)
     # The teacher's probabilities serve both the weights and L_P.

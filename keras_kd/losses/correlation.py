@@ -90,8 +90,10 @@ def spearman_loss(
     teacher_logits, student_logits, dtype = rank_precision(
         teacher_logits, student_logits
     )
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        student_logits = student_logits / temperature
     _, student_ranks, order = sort_and_soft_rank(
-        student_logits / temperature, regularization_strength, window
+        student_logits, regularization_strength, window, index_dtype=None
     )
     loss = spearman_in_order(teacher_logits, student_ranks, order)
     return ops.cast(loss, dtype)
