@@ -12,12 +12,14 @@ values and gradients:
 - On TensorFlow and JAX, a running product of neighbour factors summed as
   blocks of fractions: no exponential per pair, and everything fuses into
   one elementwise pass per direction under XLA.
-- On PyTorch, whose eager ops each make a pass over memory, one sigmoid per
-  window step, added to the row at both ends of each pair in place: eight
-  torch ops per step, forward and backward together (ten for inputs too
-  large to keep the pairs between the passes), against about thirty for
-  the running-product form run eagerly. The number of ops depends on
-  `window` only, never on the size of the rows.
+- On PyTorch, whose eager ops each make a pass over memory, all the pairs
+  of all window steps in one table (one subtraction and one sigmoid), and
+  their two ends added up by two sums over the steps: five passes over
+  the table forward and four backward, whatever the window, against about
+  thirty passes per step for the running-product form run eagerly. Inputs
+  whose table would pass `KEPT_PAIRS_BYTES` take one sigmoid per step
+  instead (ten passes per step forward and backward). The number of ops
+  depends on `window` at most, never on the size of the rows.
 """
 
 from __future__ import annotations
@@ -180,100 +182,197 @@ def _fraction_sum(steps, coefficients, squared=False):
 
 
 def _torch_brackets(sorted_rows, inverse_strength, window, start=None):
-    """The PyTorch form: per window step `k`, the pairs `(p, p + k)` of
-    every row as one tensor `b`, added at `p` and subtracted at `p + k`.
-    The forward pass keeps the `window` tensors `b` for the backward pass
-    while they fit in `KEPT_PAIRS_BYTES`, and the backward pass computes
-    them again otherwise: `d b / d x_p = -d b / d x_{p+k} = b (1 - b) /
-    eps`."""
+    """The PyTorch form: the pairs `(p, p + k)` of every row, `b`, added at
+    `p` and subtracted at `p + k`, with `d b / d x_p = -d b / d x_{p+k} =
+    b (1 - b) / eps`.
+
+    While all `window` steps fit in `KEPT_PAIRS_BYTES`, they are computed
+    as one tensor of shape `(window, rows, n + 1)` (`_grouped_function`):
+    one subtraction and one sigmoid make every pair, and two sums over the
+    steps add them at both ends, so the forward pass is five passes over
+    that tensor and the backward pass four, whatever the window. The
+    tensor is kept for the backward pass. Larger inputs take one sigmoid
+    per step, added in place at both ends of each pair, and compute the
+    pairs again in the backward pass (`_stepwise_function`)."""
     import torch
 
     x = torch.as_tensor(sorted_rows)
     if start is not None:
         start = torch.as_tensor(start).detach()
-    if isinstance(inverse_strength, (int, float)):
-        return _torch_function().apply(
-            x, float(inverse_strength), window, start)
-    scale = torch.as_tensor(inverse_strength, dtype=x.dtype,
-                            device=x.device)
-    return _torch_function().apply(x, scale, window, start)
+    if not isinstance(inverse_strength, (int, float)):
+        inverse_strength = torch.as_tensor(
+            inverse_strength, dtype=x.dtype, device=x.device)
+    else:
+        inverse_strength = float(inverse_strength)
+    rows, n = x.shape
+    table_bytes = window * rows * (n + 1) * x.element_size()
+    grouped = 0 < table_bytes <= KEPT_PAIRS_BYTES  # (no rows: stepwise)
+    function = _grouped_function() if grouped else _stepwise_function()
+    return function.apply(x, inverse_strength, window, start)
 
 
-# The PyTorch form keeps the window's pairs for the backward pass while
-# they take at most this much memory (`window` tensors of the rows' size:
-# 16 MB at 256 x 1000 in float32 with a window of 16); larger inputs
-# compute them again in the backward pass, two more passes per step.
+# The PyTorch form holds all the window's pairs in one tensor, kept for the
+# backward pass, while it takes at most this much memory (`window * rows *
+# (n + 1)` entries: 16 MB at 256 x 1000 in float32 with a window of 16);
+# larger inputs take the pairs one step at a time.
 KEPT_PAIRS_BYTES = 64 * 2**20
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_function():
+def _scaled_rows(x, scale):
+    """`x / eps`, with infinities (and anything beyond a quarter of the
+    dtype's range) clipped to +-max / 4: then the difference of two equal
+    infinities is 0, a tie, not NaN, and no difference overflows."""
     import torch
 
-    def scaled_rows(x, scale):
-        """`x / eps`, with infinities (and anything beyond a quarter of the
-        dtype's range) clipped to +-max / 4: then the difference of two equal
-        infinities is 0, a tie, not NaN, and no difference overflows."""
-        bound = torch.finfo(x.dtype).max / 4
-        return torch.clamp(x * scale, -bound, bound)
+    bound = torch.finfo(x.dtype).max / 4
+    return torch.clamp(x * scale, -bound, bound)
+
+
+def _scale_gradient(x, grad, scale):
+    """The gradient with respect to a tensor `1 / eps`, from the gradient
+    `grad` with respect to `x`: the brackets depend on `x / eps` only, and
+    each row of `grad` sums to 0, so centring on the row's middle entry
+    changes nothing but the rounding."""
+    import torch
+
+    n = x.shape[-1]
+    centred = x - x[:, n // 2: n // 2 + 1]
+    finite = torch.where(torch.isfinite(centred), centred, 0.0)
+    return ((finite * grad).sum() / scale).to(scale.dtype)
+
+
+def _step_table(left, right, window, op):
+    """`op(left[:, q], right[:, q + k])` for every step `k = 1..window` and
+    column `q = 0..m-1`, as a flat tensor `t` of `1 + window * rows * m`
+    entries: `t[0]` is 0 and `t[1:]` has shape `(window, rows, m)`. `left`
+    has shape `(rows, m)`, `right` `(rows, m + window)`."""
+    import torch
+
+    rows, m = left.shape
+    table = torch.empty(1 + window * rows * m, dtype=left.dtype,
+                        device=left.device)
+    table[:1] = 0
+    shifted = right.as_strided((window, rows, m), (1, right.stride(0), 1),
+                               right.storage_offset() + 1)
+    op(left.expand(window, rows, m), shifted,
+       out=table[1:].view(window, rows, m))
+    return table
+
+
+def _ends_of_pairs(table, window, rows, m):
+    """From a `_step_table` of pair values `v(q, q + k)` (0 for every pair
+    that reaches column `m - 1` or beyond): `sum_k v(p, p + k) - v(p - k,
+    p)` at every column `p`, shape `(rows, m)`. Both sums are sums over
+    the steps of a view of the table: in the flat table, `v(p - k, p)` for
+    step `k` sits `(k - 1) * (rows * m - 1)` entries after the column's
+    place in the first step, and the pairs that would start before column
+    0 read the zeros of the previous row's last columns (or `t[0]`)."""
+    size = rows * m
+    up = table[1:].view(window, size).sum(0)
+    down = table.as_strided((window, size), (size - 1, 1),
+                            table.storage_offset()).sum(0)
+    return up.sub_(down).view(rows, m)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_function():
+    import torch
+
+    class GroupedBrackets(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale, window, start):
+            scaled = _scaled_rows(x, scale)
+            rows, n = scaled.shape
+            # Columns past the row: -max / 2 on the left, +max / 2 on the
+            # right, so every pair that reaches them has b = 0, even from
+            # an entry clipped to +max / 4, and no difference overflows.
+            far = torch.finfo(x.dtype).max / 2
+            left = torch.nn.functional.pad(scaled, (0, 1), value=-far)
+            right = torch.nn.functional.pad(scaled, (0, window + 1),
+                                            value=far)
+            table = _step_table(left, right, window, torch.sub)
+            pairs = table[1:]  # the steps (t[0] stays 0)
+            pairs.sigmoid_()
+            ends = _ends_of_pairs(table, window, rows, n + 1)[:, :n]
+            total = ends.clone() if start is None else start + ends
+            pairs.addcmul_(pairs, pairs, value=-1.0)  # b (1 - b), kept
+            ctx.window, ctx.scale_value = window, scale
+            if isinstance(scale, torch.Tensor):
+                ctx.save_for_backward(table, x, scale)
+            else:
+                ctx.save_for_backward(table)
+            return total
+
+        @staticmethod
+        def backward(ctx, upstream):
+            table = ctx.saved_tensors[0]
+            window = ctx.window
+            upstream = upstream.to(table.dtype)
+            rows, n = upstream.shape
+            # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}
+            # (0 past the row, where the slopes are 0 anyway).
+            left = torch.nn.functional.pad(upstream, (0, 1))
+            right = torch.nn.functional.pad(upstream, (0, window + 1))
+            products = _step_table(left, right, window, torch.sub)
+            products[1:].mul_(table[1:])
+            grad = _ends_of_pairs(products, window, rows, n + 1)[:, :n]
+            grad = grad * ctx.scale_value
+            grad_scale = None
+            if isinstance(ctx.scale_value, torch.Tensor) and (
+                    ctx.needs_input_grad[1]):
+                _, x, scale = ctx.saved_tensors
+                grad_scale = _scale_gradient(x, grad, scale)
+            return grad, grad_scale, None, None
+
+    return GroupedBrackets
+
+
+@functools.lru_cache(maxsize=None)
+def _stepwise_function():
+    import torch
 
     def pairs(scaled, k):
         """`b(p, p + k)` for `p = 0..n-k-1`."""
         return torch.sigmoid(scaled[:, :-k] - scaled[:, k:])
 
-    class Brackets(torch.autograd.Function):
+    class StepwiseBrackets(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, scale, window, start):
-            scaled = scaled_rows(x, scale)
+            scaled = _scaled_rows(x, scale)
             if start is None:
                 total = torch.zeros_like(x)
             else:
                 total = torch.empty_like(x).copy_(start)
-            keep = window * x.numel() * x.element_size() <= KEPT_PAIRS_BYTES
-            kept = []
             for k in range(1, window + 1):
                 b = pairs(scaled, k)
                 # In place on views (`t[...] += b` would copy back).
                 total[:, :-k].add_(b)
                 total[:, k:].sub_(b)
-                if keep:
-                    kept.append(b)
-            ctx.window, ctx.kept = window, len(kept)
+            ctx.window, ctx.scale_value = window, scale
             if isinstance(scale, torch.Tensor):
-                ctx.save_for_backward(scaled, x, scale, *kept)
-                ctx.scale = None
+                ctx.save_for_backward(scaled, x, scale)
             else:
-                ctx.save_for_backward(scaled, *kept)
-                ctx.scale = scale
+                ctx.save_for_backward(scaled)
             return total
 
         @staticmethod
         def backward(ctx, upstream):
-            saved = ctx.saved_tensors
-            kept = saved[len(saved) - ctx.kept:]
-            if ctx.scale is None:
-                scaled, x, scale = saved[:3]
-            else:
-                scaled, scale = saved[0], ctx.scale
+            scaled = ctx.saved_tensors[0]
             upstream = upstream.to(scaled.dtype)
             grad = torch.zeros_like(scaled)
             for k in range(1, ctx.window + 1):
-                b = kept[k - 1] if kept else pairs(scaled, k)
+                b = pairs(scaled, k)
                 slope = torch.addcmul(b, b, b, value=-1.0)  # b (1 - b)
                 # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}.
                 coefficient = upstream[:, :-k] - upstream[:, k:]
                 grad[:, :-k].addcmul_(coefficient, slope)
                 grad[:, k:].addcmul_(coefficient, slope, value=-1.0)
-            grad = grad * scale
+            grad = grad * ctx.scale_value
             grad_scale = None
-            if ctx.scale is None and ctx.needs_input_grad[1]:
-                # The brackets depend on x / eps only: each row of `grad`
-                # sums to 0, so centring on the row's middle entry changes
-                # nothing but the rounding.
-                n = x.shape[-1]
-                centred = x - x[:, n // 2: n // 2 + 1]
-                finite = torch.where(torch.isfinite(centred), centred, 0.0)
-                grad_scale = ((finite * grad).sum() / scale).to(scale.dtype)
+            if isinstance(ctx.scale_value, torch.Tensor) and (
+                    ctx.needs_input_grad[1]):
+                _, x, scale = ctx.saved_tensors
+                grad_scale = _scale_gradient(x, grad, scale)
             return grad, grad_scale, None, None
 
-    return Brackets
+    return StepwiseBrackets

@@ -1,6 +1,7 @@
-"""The soft rank's window brackets: the PyTorch form (one sigmoid per
-window step, updated in place) against the running-product form that
-TensorFlow and JAX use, in values and in gradients."""
+"""The soft rank's window brackets: the PyTorch forms (all steps in one
+table, or one sigmoid per window step updated in place) against the
+running-product form that TensorFlow and JAX use, in values and in
+gradients."""
 
 import numpy as np
 import pytest
@@ -39,11 +40,11 @@ def _value_and_grads(fn, x, strength_tensor):
 
 @pytest.mark.parametrize("kind", ["distinct", "ties", "infinities"])
 @pytest.mark.parametrize("strength_tensor", [False, True])
-@pytest.mark.parametrize("kept", [True, False])
-def test_torch_form_equals_running_product_form(kind, strength_tensor, kept,
-                                                monkeypatch):
-    # With no memory for them, the pairs are computed again backward.
-    if not kept:
+@pytest.mark.parametrize("grouped", [True, False])
+def test_torch_form_equals_running_product_form(kind, strength_tensor,
+                                                grouped, monkeypatch):
+    # With no memory for the table, the steps are taken one at a time.
+    if not grouped:
         monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 0)
     x = _rows(kind)
     ours = _value_and_grads(window._torch_brackets, x, strength_tensor)
@@ -78,21 +79,31 @@ def test_public_function_uses_torch_form():
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("kept", [True, False])
-def test_torch_form_keeps_pairs_only_within_the_memory_bound(kept,
-                                                             monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_torch_form_groups_the_steps_only_within_the_memory_bound(
+        grouped, monkeypatch):
     import torch
 
-    # 6 x 41 float64 rows and a window of 9: 17,712 bytes of pairs.
-    monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 17_712 if kept else 17_711)
+    # 6 rows of 41 in float64, a window of 9: a table of 9 x 6 x 42 entries,
+    # 18,144 bytes.
+    monkeypatch.setattr(window, "KEPT_PAIRS_BYTES",
+                        18_144 if grouped else 18_143)
     rows = torch.tensor(_rows("distinct"), requires_grad=True)
     value = window._torch_brackets(rows, 7.0, 9)
+    name = type(value.grad_fn).__name__
     saved = value.grad_fn.saved_tensors
-    assert len(saved) == (1 + 9 if kept else 1)
-    if kept:  # the pair (p, p + 3) of every row
-        pairs = torch.sigmoid(7.0 * (rows[:, :-3] - rows[:, 3:]))
-        np.testing.assert_allclose(saved[3].detach().numpy(),
-                                   pairs.detach().numpy(), rtol=1e-12)
+    if not grouped:
+        assert name.startswith("StepwiseBrackets")
+        return
+    assert name.startswith("GroupedBrackets")
+    # The kept table holds the slopes b (1 - b) of every pair, step k = 3
+    # in its third block; pairs past the end of a row have slope 0.
+    table = saved[0].detach().numpy()
+    assert table.shape == (1 + 9 * 6 * 42,) and table[0] == 0
+    b = torch.sigmoid(7.0 * (rows[:, :-3] - rows[:, 3:])).detach().numpy()
+    step = table[1:].reshape(9, 6, 42)[2]
+    np.testing.assert_allclose(step[:, :38], b * (1 - b), rtol=1e-12)
+    np.testing.assert_array_equal(step[:, 38:], 0.0)
 
 
 def test_start_is_added_without_a_gradient():
