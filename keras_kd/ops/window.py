@@ -25,6 +25,7 @@ values and gradients:
 from __future__ import annotations
 
 import functools
+import threading
 
 import keras
 from keras import ops
@@ -241,7 +242,7 @@ def _scale_gradient(x, grad, scale):
     return ((finite * grad).sum() / scale).to(scale.dtype)
 
 
-def _step_table(left, right, window, op):
+def _step_table(left, right, window, op, table=None):
     """`op(left[:, q], right[:, q + k])` for every step `k = 1..window` and
     column `q = 0..m-1`, as a flat tensor `t` of `1 + window * rows * m`
     entries: `t[0]` is 0 and `t[1:]` has shape `(window, rows, m)`. `left`
@@ -249,8 +250,9 @@ def _step_table(left, right, window, op):
     import torch
 
     rows, m = left.shape
-    table = torch.empty(1 + window * rows * m, dtype=left.dtype,
-                        device=left.device)
+    if table is None:
+        table = torch.empty(1 + window * rows * m, dtype=left.dtype,
+                            device=left.device)
     table[:1] = 0
     shifted = right.as_strided((window, rows, m), (1, right.stride(0), 1),
                                right.storage_offset() + 1)
@@ -272,6 +274,28 @@ def _ends_of_pairs(table, window, rows, m):
     down = table.as_strided((window, size), (size - 1, 1),
                             table.storage_offset()).sum(0)
     return up.sub_(down).view(rows, m)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(like):
+    """A tensor of the size, dtype and device of `like` for the backward
+    pass's products, reused by later calls on the same thread while they
+    ask for the same (on CPU; GPU memory is already cached by PyTorch).
+
+    A fresh table of several megabytes per call is memory the system has
+    to map again: at 256 x 1000 that cost about 5,000 page faults and 5 ms
+    of a 31 ms Spearman step (`benchmarks/RESULTS_losses.md`)."""
+    import torch
+
+    if like.device.type != "cpu":
+        return torch.empty_like(like)
+    held = getattr(_SCRATCH, "tensor", None)
+    if (held is None or held.shape != like.shape or held.dtype != like.dtype
+            or held.device != like.device):
+        held = _SCRATCH.tensor = torch.empty_like(like)
+    return held
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,7 +337,8 @@ def _grouped_function():
             # (0 past the row, where the slopes are 0 anyway).
             left = torch.nn.functional.pad(upstream, (0, 1))
             right = torch.nn.functional.pad(upstream, (0, window + 1))
-            products = _step_table(left, right, window, torch.sub)
+            products = _step_table(left, right, window, torch.sub,
+                                   _scratch(table))
             products[1:].mul_(table[1:])
             grad = _ends_of_pairs(products, window, rows, n + 1)[:, :n]
             grad = grad * ctx.scale_value

@@ -118,3 +118,24 @@ def test_start_is_added_without_a_gradient():
     (g_plain,) = torch.autograd.grad(plain.sum(), x)
     (g_started,) = torch.autograd.grad(started.sum(), x)
     np.testing.assert_allclose(g_started.numpy(), g_plain.numpy(), rtol=1e-12)
+
+
+def test_backward_products_reuse_one_scratch_table_per_thread():
+    import torch
+
+    x = torch.tensor(_rows("distinct"))
+    upstream = torch.tensor(np.random.default_rng(7).normal(size=x.shape))
+
+    def gradient(rows):
+        rows = rows.clone().requires_grad_(True)
+        value = window._torch_brackets(rows, 7.0, 9)
+        assert type(value.grad_fn).__name__.startswith("GroupedBrackets")
+        (grad,) = torch.autograd.grad((value * upstream).sum(), rows)
+        return grad.numpy(), window._SCRATCH.tensor
+
+    first, scratch = gradient(x)
+    second, again = gradient(x)
+    assert again is scratch  # the same table, written again
+    np.testing.assert_array_equal(second, first)
+    _, other = gradient(x[:3])  # another size: another table
+    assert other is not scratch and other.numel() == 1 + 9 * 3 * 42
