@@ -130,9 +130,12 @@ def _correlation(a, b, axis, epsilon, mean_terms, mean=None, weights=None):
     # plus `mean_terms` epsilons of the dtype the sums run in. Its norm
     # then counts as 1, so its gradient is the other row's direction. A
     # real spread that small is lost in the rounding of the mean anyway.
-    tolerance = _VALUE_ROUNDING * value_eps + ops.cast(
-        mean_terms, a.dtype
-    ) * sum_eps
+    if isinstance(mean_terms, int):  # a Python number: no tensor, no sync
+        tolerance = _VALUE_ROUNDING * value_eps + mean_terms * sum_eps
+    else:  # a dynamic length
+        tolerance = _VALUE_ROUNDING * value_eps + ops.cast(
+            mean_terms, a.dtype
+        ) * sum_eps
     if keras.backend.backend() == "torch":
         correlation = _torch_correlation(
             a, b, axis, epsilon, tolerance, mean, weights

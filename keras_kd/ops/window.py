@@ -280,9 +280,11 @@ _SCRATCH = threading.local()
 
 
 def _scratch(like):
-    """A tensor of the size, dtype and device of `like` for the backward
-    pass's products, reused by later calls on the same thread while they
-    ask for the same (on CPU; GPU memory is already cached by PyTorch).
+    """A flat tensor of the size, dtype and device of `like` (a
+    `_step_table`) for the backward pass's products: on CPU, the start of
+    one table per thread and dtype, kept between calls and grown only when
+    a call needs more (at most `KEPT_PAIRS_BYTES`); GPU memory is already
+    cached by PyTorch.
 
     A fresh table of several megabytes per call is memory the system has
     to map again: at 256 x 1000 that cost about 5,000 page faults and 5 ms
@@ -291,11 +293,11 @@ def _scratch(like):
 
     if like.device.type != "cpu":
         return torch.empty_like(like)
-    held = getattr(_SCRATCH, "tensor", None)
-    if (held is None or held.shape != like.shape or held.dtype != like.dtype
-            or held.device != like.device):
-        held = _SCRATCH.tensor = torch.empty_like(like)
-    return held
+    tables = _SCRATCH.__dict__.setdefault("tables", {})
+    held = tables.get(like.dtype)
+    if held is None or held.numel() < like.numel():
+        held = tables[like.dtype] = torch.empty_like(like)
+    return held[: like.numel()]
 
 
 @functools.lru_cache(maxsize=None)

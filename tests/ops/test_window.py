@@ -124,7 +124,8 @@ def test_backward_products_reuse_one_scratch_table_per_thread():
     import torch
 
     x = torch.tensor(_rows("distinct"))
-    upstream = torch.tensor(np.random.default_rng(7).normal(size=x.shape))
+    upstream = torch.tensor(
+        np.random.default_rng(7).normal(size=(12, x.shape[1])))
 
     def gradient(rows):
         rows = rows.clone().requires_grad_(True)
@@ -132,11 +133,17 @@ def test_backward_products_reuse_one_scratch_table_per_thread():
         assert type(value.grad_fn).__name__.startswith("GroupedBrackets")
         (grad,) = torch.autograd.grad(
             (value * upstream[: len(rows)]).sum(), rows)
-        return grad.numpy(), window._SCRATCH.tensor
+        return grad.numpy(), window._SCRATCH.tables[torch.float64]
 
+    window._SCRATCH.__dict__.pop("tables", None)
     first, scratch = gradient(x)
+    assert scratch.numel() == 1 + 9 * 6 * 42
     second, again = gradient(x)
     assert again is scratch  # the same table, written again
     np.testing.assert_array_equal(second, first)
-    _, other = gradient(x[:3])  # another size: another table
-    assert other is not scratch and other.numel() == 1 + 9 * 3 * 42
+    # Fewer rows use the start of it; more rows grow it.
+    fewer, same = gradient(x[:3])
+    assert same is scratch
+    np.testing.assert_allclose(fewer, first[:3], rtol=1e-12)
+    _, grown = gradient(torch.cat([x, x]))
+    assert grown is not scratch and grown.numel() == 1 + 9 * 12 * 42
