@@ -206,7 +206,7 @@ def _squares_or_one(squares, mean_squares, tolerance):
     row, 0 <= 0 included). The values' sum of squares is `squares +
     mean_squares` (`count * mean^2`): the centred values sum to 0, so no
     pass over the values is needed for it."""
-    constant = squares <= ops.square(tolerance) * (squares + mean_squares)
+    constant = squares <= tolerance * tolerance * (squares + mean_squares)
     return ops.where(constant, 1.0, squares)
 
 
