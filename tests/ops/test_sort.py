@@ -167,3 +167,37 @@ def test_distiller_with_jit_compile_uses_the_key_sort(fast_sort_calls):
     history = distiller.fit(x, epochs=1, batch_size=8, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert len(calls) == 2  # teacher ranks and student soft ranks
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_sort_rows_sorts_float32_as_int32_keys(dtype, monkeypatch):
+    import torch
+
+    rows = _awkward_rows().astype(dtype)
+    keys_sorted = []
+    sort = torch.sort
+
+    def spy(x, *args, **kwargs):
+        keys_sorted.append(x.dtype)
+        return sort(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", spy)
+    x = torch.tensor(rows, requires_grad=True)
+    values, permutation = sort_module.sort_rows(x, index_dtype=None)
+    assert keys_sorted == [torch.int32 if dtype == "float32" else x.dtype]
+    assert permutation.dtype == torch.int64
+    np.testing.assert_array_equal(values.detach().numpy(),
+                                  np.sort(rows, axis=-1))
+    np.testing.assert_array_equal(
+        np.take_along_axis(rows, permutation.numpy(), -1), np.sort(rows, -1))
+    # The gradient puts the upstream gradient back in the original columns.
+    upstream = np.random.default_rng(1).normal(size=rows.shape)
+    (grad,) = torch.autograd.grad(
+        (values * torch.tensor(upstream, dtype=values.dtype)).sum(), x)
+    expected = np.empty_like(upstream)
+    np.put_along_axis(expected, permutation.numpy(), upstream, -1)
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-6)
+    # Ranks on top of it still count -0.0 and +0.0 as one run of ties.
+    np.testing.assert_array_equal(
+        to_numpy(exact_rank(rows)), scipy.stats.rankdata(rows, axis=-1))
