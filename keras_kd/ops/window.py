@@ -287,8 +287,8 @@ def _scratch(like):
     cached by PyTorch.
 
     A fresh table of several megabytes per call is memory the system has
-    to map again: at 256 x 1000 that cost about 5,000 page faults and 5 ms
-    of a 31 ms Spearman step (`benchmarks/RESULTS_losses.md`)."""
+    to map again: at 256 x 1000 a Spearman step took 30.8 ms with a fresh
+    table and 25.3 ms with this one (`benchmarks/RESULTS_losses.md`)."""
     import torch
 
     if like.device.type != "cpu":
