@@ -242,6 +242,32 @@ def _scale_gradient(x, grad, scale):
     return ((finite * grad).sum() / scale).to(scale.dtype)
 
 
+def _save(ctx, kept, x, scale, window):
+    """Keeps `kept` (and `x` and a tensor `scale`, for the gradient with
+    respect to it) for the backward pass."""
+    import torch
+
+    ctx.window, ctx.scale_value = window, scale
+    if isinstance(scale, torch.Tensor):
+        ctx.save_for_backward(kept, x, scale)
+    else:
+        ctx.save_for_backward(kept)
+
+
+def _gradients(ctx, grad):
+    """The backward pass's results from the gradient with respect to the
+    scaled rows: with respect to the rows, to a tensor `1 / eps`, and None
+    for the other arguments."""
+    import torch
+
+    grad = grad * ctx.scale_value
+    grad_scale = None
+    if isinstance(ctx.scale_value, torch.Tensor) and ctx.needs_input_grad[1]:
+        _, x, scale = ctx.saved_tensors
+        grad_scale = _scale_gradient(x, grad, scale)
+    return grad, grad_scale, None, None
+
+
 def _step_table(left, right, window, op, table=None):
     """`op(left[:, q], right[:, q + k])` for every step `k = 1..window` and
     column `q = 0..m-1`, as a flat tensor `t` of `1 + window * rows * m`
@@ -322,11 +348,7 @@ def _grouped_function():
             ends = _ends_of_pairs(table, window, rows, n + 1)[:, :n]
             total = ends.clone() if start is None else start + ends
             pairs.addcmul_(pairs, pairs, value=-1.0)  # b (1 - b), kept
-            ctx.window, ctx.scale_value = window, scale
-            if isinstance(scale, torch.Tensor):
-                ctx.save_for_backward(table, x, scale)
-            else:
-                ctx.save_for_backward(table)
+            _save(ctx, table, x, scale, window)
             return total
 
         @staticmethod
@@ -343,13 +365,7 @@ def _grouped_function():
                                    _scratch(table))
             products[1:].mul_(table[1:])
             grad = _ends_of_pairs(products, window, rows, n + 1)[:, :n]
-            grad = grad * ctx.scale_value
-            grad_scale = None
-            if isinstance(ctx.scale_value, torch.Tensor) and (
-                    ctx.needs_input_grad[1]):
-                _, x, scale = ctx.saved_tensors
-                grad_scale = _scale_gradient(x, grad, scale)
-            return grad, grad_scale, None, None
+            return _gradients(ctx, grad)
 
     return GroupedBrackets
 
@@ -375,11 +391,7 @@ def _stepwise_function():
                 # In place on views (`t[...] += b` would copy back).
                 total[:, :-k].add_(b)
                 total[:, k:].sub_(b)
-            ctx.window, ctx.scale_value = window, scale
-            if isinstance(scale, torch.Tensor):
-                ctx.save_for_backward(scaled, x, scale)
-            else:
-                ctx.save_for_backward(scaled)
+            _save(ctx, scaled, x, scale, window)
             return total
 
         @staticmethod
@@ -394,12 +406,6 @@ def _stepwise_function():
                 coefficient = upstream[:, :-k] - upstream[:, k:]
                 grad[:, :-k].addcmul_(coefficient, slope)
                 grad[:, k:].addcmul_(coefficient, slope, value=-1.0)
-            grad = grad * ctx.scale_value
-            grad_scale = None
-            if isinstance(ctx.scale_value, torch.Tensor) and (
-                    ctx.needs_input_grad[1]):
-                _, x, scale = ctx.saved_tensors
-                grad_scale = _scale_gradient(x, grad, scale)
-            return grad, grad_scale, None, None
+            return _gradients(ctx, grad)
 
     return StepwiseBrackets
