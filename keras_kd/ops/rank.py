@@ -185,7 +185,10 @@ def _known_value(pred):
         import tensorflow as tf
 
         return bool(pred) if tf.executing_eagerly() else None
-    return bool(pred)
+    try:
+        return bool(pred)
+    except (TypeError, ValueError, RuntimeError):  # a symbolic value
+        return None
 
 
 def _average_tied_positions(sorted_rows, positions, n):
