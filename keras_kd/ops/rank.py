@@ -15,7 +15,8 @@ values:
 - `soft_rank` adds to those exact ranks a smooth correction computed from
   each element's `window` nearest neighbours on either side in sorted order,
   so its cost is O(n (log n + window)) time and O(n) extra memory per slice
-  instead of the O(n^2) of an all-pairs soft rank.
+  (O(n window) on PyTorch, see `keras_kd.ops.window`) instead of the O(n^2)
+  of an all-pairs soft rank.
 """
 
 from __future__ import annotations
@@ -292,7 +293,10 @@ def soft_rank(
     entry plus a few multiplications per entry and window step, in one
     elementwise pass forward and one backward: O(n (log n + window)) time
     and O(n) extra memory per slice (the all-pairs form needs n x n). On
-    CPU the sort dominates (see `docs/ops.md` for timings).
+    PyTorch, whose ops run eagerly, the window is one sigmoid per pair
+    instead, with its `window * (n + window)` pairs per slice kept for the
+    backward pass (up to `keras_kd.ops.window.KEPT_PAIRS_BYTES` in all).
+    On CPU the sort dominates (see `docs/ops.md` for timings).
 
     `eps` is in the units of `x`: scale it with the spread of your inputs
     (the losses in `keras_kd.losses.correlation` apply it to `logits / tau`).

@@ -156,13 +156,16 @@ def sort_rows(rows, index_dtype="int32"):
     """Sorts every row of a 2-D tensor: returns `(sorted_rows, permutation)`.
 
     `sorted_rows[r, p] = rows[r, permutation[r, p]]`, ascending, with
-    `permutation` as from `argsort_rows` (on PyTorch, from `torch.sort`
-    of the order-preserving int32 keys of float32 rows).
-    The gradient with respect to `rows` puts the upstream gradient back in
-    the original columns. On TensorFlow the sorted values are read from
-    the sorted keys themselves and the gradient is one scatter; on PyTorch
-    they come with the permutation from `torch.sort`; on JAX they are a
-    `take_along_axis` by the permutation, differentiated by the backend.
+    `permutation` as from `argsort_rows` up to the order of equal values
+    (on PyTorch, from `torch.sort` of the order-preserving int32 keys of
+    float32 rows: `-0.0` sorts before `+0.0`, and NaNs with the sign bit
+    set first). The gradient with respect to `rows` puts the upstream
+    gradient back in the original columns. On TensorFlow the sorted values
+    are read from the sorted keys themselves and the gradient is one
+    scatter; on PyTorch they are a `torch.gather` by the permutation (for
+    float32; other dtypes come with it from `torch.sort`); on JAX they are
+    a `take_along_axis` by the permutation, differentiated by the
+    backend.
 
     Args:
         rows: float tensor of shape `(rows, n)` with a static `n`.

@@ -19,7 +19,8 @@ values and gradients:
   thirty passes per step for the running-product form run eagerly. Inputs
   whose table would pass `KEPT_PAIRS_BYTES` take one sigmoid per step
   instead (ten passes per step forward and backward). The number of ops
-  depends on `window` at most, never on the size of the rows.
+  depends on `window` and on which side of `KEPT_PAIRS_BYTES` the input
+  falls, never otherwise on the size of the rows.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _torch_brackets(sorted_rows, inverse_strength, window, start=None):
     b (1 - b) / eps`.
 
     While all `window` steps fit in `KEPT_PAIRS_BYTES`, they are computed
-    as one tensor of shape `(window, rows, n + 1)` (`_grouped_function`):
+    as one tensor of shape `(window, rows, n + window)` (`_grouped_function`):
     one subtraction and one sigmoid make every pair, and two sums over the
     steps add them at both ends, so the forward pass is five passes over
     that tensor and the backward pass four, whatever the window. The
@@ -206,7 +207,7 @@ def _torch_brackets(sorted_rows, inverse_strength, window, start=None):
     else:
         inverse_strength = float(inverse_strength)
     rows, n = x.shape
-    table_bytes = window * rows * (n + 1) * x.element_size()
+    table_bytes = window * rows * (n + window) * x.element_size()
     grouped = 0 < table_bytes <= KEPT_PAIRS_BYTES  # (no rows: stepwise)
     function = _grouped_function() if grouped else _stepwise_function()
     return function.apply(x, inverse_strength, window, start)
@@ -214,8 +215,8 @@ def _torch_brackets(sorted_rows, inverse_strength, window, start=None):
 
 # The PyTorch form holds all the window's pairs in one tensor, kept for the
 # backward pass, while it takes at most this much memory (`window * rows *
-# (n + 1)` entries: 16 MB at 256 x 1000 in float32 with a window of 16);
-# larger inputs take the pairs one step at a time.
+# (n + window)` entries: 17 MB at 256 x 1000 in float32 with a window of
+# 16); larger inputs take the pairs one step at a time.
 KEPT_PAIRS_BYTES = 64 * 2**20
 
 
@@ -247,10 +248,12 @@ def _save(ctx, kept, x, scale, window):
     respect to it) for the backward pass."""
     import torch
 
-    ctx.window, ctx.scale_value = window, scale
+    ctx.window = window
     if isinstance(scale, torch.Tensor):
+        ctx.scale_value = None
         ctx.save_for_backward(kept, x, scale)
     else:
+        ctx.scale_value = scale
         ctx.save_for_backward(kept)
 
 
@@ -258,12 +261,12 @@ def _gradients(ctx, grad):
     """The backward pass's results from the gradient with respect to the
     scaled rows: with respect to the rows, to a tensor `1 / eps`, and None
     for the other arguments."""
-    import torch
-
-    grad = grad * ctx.scale_value
+    if ctx.scale_value is not None:
+        return grad * ctx.scale_value, None, None, None
+    _, x, scale = ctx.saved_tensors
+    grad = grad * scale
     grad_scale = None
-    if isinstance(ctx.scale_value, torch.Tensor) and ctx.needs_input_grad[1]:
-        _, x, scale = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
         grad_scale = _scale_gradient(x, grad, scale)
     return grad, grad_scale, None, None
 
@@ -288,13 +291,14 @@ def _step_table(left, right, window, op, table=None):
 
 
 def _ends_of_pairs(table, window, rows, m):
-    """From a `_step_table` of pair values `v(q, q + k)` (0 for every pair
-    that reaches column `m - 1` or beyond): `sum_k v(p, p + k) - v(p - k,
-    p)` at every column `p`, shape `(rows, m)`. Both sums are sums over
-    the steps of a view of the table: in the flat table, `v(p - k, p)` for
-    step `k` sits `(k - 1) * (rows * m - 1)` entries after the column's
-    place in the first step, and the pairs that would start before column
-    0 read the zeros of the previous row's last columns (or `t[0]`)."""
+    """From a `_step_table` of pair values `v(q, q + k)` whose last
+    `window` columns are padding (0 for every pair that starts there):
+    `sum_k v(p, p + k) - v(p - k, p)` at every column `p`, shape `(rows,
+    m)`. Both sums are sums over the steps of a view of the table: in the
+    flat table, `v(p - k, p)` for step `k` sits `(k - 1) * (rows * m - 1)`
+    entries after the column's place in the first step, and the pairs that
+    would start before column 0 read the padding of the previous row (or
+    `t[0]`), never another row's values: a NaN stays in its own row."""
     size = rows * m
     up = table[1:].view(window, size).sum(0)
     down = table.as_strided((window, size), (size - 1, 1),
@@ -335,36 +339,39 @@ def _grouped_function():
         def forward(ctx, x, scale, window, start):
             scaled = _scaled_rows(x, scale)
             rows, n = scaled.shape
-            # Columns past the row: -max / 2 on the left, +max / 2 on the
-            # right, so every pair that reaches them has b = 0, even from
-            # an entry clipped to +max / 4, and no difference overflows.
+            # `window` columns past the row: -max / 2 on the left, +max / 2
+            # on the right, so every pair that reaches them has b = 0, even
+            # from an entry clipped to +max / 4, and no difference
+            # overflows.
             far = torch.finfo(x.dtype).max / 2
-            left = torch.nn.functional.pad(scaled, (0, 1), value=-far)
-            right = torch.nn.functional.pad(scaled, (0, window + 1),
+            m = n + window
+            left = torch.nn.functional.pad(scaled, (0, window), value=-far)
+            right = torch.nn.functional.pad(scaled, (0, 2 * window),
                                             value=far)
             table = _step_table(left, right, window, torch.sub)
             pairs = table[1:]  # the steps (t[0] stays 0)
             pairs.sigmoid_()
-            ends = _ends_of_pairs(table, window, rows, n + 1)[:, :n]
+            ends = _ends_of_pairs(table, window, rows, m)[:, :n]
             total = ends.clone() if start is None else start + ends
             pairs.addcmul_(pairs, pairs, value=-1.0)  # b (1 - b), kept
             _save(ctx, table, x, scale, window)
             return total
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, upstream):
             table = ctx.saved_tensors[0]
             window = ctx.window
             upstream = upstream.to(table.dtype)
             rows, n = upstream.shape
             # dL/db for the pair (p, p + k) is upstream_p - upstream_{p+k}
-            # (0 past the row, where the slopes are 0 anyway).
-            left = torch.nn.functional.pad(upstream, (0, 1))
-            right = torch.nn.functional.pad(upstream, (0, window + 1))
+            # (0 in the padding, whose slopes are 0 anyway).
+            left = torch.nn.functional.pad(upstream, (0, window))
+            right = torch.nn.functional.pad(upstream, (0, 2 * window))
             products = _step_table(left, right, window, torch.sub,
                                    _scratch(table))
             products[1:].mul_(table[1:])
-            grad = _ends_of_pairs(products, window, rows, n + 1)[:, :n]
+            grad = _ends_of_pairs(products, window, rows, n + window)[:, :n]
             return _gradients(ctx, grad)
 
     return GroupedBrackets
@@ -395,6 +402,7 @@ def _stepwise_function():
             return total
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, upstream):
             scaled = ctx.saved_tensors[0]
             upstream = upstream.to(scaled.dtype)

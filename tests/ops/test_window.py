@@ -84,10 +84,10 @@ def test_torch_form_groups_the_steps_only_within_the_memory_bound(
         grouped, monkeypatch):
     import torch
 
-    # 6 rows of 41 in float64, a window of 9: a table of 9 x 6 x 42 entries,
-    # 18,144 bytes.
+    # 6 rows of 41 in float64, a window of 9: a table of 9 x 6 x (41 + 9)
+    # entries, 21,600 bytes.
     monkeypatch.setattr(window, "KEPT_PAIRS_BYTES",
-                        18_144 if grouped else 18_143)
+                        21_600 if grouped else 21_599)
     rows = torch.tensor(_rows("distinct"), requires_grad=True)
     value = window._torch_brackets(rows, 7.0, 9)
     name = type(value.grad_fn).__name__
@@ -99,25 +99,56 @@ def test_torch_form_groups_the_steps_only_within_the_memory_bound(
     # The kept table holds the slopes b (1 - b) of every pair, step k = 3
     # in its third block; pairs past the end of a row have slope 0.
     table = saved[0].detach().numpy()
-    assert table.shape == (1 + 9 * 6 * 42,) and table[0] == 0
+    assert table.shape == (1 + 9 * 6 * 50,) and table[0] == 0
     b = torch.sigmoid(7.0 * (rows[:, :-3] - rows[:, 3:])).detach().numpy()
-    step = table[1:].reshape(9, 6, 42)[2]
+    step = table[1:].reshape(9, 6, 50)[2]
     np.testing.assert_allclose(step[:, :38], b * (1 - b), rtol=1e-12)
     np.testing.assert_array_equal(step[:, 38:], 0.0)
 
 
-def test_start_is_added_without_a_gradient():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_start_is_added_without_a_gradient(grouped, monkeypatch):
     import torch
 
+    if not grouped:
+        monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 0)
     x = torch.tensor(_rows("distinct"), requires_grad=True)
     start = torch.arange(1.0, 42.0, dtype=torch.float64).expand(6, 41)
+    upstream = torch.tensor(
+        np.random.default_rng(8).normal(size=x.shape))
     plain = window.window_brackets(x, 3.0, 4)
     started = window.window_brackets(x, 3.0, 4, start=start)
     np.testing.assert_allclose(started.detach().numpy(),
                                (plain + start).detach().numpy(), rtol=1e-12)
-    (g_plain,) = torch.autograd.grad(plain.sum(), x)
-    (g_started,) = torch.autograd.grad(started.sum(), x)
+    (g_plain,) = torch.autograd.grad((plain * upstream).sum(), x)
+    (g_started,) = torch.autograd.grad((started * upstream).sum(), x)
+    assert np.abs(g_plain.numpy()).max() > 0.1
     np.testing.assert_allclose(g_started.numpy(), g_plain.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_nan_stays_in_its_row(grouped, monkeypatch):
+    import torch
+
+    if not grouped:
+        monkeypatch.setattr(window, "KEPT_PAIRS_BYTES", 0)
+    clean = _rows("distinct")
+    dirty = clean.copy()
+    dirty[2, -3:] = np.nan  # NaNs sort last: the columns a wrap would read
+    upstream = torch.tensor(np.random.default_rng(9).normal(size=clean.shape))
+
+    def value_and_grad(rows):
+        rows = torch.tensor(rows, requires_grad=True)
+        value = window._torch_brackets(rows, 7.0, 9)
+        (grad,) = torch.autograd.grad((value * upstream).sum(), rows)
+        return value.detach().numpy(), grad.numpy()
+
+    (value, grad), (dirty_value, dirty_grad) = map(value_and_grad,
+                                                   (clean, dirty))
+    others = [0, 1, 3, 4, 5]
+    np.testing.assert_array_equal(dirty_value[others], value[others])
+    np.testing.assert_array_equal(dirty_grad[others], grad[others])
+    assert np.isnan(dirty_value[2]).any()
 
 
 def test_backward_products_reuse_one_scratch_table_per_thread():
@@ -133,11 +164,15 @@ def test_backward_products_reuse_one_scratch_table_per_thread():
         assert type(value.grad_fn).__name__.startswith("GroupedBrackets")
         (grad,) = torch.autograd.grad(
             (value * upstream[: len(rows)]).sum(), rows)
-        return grad.numpy(), window._SCRATCH.tables[torch.float64]
+        table = window._SCRATCH.tables[torch.float64]
+        # The gradient is a tensor of its own, not a view of the table.
+        assert (grad.untyped_storage().data_ptr()
+                != table.untyped_storage().data_ptr())
+        return grad.numpy().copy(), table
 
     window._SCRATCH.__dict__.pop("tables", None)
     first, scratch = gradient(x)
-    assert scratch.numel() == 1 + 9 * 6 * 42
+    assert scratch.numel() == 1 + 9 * 6 * 50
     second, again = gradient(x)
     assert again is scratch  # the same table, written again
     np.testing.assert_array_equal(second, first)
@@ -146,4 +181,4 @@ def test_backward_products_reuse_one_scratch_table_per_thread():
     assert same is scratch
     np.testing.assert_allclose(fewer, first[:3], rtol=1e-12)
     _, grown = gradient(torch.cat([x, x]))
-    assert grown is not scratch and grown.numel() == 1 + 9 * 12 * 42
+    assert grown is not scratch and grown.numel() == 1 + 9 * 12 * 50
