@@ -101,7 +101,9 @@ def _correlation(a, b, axis, epsilon, mean_terms, mean=None, weights=None):
             mean is known without a sum); the rounding error of that mean
             grows with it.
         mean: `None` (the mean along `axis` is computed), or the known mean
-            of both vectors, a Python number.
+            of both vectors, a Python number (with `weights`, their
+            weighted mean: the constant-row test assumes the centred
+            values have weighted sum 0).
         weights: `None`, or one non-negative weight per entry along `axis`:
             means and sums are then weighted.
 

@@ -353,8 +353,9 @@ def _grouped_function():
             pairs.sigmoid_()
             ends = _ends_of_pairs(table, window, rows, m)[:, :n]
             total = ends.clone() if start is None else start + ends
-            pairs.addcmul_(pairs, pairs, value=-1.0)  # b (1 - b), kept
-            _save(ctx, table, x, scale, window)
+            if any(ctx.needs_input_grad[:2]):  # else nothing is kept
+                pairs.addcmul_(pairs, pairs, value=-1.0)  # b (1 - b), kept
+                _save(ctx, table, x, scale, window)
             return total
 
         @staticmethod

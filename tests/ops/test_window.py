@@ -182,3 +182,14 @@ def test_backward_products_reuse_one_scratch_table_per_thread():
     np.testing.assert_allclose(fewer, first[:3], rtol=1e-12)
     _, grown = gradient(torch.cat([x, x]))
     assert grown is not scratch and grown.numel() == 1 + 9 * 12 * 50
+
+
+def test_without_a_gradient_the_grouped_form_gives_the_same_values():
+    import torch
+
+    x = torch.tensor(_rows("ties"))
+    with torch.no_grad():
+        plain = window._torch_brackets(x, 7.0, 9)
+    tracked = window._torch_brackets(x.clone().requires_grad_(True), 7.0, 9)
+    assert plain.grad_fn is None and tracked.grad_fn is not None
+    np.testing.assert_array_equal(plain.numpy(), tracked.detach().numpy())
