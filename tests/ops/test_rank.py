@@ -303,3 +303,18 @@ def test_soft_rank_rejects_bad_arguments():
 def test_soft_rank_rejects_bad_number_strengths(strength):
     with pytest.raises(ValueError, match="regularization_strength"):
         soft_rank(np.ones((2, 3)), strength)
+
+
+@pytest.mark.backends("torch")
+def test_a_predicate_that_cannot_be_read_goes_to_a_compiled_branch():
+    import torch
+
+    from keras_kd.ops import rank
+
+    class Symbolic:
+        def __bool__(self):
+            raise RuntimeError("no value while tracing")
+
+    assert rank._known_value(Symbolic()) is None
+    assert rank._known_value(torch.tensor(True)) is True
+    assert rank._known_value(torch.tensor(False)) is False
